@@ -1,0 +1,120 @@
+"""Training callbacks: EMA of the weights and periodic sample grids."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from torch import Tensor
+
+from ddpm_lightning.images import save_grid
+
+
+class EMA(EMAWeightAveraging):
+    """Exponential moving average of the weights (Ho et al. App. B: decay 0.9999), built on Lightning's
+    `EMAWeightAveraging`: kept on every rank, saved in the checkpoint (its weights become the checkpoint's
+    `state_dict`, the raw ones `current_model_state`), swapped in for validation.
+
+    With `warmup`, the decay at update n is min(decay, (1 + n) / (10 + n)) (Tarvainen & Valpola 2017, as in
+    TensorFlow's ExponentialMovingAverage with num_updates), so short runs get a useful average. The update
+    is one fused `_foreach_lerp_` over all tensors with the decay kept on the device (no host sync).
+    """
+
+    def __init__(self, decay: float = 0.9999, warmup: bool = False, update_every_n_steps: int = 1, **kwargs: Any):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"callbacks.ema.decay={decay} must lie in [0, 1)")
+        super().__init__(decay=decay, update_every_n_steps=update_every_n_steps, **kwargs)
+        self.decay, self.warmup = decay, warmup
+        # Replace the per-tensor average of the parent with one fused update.
+        self._kwargs.pop("avg_fn", None)
+        self._kwargs["multi_avg_fn"] = self._ema_update
+
+    def decay_at(self, num_averaged: Tensor) -> Tensor:
+        """The decay used for the update after `num_averaged` earlier updates."""
+        if not self.warmup:
+            return torch.full_like(num_averaged, self.decay, dtype=torch.float32)
+        n = num_averaged.float()
+        return torch.clamp((1 + n) / (10 + n), max=self.decay)
+
+    def _ema_update(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
+        """ema <- decay * ema + (1 - decay) * theta."""
+        weight = 1 - self.decay_at(num_averaged.to(averaged[0].device))
+        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+        if floats:
+            a, c = zip(*floats)
+            torch._foreach_lerp_(list(a), list(c), weight.to(a[0].dtype))
+
+    def averaged_module(self) -> L.LightningModule | None:
+        """The LightningModule holding the EMA weights (None before training set it up)."""
+        return None if self._average_model is None else self._average_model.module
+
+
+def ema_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningModule:
+    """The module with EMA weights if an EMA callback runs, else the module itself."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, EMA) and cb.averaged_module() is not None:
+            return cb.averaged_module()
+    return pl_module
+
+
+class SampleGrid(L.Callback):
+    """Every `every_n_steps` and at the end of training, sample `num_samples` images with fixed seeds from the
+    EMA weights, save `samples/step_XXXXXXX.png` in the run directory and send it to the loggers.
+
+    The seeds are split over the ranks and the images gathered, so the grid is made once, in parallel, and is
+    the same whatever the number of processes.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        num_samples: int = 64,
+        seed: int = 0,
+        sampler: dict | None = None,
+        nrow: int | None = None,
+        dirname: str = "samples",
+        display_scale: int = 1,
+    ):
+        if num_samples < 1:
+            raise ValueError(f"callbacks.samples.num_samples={num_samples} must be positive")
+        self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
+        self.sampler, self.nrow, self.dirname, self.display_scale = sampler, nrow, dirname, display_scale
+        self.last_path: Path | None = None
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+            self.make_grid(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self._last_step:
+            self.make_grid(trainer, pl_module)
+
+    def make_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
+        module = ema_module(trainer, pl_module)
+        world, rank = trainer.world_size, trainer.global_rank
+        per_rank = math.ceil(self.num_samples / world)
+        seeds = [self.seed + i for i in range(rank * per_rank, (rank + 1) * per_rank)]
+        images = module.sample(seeds, sampler=self.sampler)
+        if world > 1:
+            images = pl_module.all_gather(images).flatten(0, 1)
+        self._save(trainer, images[: self.num_samples])
+
+    @rank_zero_only
+    def _save(self, trainer: L.Trainer, images: Tensor) -> None:
+        path = Path(trainer.default_root_dir) / self.dirname / f"step_{trainer.global_step:07d}.png"
+        grid = save_grid(images, path, nrow=self.nrow, display_scale=self.display_scale)
+        self.last_path = path
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("samples", grid, trainer.global_step)
+            elif isinstance(logger, WandbLogger):
+                logger.log_image(key="samples", images=[str(path)], step=trainer.global_step)

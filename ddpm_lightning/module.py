@@ -1,0 +1,134 @@
+"""The LightningModule: network + schedule + loss + optimiser, and sampling from them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from ddpm_lightning.denoiser import Denoiser
+from ddpm_lightning.losses import eps_mse
+from ddpm_lightning.samplers import PerSampleNoise
+
+
+def _plain(cfg: Any) -> Any:
+    """A config node as plain Python containers (what goes into the checkpoint's hyperparameters)."""
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains an eps-network with L_simple (Ho et al. 2020 Algorithm 1) and samples from it.
+
+    The network, schedule, sampler and optimiser arrive as Hydra configs (`_target_` dicts), so the
+    checkpoint's hyperparameters hold plain configs, never modules, and `load_from_checkpoint`
+    rebuilds the model in one call.
+    """
+
+    def __init__(
+        self,
+        net: Mapping,
+        schedule: Mapping,
+        sampler: Mapping,
+        optimizer: Mapping,
+        image_size: int,
+        channels: int,
+        warmup_steps: int = 5000,
+        parameterization: str = "eps",
+        channels_last: bool = False,
+    ):
+        super().__init__()
+        net, schedule, sampler, optimizer = (_plain(c) for c in (net, schedule, sampler, optimizer))
+        if warmup_steps < 0:
+            raise ValueError(f"module.warmup_steps={warmup_steps} must be non-negative")
+        self.save_hyperparameters(
+            {
+                "net": net,
+                "schedule": schedule,
+                "sampler": sampler,
+                "optimizer": optimizer,
+                "image_size": image_size,
+                "channels": channels,
+                "warmup_steps": warmup_steps,
+                "parameterization": parameterization,
+                "channels_last": channels_last,
+            }
+        )
+        self.net = instantiate(net)
+        self.schedule = instantiate(schedule)
+        self.sampler: Callable = instantiate(sampler)
+        self.denoiser = Denoiser(self.net, self.schedule, parameterization)
+        if channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        self._last_step_time: float | None = None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
+
+    def forward(self, x: Tensor, t: Tensor, **cond) -> Tensor:
+        """eps_theta(x_t, t)."""
+        return self.denoiser.eps(x, t, **cond)
+
+    def _loss(self, batch: Any) -> tuple[Tensor, Tensor]:
+        x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
+        if self.hparams.channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        return eps_mse(self.denoiser, x0)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        losses, t = self._loss(batch)
+        loss = losses.mean()
+        self.log("train/loss", loss, prog_bar=True)
+        # Loss by quartile of t: where in the chain the network is still poor.
+        quartile = (4 * t.float() / max(getattr(self.schedule, "T", 1), 1)).long().clamp(max=3)
+        if batch_idx % max(self.trainer.log_every_n_steps, 1) == 0:
+            for q in range(4):
+                mask = quartile == q
+                if mask.any():
+                    self.log(f"train/loss_q{q}", losses[mask].mean())
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            self.log("train/images_per_sec", losses.shape[0] / (now - self._last_step_time), prog_bar=True)
+        self._last_step_time = now
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        # A fixed generator per batch makes the validation loss comparable across evaluations.
+        g = torch.Generator(self.device).manual_seed(batch_idx)
+        x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
+        losses, _ = eps_mse(self.denoiser, x0, generator=g)
+        self.log("val/loss", losses.mean(), prog_bar=True, sync_dist=True)
+
+    def configure_optimizers(self) -> dict:
+        optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())
+        warmup = self.hparams.warmup_steps
+        # Ho et al. App. B: linear learning-rate warm-up over the first 5000 steps, then constant.
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    @torch.no_grad()
+    def sample(
+        self,
+        seeds: Sequence[int],
+        sampler: Callable | Mapping | None = None,
+        callback: Callable | None = None,
+        **cond,
+    ) -> Tensor:
+        """Images in [-1, 1], one per seed; the image for a seed does not depend on the batch it is in."""
+        sampler = self.sampler if sampler is None else sampler
+        if isinstance(sampler, Mapping):
+            sampler = instantiate(_plain(sampler))
+        noise = PerSampleNoise(seeds, self.device)
+        x_T = noise.randn(self.image_shape) * self.schedule.prior_std()
+        was_training = self.training
+        self.eval()
+        try:
+            return sampler(self.denoiser, x_T, noise, callback=callback, **cond).clamp(-1, 1)
+        finally:
+            self.train(was_training)

@@ -1,0 +1,5 @@
+"""Networks: the DDPM U-Net and the pieces built from it."""
+
+from ddpm_lightning.nets.unet import UNet
+
+__all__ = ["UNet"]

@@ -1,0 +1,88 @@
+"""Entry points called by train.py (and directly by tests): plain functions of a Hydra config."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from ddpm_lightning.module import DiffusionModule
+
+log = logging.getLogger(__name__)
+
+
+def _read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path} (check ckpt_path)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(ckpt, dict) or "net" not in (ckpt.get("hyper_parameters") or {}):
+        raise ValueError(f"{path} is not a ddpm-lightning checkpoint (no hyper_parameters.net)")
+    return ckpt
+
+
+def _diff(a: Any, b: Any, prefix: str) -> list[str]:
+    """Keys at which two nested config dicts differ, as 'key: a != b'."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{prefix}.{k}")]
+    return [] if a == b else [f"{prefix}: checkpoint has {a!r}, config has {b!r}"]
+
+
+def check_resumable(ckpt_path: str | Path, module: DiffusionModule) -> None:
+    """Refuse to resume from a checkpoint of another model, before any compute is spent."""
+    hp = _read_checkpoint(ckpt_path)["hyper_parameters"]
+    diffs = []
+    for key, cfg_key in (("net", "model"), ("schedule", "schedule"), ("image_size", "data.image_size"), ("channels", "data.channels"), ("parameterization", "module.parameterization")):
+        diffs += _diff(hp.get(key), module.hparams[key], cfg_key)
+    if diffs:
+        raise ValueError(
+            f"ckpt_path={ckpt_path} was trained with another model; these config keys differ:\n  "
+            + "\n  ".join(diffs)
+            + "\nSet them as in the checkpoint (see its run's config.yaml) or start without ckpt_path."
+        )
+
+
+def load_model(ckpt_path: str | Path, use_ema: bool = True, map_location: Any = "cpu") -> DiffusionModule:
+    """Rebuild a trained model from a checkpoint alone, in eval mode, with the EMA weights by default."""
+    ckpt = _read_checkpoint(ckpt_path, map_location)
+    module = DiffusionModule(**ckpt["hyper_parameters"])
+    has_ema = "current_model_state" in ckpt
+    if use_ema and not has_ema:
+        warnings.warn(f"{ckpt_path} holds no EMA weights; loading the raw weights", stacklevel=2)
+    state = ckpt["state_dict"] if use_ema or not has_ema else ckpt["current_model_state"]
+    module.load_state_dict(state)
+    module.global_step_loaded = ckpt.get("global_step", 0)
+    return module.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Build data, model, callbacks, loggers and trainer from `cfg` and fit. Returns the final metrics."""
+    OmegaConf.resolve(cfg)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "config.yaml")
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("matmul_precision"):
+        torch.set_float32_matmul_precision(cfg.matmul_precision)
+
+    datamodule = instantiate(cfg.data)
+    module: DiffusionModule = instantiate(cfg.module)
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path and ckpt_path not in ("last", "hpc"):
+        check_resumable(ckpt_path, module)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    log.info("Run directory: %s", out)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}

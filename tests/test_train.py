@@ -1,0 +1,134 @@
+"""End to end through train(): checkpoints, sample grids, resume, EMA, and loading for sampling."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from PIL import Image
+
+from conftest import compose_cfg
+from ddpm_lightning.callbacks import EMA
+from ddpm_lightning.tasks import load_model, train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 4-step run, then a resume to 6 steps in a second run directory."""
+    root = tmp_path_factory.mktemp("run")
+    first = compose_cfg([], root / "first")
+    train(first)
+    last = root / "first" / "checkpoints" / "last.ckpt"
+    second = compose_cfg([f"ckpt_path={last}", "trainer.max_steps=6"], root / "second")
+    saved = torch.load(last, weights_only=False)  # before the resumed run can touch anything
+    train(second)
+    return root, saved
+
+
+def test_run_writes_checkpoint_config_and_png_grids(trained):
+    root, _ = trained
+    run = root / "first"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "config.yaml").is_file()
+    grids = sorted((run / "samples").glob("step_*.png"))
+    assert [g.name for g in grids] == ["step_0000002.png", "step_0000004.png"]
+    img = Image.open(grids[-1])
+    # 4 samples of 8x8 in a 2x2 grid with 2-pixel padding
+    assert img.size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)
+    assert (run / "csv" / "metrics.csv").is_file()
+
+
+def test_resume_continues_step_optimizer_lr_and_ema(trained):
+    root, saved = trained
+    assert saved["global_step"] == 4
+    final = torch.load(root / "second" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert final["global_step"] == 6
+    # Adam's step counter continued from 4, not from 0.
+    adam_steps = {int(s["step"]) for s in final["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {6}
+    # The LR schedule continued (warm-up of 2 steps: factor 1 from then on).
+    assert final["lr_schedulers"][0]["last_epoch"] == 6
+    # EMA state continued: 6 updates in all.
+    assert int(final["averaging_state"]["n_averaged"]) == 6
+    # The resumed run started from the saved raw weights, not the EMA ones: its first grid is at step 6.
+    assert sorted(p.name for p in (root / "second" / "samples").glob("*.png")) == ["step_0000006.png"]
+
+
+def test_resumed_weights_start_from_checkpoint(tmp_path):
+    """Resuming loads the raw weights into the model and the EMA weights into the average."""
+    first = compose_cfg(["trainer.max_steps=2"], tmp_path / "a")
+    train(first)
+    ckpt_path = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["raw"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
+            seen["ema"] = {k: v.clone() for k, v in ema.averaged_module().state_dict().items()}
+
+    cfg = compose_cfg([f"ckpt_path={ckpt_path}", "trainer.max_steps=3", "+callbacks.probe._target_=test_train.Probe"], tmp_path / "b")
+    train(cfg)
+    for k, v in ckpt["current_model_state"].items():
+        assert torch.equal(seen["raw"][k], v), k
+    for k, v in ckpt["state_dict"].items():
+        assert torch.equal(seen["ema"][k], v), k
+    assert any(not torch.equal(ckpt["state_dict"][k], ckpt["current_model_state"][k]) for k in ckpt["state_dict"])
+
+
+def test_load_model_for_sampling_in_one_call(trained):
+    root, _ = trained
+    path = root / "second" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=False)
+    ema = load_model(path)
+    raw = load_model(path, use_ema=False)
+    assert not ema.training
+    for k, v in ckpt["state_dict"].items():
+        assert torch.equal(ema.state_dict()[k], v)
+    for k, v in ckpt["current_model_state"].items():
+        assert torch.equal(raw.state_dict()[k], v)
+    images = ema.sample([0, 1, 2])
+    assert images.shape == (3, 1, 8, 8) and images.min() >= -1 and images.max() <= 1
+    assert torch.equal(ema.sample([1]), images[1:2])
+
+
+def test_checkpoint_of_another_model_is_refused_before_training(trained, tmp_path):
+    root, _ = trained
+    last = root / "first" / "checkpoints" / "last.ckpt"
+    cfg = compose_cfg([f"ckpt_path={last}", "model.ch=64"], tmp_path)
+    with pytest.raises(ValueError, match=r"model\.ch: checkpoint has 32, config has 64"):
+        train(cfg)
+    assert not (tmp_path / "checkpoints").exists()
+    cfg = compose_cfg([f"ckpt_path={last}", "schedule=cosine"], tmp_path)
+    with pytest.raises(ValueError, match="schedule"):
+        train(cfg)
+
+
+def test_missing_or_corrupt_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ckpt_path"):
+        train(compose_cfg([f"ckpt_path={tmp_path / 'nope.ckpt'}"], tmp_path / "run"))
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable"):
+        load_model(bad)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(ValueError, match="not a ddpm-lightning checkpoint"):
+        load_model(foreign)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("schedule.T=0", "schedule.T"),
+        ("schedule.beta_end=1.5", "schedule.beta_end"),
+        ("data.image_size=10", "model.image_size"),
+        ("model.attn_resolutions=[3]", "model.attn_resolutions"),
+        ("data.channels=3", "data.channels"),
+    ],
+)
+def test_bad_config_fails_before_training(override, key, tmp_path):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        train(compose_cfg([override], tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
