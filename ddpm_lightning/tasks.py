@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -64,6 +65,19 @@ def load_model(ckpt_path: str | Path, use_ema: bool = True, map_location: Any = 
     return module.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
 
 
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, re-raising a config error (ValueError) as itself rather than wrapped."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while isinstance(cause, InstantiationException):  # nested instantiate calls wrap once per level
+            cause = cause.__cause__
+        if isinstance(cause, ValueError):
+            raise cause from None
+        raise
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build data, model, callbacks, loggers and trainer from `cfg` and fit. Returns the final metrics."""
     OmegaConf.resolve(cfg)
@@ -75,13 +89,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
 
-    datamodule = instantiate(cfg.data)
-    module: DiffusionModule = instantiate(cfg.module)
+    datamodule = build(cfg.data)
+    module: DiffusionModule = build(cfg.module)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path and ckpt_path not in ("last", "hpc"):
         check_resumable(ckpt_path, module)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    if not loggers:  # nothing to log the learning rate to
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     log.info("Run directory: %s", out)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
