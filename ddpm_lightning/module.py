@@ -41,6 +41,7 @@ class DiffusionModule(L.LightningModule):
         warmup_steps: int = 5000,
         parameterization: str = "eps",
         channels_last: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         net, schedule, sampler, optimizer = (_plain(c) for c in (net, schedule, sampler, optimizer))
@@ -57,6 +58,7 @@ class DiffusionModule(L.LightningModule):
                 "warmup_steps": warmup_steps,
                 "parameterization": parameterization,
                 "channels_last": channels_last,
+                "compile": compile,
             }
         )
         self.net = instantiate(net)
@@ -65,6 +67,11 @@ class DiffusionModule(L.LightningModule):
         self.denoiser = Denoiser(self.net, self.schedule, parameterization)
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
+        if compile:
+            # torch.compile in place (parameter names, hence checkpoints, unchanged); where compiling fails
+            # (e.g. no C++ compiler) dynamo falls back to eager with a warning instead of stopping the run.
+            torch._dynamo.config.suppress_errors = True
+            self.net.compile()
         self._last_step_time: float | None = None
 
     @property

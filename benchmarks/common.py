@@ -1,0 +1,118 @@
+"""Shared pieces of the benchmarks: the three implementations of the same U-Net, timing, and reports.
+
+Peers (installed with `pip install -e ".[bench]"`): huggingface diffusers' `UNet2DModel` in the
+configuration of `google/ddpm-cifar10-32` (Ho et al.'s CIFAR-10 U-Net, 35,746,307 parameters, the same
+count as ours) and denoising-diffusion-pytorch's `Unet` at the width whose parameter count is nearest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from hydra.utils import instantiate
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def ours(model: str, image_size: int, channels: int) -> torch.nn.Module:
+    """Our U-Net from its config file, e.g. conf/model/unet_cifar10.yaml."""
+    cfg = OmegaConf.load(CONF / "model" / f"{model}.yaml")
+    cfg.in_channels, cfg.image_size = channels, image_size
+    return instantiate(cfg)
+
+
+def ours_config(model: str) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{model}.yaml"))
+
+
+def diffusers_unet(model: str, image_size: int, channels: int) -> torch.nn.Module:
+    """diffusers' UNet2DModel with our U-Net's architecture (for unet_cifar10: google/ddpm-cifar10-32's config)."""
+    from diffusers import UNet2DModel
+
+    cfg = ours_config(model)
+    widths = tuple(cfg["ch"] * m for m in cfg["ch_mult"])
+    attn = [image_size // 2**i in cfg["attn_resolutions"] for i in range(len(widths))]
+    return UNet2DModel(
+        sample_size=image_size, in_channels=channels, out_channels=channels, block_out_channels=widths,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        layers_per_block=cfg["num_res_blocks"], flip_sin_to_cos=False, freq_shift=1, downsample_padding=0,
+        norm_eps=1e-6, attention_head_dim=None, dropout=cfg.get("dropout", 0.0),
+    )
+
+
+def lucidrains_unet(model: str, image_size: int, channels: int) -> torch.nn.Module:
+    """denoising-diffusion-pytorch's Unet with our channel multipliers, at the width (multiple of 8) whose
+    parameter count is nearest to ours."""
+    from denoising_diffusion_pytorch import Unet
+
+    cfg = ours_config(model)
+    target = count(ours(model, image_size, channels))
+    best = min(range(8, 4 * cfg["ch"] + 1, 8), key=lambda d: abs(count(Unet(dim=d, dim_mults=tuple(cfg["ch_mult"]), channels=channels)) - target))
+    return Unet(dim=best, dim_mults=tuple(cfg["ch_mult"]), channels=channels, dropout=cfg.get("dropout", 0.0))
+
+
+def count(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def alternate(runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Call each run once per round, in turn (A, B, C, A, B, C, ...), so drifts in machine load hit all alike.
+    Each run returns a throughput; the lists of all rounds come back."""
+    out: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            out[name].append(run())
+    return out
+
+
+def timed(fn: Callable[[], None], n: int) -> float:
+    """Seconds per call of fn over n calls (after the caller's warm-up)."""
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def report(name: str, rows: list[dict], columns: list[str]) -> None:
+    """Print a table and write benchmarks/results/<name>.json."""
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2))
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def _fmt(v) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)

@@ -1,0 +1,72 @@
+"""Speed options never change the maths: optimised and plain paths give the same loss and samples."""
+
+import copy
+
+import pytest
+import torch
+
+from ddpm_lightning.denoiser import Denoiser
+from ddpm_lightning.losses import eps_mse
+from ddpm_lightning.nets import UNet
+from ddpm_lightning.samplers import PerSampleNoise, ddim
+from ddpm_lightning.schedules import linear
+
+
+def small_unet():
+    torch.manual_seed(0)
+    net = UNet(in_channels=3, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, image_size=8)
+    for p in net.parameters():  # the zero-initialised output layers would hide differences
+        torch.nn.init.normal_(p, std=0.05)
+    return net
+
+
+def loss_and_grads(net, x0, channels_last=False, bf16=False):
+    if channels_last:
+        net, x0 = net.to(memory_format=torch.channels_last), x0.contiguous(memory_format=torch.channels_last)
+    denoiser = Denoiser(net, linear())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = eps_mse(denoiser, x0, generator=torch.Generator().manual_seed(1))[0].mean()
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in net.parameters()])
+
+
+def test_channels_last_gives_the_same_loss_and_gradients():
+    net, x0 = small_unet(), torch.rand(4, 3, 8, 8) * 2 - 1
+    loss, grads = loss_and_grads(copy.deepcopy(net), x0)
+    loss_cl, grads_cl = loss_and_grads(copy.deepcopy(net), x0, channels_last=True)
+    assert torch.allclose(loss, loss_cl, rtol=1e-5)
+    assert torch.allclose(grads, grads_cl, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_autocast_loss_within_bf16_tolerance():
+    net, x0 = small_unet(), torch.rand(4, 3, 8, 8) * 2 - 1
+    loss, grads = loss_and_grads(copy.deepcopy(net), x0)
+    loss_bf, grads_bf = loss_and_grads(copy.deepcopy(net), x0, bf16=True)
+    # bf16 keeps 8 bits of mantissa: relative error of order 2^-8 per op, a few per cent overall
+    assert torch.allclose(loss, loss_bf, rtol=3e-2)
+    assert torch.nn.functional.cosine_similarity(grads, grads_bf, dim=0) > 0.99
+
+
+def test_channels_last_sampling_matches():
+    net = small_unet().eval()
+    schedule = linear()
+
+    def run(n):
+        noise = PerSampleNoise([0, 1], "cpu")
+        return ddim(Denoiser(n, schedule), noise.randn((3, 8, 8)), noise, steps=5)
+
+    plain = run(net)
+    fast = run(copy.deepcopy(net).to(memory_format=torch.channels_last))
+    assert torch.allclose(plain, fast, atol=1e-4)
+
+
+def test_benchmark_peers_have_our_architecture():
+    pytest.importorskip("diffusers")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import common
+
+    # diffusers' UNet2DModel in google/ddpm-cifar10-32's configuration: the same 35,746,307 parameters
+    assert common.count(common.diffusers_unet("unet_cifar10", 32, 3)) == common.count(common.ours("unet_cifar10", 32, 3)) == 35_746_307
