@@ -24,22 +24,21 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def ours(model: str, image_size: int, channels: int) -> torch.nn.Module:
+def ours_config(model: str, arch: dict | None = None) -> dict:
+    """The U-Net settings of conf/model/<model>.yaml, with `arch` overriding some of them."""
+    return {**OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{model}.yaml")), **(arch or {})}
+
+
+def ours(model: str, image_size: int, channels: int, arch: dict | None = None) -> torch.nn.Module:
     """Our U-Net from its config file, e.g. conf/model/unet_cifar10.yaml."""
-    cfg = OmegaConf.load(CONF / "model" / f"{model}.yaml")
-    cfg.in_channels, cfg.image_size = channels, image_size
-    return instantiate(cfg)
+    return instantiate({**ours_config(model, arch), "in_channels": channels, "image_size": image_size})
 
 
-def ours_config(model: str) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{model}.yaml"))
-
-
-def diffusers_unet(model: str, image_size: int, channels: int) -> torch.nn.Module:
+def diffusers_unet(model: str, image_size: int, channels: int, arch: dict | None = None) -> torch.nn.Module:
     """diffusers' UNet2DModel with our U-Net's architecture (for unet_cifar10: google/ddpm-cifar10-32's config)."""
     from diffusers import UNet2DModel
 
-    cfg = ours_config(model)
+    cfg = ours_config(model, arch)
     widths = tuple(cfg["ch"] * m for m in cfg["ch_mult"])
     attn = [image_size // 2**i in cfg["attn_resolutions"] for i in range(len(widths))]
     return UNet2DModel(
@@ -51,13 +50,13 @@ def diffusers_unet(model: str, image_size: int, channels: int) -> torch.nn.Modul
     )
 
 
-def lucidrains_unet(model: str, image_size: int, channels: int) -> torch.nn.Module:
+def lucidrains_unet(model: str, image_size: int, channels: int, arch: dict | None = None) -> torch.nn.Module:
     """denoising-diffusion-pytorch's Unet with our channel multipliers, at the width (multiple of 8) whose
     parameter count is nearest to ours."""
     from denoising_diffusion_pytorch import Unet
 
-    cfg = ours_config(model)
-    target = count(ours(model, image_size, channels))
+    cfg = ours_config(model, arch)
+    target = count(ours(model, image_size, channels, arch))
     best = min(range(8, 4 * cfg["ch"] + 1, 8), key=lambda d: abs(count(Unet(dim=d, dim_mults=tuple(cfg["ch_mult"]), channels=channels)) - target))
     return Unet(dim=best, dim_mults=tuple(cfg["ch_mult"]), channels=channels, dropout=cfg.get("dropout", 0.0))
 

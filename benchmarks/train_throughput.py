@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import resource
 import subprocess
 import sys
@@ -30,75 +31,101 @@ def autocast(precision: str):
     return contextlib.nullcontext()
 
 
-def step_fn(impl: str, model: str, image_size: int, channels: int, batch: int, precision: str, device: str):
-    """A closure running one training step of `impl`."""
-    torch.manual_seed(0)
-    x0 = torch.rand(batch, channels, image_size, image_size, device=device) * 2 - 1
-    if impl.startswith("ours"):
-        from ddpm_lightning.callbacks import EMA
-        from ddpm_lightning.denoiser import Denoiser
-        from ddpm_lightning.losses import eps_mse
-        from ddpm_lightning.schedules import linear
+class Run:
+    """One implementation's training step on the batch tensor `x0` (refill it in place for new data), and
+    DDIM-50 sampling from its EMA weights, each in its own codebase's idiomatic way."""
 
-        net = common.ours(model, image_size, channels).to(device)
-        if impl == "ours_channels_last":
-            net = net.to(memory_format=torch.channels_last)
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        denoiser = Denoiser(net, linear().to(device))
-        opt = torch.optim.Adam(net.parameters(), lr=2e-4, foreach=True)
-        ema, params = EMA(decay=0.9999), list(net.parameters())
-        shadow, n = [p.detach().clone() for p in params], torch.zeros((), device=device)
+    def __init__(self, impl: str, model: str, x0: torch.Tensor, precision: str = "fp32", arch: dict | None = None):
+        torch.manual_seed(0)
+        self.impl, self.x0, self.precision = impl, x0, precision
+        channels, image_size, device = x0.shape[1], x0.shape[-1], x0.device
+        build = {"diffusers": common.diffusers_unet, "denoising_diffusion_pytorch": common.lucidrains_unet}.get(impl, common.ours)
+        self.net = build(model, image_size, channels, arch).to(device)
+        if impl.startswith("ours"):
+            from ddpm_lightning.callbacks import EMA
+            from ddpm_lightning.denoiser import Denoiser
+            from ddpm_lightning.schedules import linear
 
-        def step():
-            with autocast(precision):
-                loss = eps_mse(denoiser, x0)[0].mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ema._ema_update(shadow, [p.detach() for p in params], n)
+            if impl == "ours_channels_last":
+                self.net = self.net.to(memory_format=torch.channels_last)
+            self.denoiser = Denoiser(self.net, linear().to(device))
+            self.ema, self.params = EMA(decay=0.9999, warmup=True), list(self.net.parameters())
+            self.shadow, self.n = [p.detach().clone() for p in self.params], torch.zeros((), device=device)
+            self.opt = torch.optim.Adam(self.params, lr=1e-3 if arch else 2e-4, foreach=True)
+        elif impl == "diffusers":
+            from diffusers import DDPMScheduler
+            from diffusers.training_utils import EMAModel
 
-        return step, net
-    if impl == "diffusers":
-        from diffusers import DDPMScheduler
-        from diffusers.training_utils import EMAModel
+            self.scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+            self.ema = EMAModel(self.net.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=1.0, foreach=True)
+            self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-3 if arch else 2e-4, foreach=True)
+        elif impl == "denoising_diffusion_pytorch":
+            from denoising_diffusion_pytorch import GaussianDiffusion
+            from ema_pytorch import EMA as LucidEMA
 
-        net = common.diffusers_unet(model, image_size, channels).to(device)
-        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-        opt = torch.optim.Adam(net.parameters(), lr=2e-4, foreach=True)
-        ema = EMAModel(net.parameters(), decay=0.9999, use_ema_warmup=True, foreach=True)
+            self.diffusion = GaussianDiffusion(self.net, image_size=image_size, timesteps=1000, objective="pred_noise", beta_schedule="linear").to(device)
+            self.ema = LucidEMA(self.diffusion, beta=0.9999, update_every=1, update_after_step=0)
+            self.opt = torch.optim.Adam(self.diffusion.parameters(), lr=1e-3 if arch else 2e-4, foreach=True)
+        else:
+            raise ValueError(f"unknown implementation {impl!r}")
 
-        def step():
+    def loss(self) -> torch.Tensor:
+        x0 = self.x0
+        if self.impl.startswith("ours"):
+            from ddpm_lightning.losses import eps_mse
+
+            if self.impl == "ours_channels_last":
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            return eps_mse(self.denoiser, x0)[0].mean()
+        if self.impl == "diffusers":
             noise = torch.randn_like(x0)
-            t = torch.randint(0, 1000, (batch,), device=device)
-            with autocast(precision):
-                pred = net(scheduler.add_noise(x0, noise, t), t).sample
-                loss = F.mse_loss(pred.float(), noise)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ema.step(net.parameters())
+            t = torch.randint(0, 1000, (len(x0),), device=x0.device)
+            return F.mse_loss(self.net(self.scheduler.add_noise(x0, noise, t), t).sample.float(), noise)
+        return self.diffusion((x0 + 1) / 2)  # it takes images in [0, 1]
 
-        return step, net
-    if impl == "denoising_diffusion_pytorch":
-        from denoising_diffusion_pytorch import GaussianDiffusion
-        from ema_pytorch import EMA as LucidEMA
+    def step(self) -> None:
+        with autocast(self.precision):
+            loss = self.loss()
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.impl.startswith("ours"):
+            self.ema._ema_update(self.shadow, [p.detach() for p in self.params], self.n)
+            self.n += 1
+        elif self.impl == "diffusers":
+            self.ema.step(self.net.parameters())
+        else:
+            self.ema.update()
 
-        net = common.lucidrains_unet(model, image_size, channels)
-        diffusion = GaussianDiffusion(net, image_size=image_size, timesteps=1000, objective="pred_noise").to(device)
-        opt = torch.optim.Adam(diffusion.parameters(), lr=2e-4, foreach=True)
-        ema = LucidEMA(diffusion, beta=0.9999, update_every=1, update_after_step=0)
-        x01 = (x0 + 1) / 2  # it takes images in [0, 1]
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        """n images in [-1, 1] by DDIM with 50 steps (eta 0) from the EMA weights."""
+        shape = (n, *self.x0.shape[1:])
+        if self.impl.startswith("ours"):
+            from ddpm_lightning.denoiser import Denoiser
+            from ddpm_lightning.samplers import PerSampleNoise, ddim
 
-        def step():
-            with autocast(precision):
-                loss = diffusion(x01)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ema.update()
+            net = copy.deepcopy(self.net).eval()
+            for p, s in zip(net.parameters(), self.shadow):
+                p.copy_(s)
+            noise = PerSampleNoise(range(n), self.x0.device)
+            return ddim(Denoiser(net, self.denoiser.schedule), noise.randn(shape[1:]), noise, steps=50).clamp(-1, 1)
+        if self.impl == "diffusers":
+            from diffusers import DDIMPipeline, DDIMScheduler
 
-        return step, net
-    raise ValueError(f"unknown implementation {impl!r}")
+            net = copy.deepcopy(self.net).eval()
+            self.ema.copy_to(net.parameters())
+            pipe = DDIMPipeline(unet=net, scheduler=DDIMScheduler(num_train_timesteps=1000))
+            pipe.set_progress_bar_config(disable=True)
+            out = pipe(batch_size=n, num_inference_steps=50, eta=0.0, output_type="np", generator=torch.Generator().manual_seed(0)).images
+            return torch.from_numpy(out).permute(0, 3, 1, 2) * 2 - 1
+        model = self.ema.ema_model.eval()
+        model.sampling_timesteps, model.is_ddim_sampling = 50, True
+        return model.sample(batch_size=n) * 2 - 1
+
+
+def batch_of(args, device) -> torch.Tensor:
+    return torch.rand(args.batch, args.channels, args.image_size, args.image_size, device=device, generator=torch.Generator(device).manual_seed(0)) * 2 - 1
 
 
 def peak_memory_mb(impl: str, args) -> float:
@@ -124,17 +151,17 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.memory_of:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        step, _ = step_fn(args.memory_of, args.model, args.image_size, args.channels, args.batch, args.precision[0], device)
-        step(), step()
+        run = Run(args.memory_of, args.model, batch_of(args, device), args.precision[0])
+        run.step(), run.step()
         print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
         return
     rows = []
     for precision in args.precision:
         steps, params = {}, {}
         for impl in args.impls:
-            step, net = step_fn(impl, args.model, args.image_size, args.channels, args.batch, precision, device)
-            step()  # warm-up: allocator, autocast caches, lazy inits
-            steps[impl], params[impl] = step, common.count(net)
+            run = Run(impl, args.model, batch_of(args, device), precision)
+            run.step()  # warm-up: allocator, autocast caches, lazy inits
+            steps[impl], params[impl] = run.step, common.count(run.net)
         results = common.alternate({k: (lambda s=s: args.batch / common.timed(s, args.steps)) for k, s in steps.items()}, args.rounds)
         base = common.median(results["ours"]) if "ours" in results else None
         for impl in args.impls:
