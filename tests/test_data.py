@@ -224,21 +224,22 @@ def test_ddp_ranks_get_disjoint_shards_covering_the_data_and_reshuffled(tmp_path
 def _fabricate(kind, root):
     if kind == "cifar10":
         make_cifar10(root)
-        return [f"data.root={root}", "data.image_size=16"]
+        return [f"data.root={root}"]
     if kind == "celeba":
-        make_celeba(root, splits=(8, 2, 2))
-        return [f"data.root={root}", "data.image_size=16"]
-    make_image_folder(root, {"a": 5, "b": 5})
-    return [f"data.path={root}", "data.image_size=16", "data.val_fraction=0.2"]
+        make_celeba(root, splits=(16, 2, 2))
+        return [f"data.root={root}"]
+    make_image_folder(root, {"a": 10, "b": 10})
+    return [f"data.path={root}", "data.val_fraction=0.2"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["cifar10", "celeba", "image_folder"])
 def test_twenty_training_steps_on_fabricated_data(tmp_path, kind, no_network):
-    overrides = [f"data={kind}", *_fabricate(kind, tmp_path / "data"), "data.batch_size=4", "data.num_workers=0"]
+    # images resized to 8x8 (the TINY model); CIFAR-10's 32x32 are downsampled at setup
+    overrides = [f"data={kind}", *_fabricate(kind, tmp_path / "data"), "data.image_size=8", "data.batch_size=4", "data.num_workers=0"]
     overrides += ["data.download=false"] if kind != "image_folder" else []
     overrides += [
-        "trainer.max_steps=20", "trainer.val_check_interval=10", "callbacks.samples.every_n_steps=20",
+        "trainer.max_steps=20", "trainer.val_check_interval=20", "callbacks.samples.every_n_steps=20",
         "callbacks.checkpoint.every_n_train_steps=20", "logger=none",
     ]
     metrics = train(compose_cfg(overrides, tmp_path / "run"))
