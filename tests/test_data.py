@@ -147,6 +147,8 @@ def _folder(path, **kw):
 
 def test_image_folder_class_subfolders_nested_files_and_formats(tmp_path):
     files = make_image_folder(tmp_path, {"cat": 4, "dog": 3, "emu": 2})
+    (tmp_path / "LICENSE.txt").write_text("not an image: does not make the folder unlabelled")
+    (tmp_path / "no_images").mkdir()  # not a class
     dm = _folder(tmp_path)
     dm.setup()
     assert dm.num_classes == 3 and len(dm.train_set) == 9

@@ -1,6 +1,6 @@
-"""Any directory of images (png / jpg / webp, searched recursively). When the directory holds only
-subfolders, each first-level subfolder is a class (sorted names -> labels 0, 1, ...); otherwise the
-images are unlabelled (label -1). Images are resized (shorter side) and centre-cropped to image_size."""
+"""Any directory of images (png / jpg / webp, searched recursively). When the directory holds subfolders
+and no images of its own, each first-level subfolder with images is a class (sorted names -> labels
+0, 1, ...); otherwise the images are unlabelled (label -1). Images are resized (shorter side) and centre-cropped to image_size."""
 
 from __future__ import annotations
 
@@ -71,8 +71,9 @@ class ImageFolderDataModule(ImageDataModule):
         if not self.path.is_dir():
             raise FileNotFoundError(f"data.path={self.path} is not a directory of images")
         top = [p for p in self.path.iterdir() if not p.name.startswith(".")]
-        if top and all(p.is_dir() for p in top):
-            per_class = {p.name: find_images(p) for p in sorted(top)}
+        subfolders = sorted(p for p in top if p.is_dir())
+        if subfolders and not any(p.is_file() and p.suffix.lower() in EXTENSIONS for p in top):
+            per_class = {p.name: find_images(p) for p in subfolders}
             classes = [c for c, files in per_class.items() if files]
             paths = [f for c in classes for f in per_class[c]]
             labels = [i for i, c in enumerate(classes) for _ in per_class[c]]
