@@ -192,19 +192,21 @@ class ImageDataModule(L.LightningDataModule):
     def _decode_all(self, files: ImageFiles) -> tuple[Tensor, Tensor]:
         """Decode every file once (in loader workers), reporting unusable ones via on_bad_images."""
         loader = DataLoader(_DecodeAll(files), batch_size=64, num_workers=self.num_workers, collate_fn=list)
-        images, labels, errors = [], [], []
+        n = len(files.paths)
+        images = torch.empty(n, self.channels, self.image_size, self.image_size, dtype=torch.uint8)
+        ok, errors = torch.zeros(n, dtype=torch.bool), []
         for batch in loader:
             for i, x in batch:
                 if isinstance(x, str):
                     errors.append(x)
                 else:
-                    images.append(x)
-                    labels.append(files.labels[i])
+                    images[i], ok[i] = x, True
         if errors:
             self.on_bad_images(errors)
-        if not images:
-            raise BadImage(f"none of the {len(files.paths)} images could be decoded")
-        return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+        if not ok.any():
+            raise BadImage(f"none of the {n} images could be decoded")
+        labels = torch.tensor(files.labels, dtype=torch.long)
+        return (images, labels) if ok.all() else (images[ok], labels[ok])
 
     def _dataset(self, split: str, random_flip: bool) -> Dataset:
         source = self.read_split(split)
