@@ -16,7 +16,7 @@ from torchvision.datasets import CIFAR10
 from conftest import compose_cfg
 from fake_datasets import CELEBA_INSIDE, make_celeba, make_cifar10, make_image_folder
 from ddpm_lightning.data import CelebADataModule, CIFAR10DataModule, ImageFolderDataModule
-from ddpm_lightning.data.base import BadImage
+from ddpm_lightning.data.base import BadImage, random_flip_collate
 from ddpm_lightning.images import to_model_range
 from ddpm_lightning.tasks import train
 
@@ -73,12 +73,17 @@ def test_cifar10_flip_cache_and_resize(tmp_path):
     make_cifar10(tmp_path)
     dm = _cifar(tmp_path, download=False)
     dm.setup()
-    # the float cache is converted once; the flip is for training only and happens half the time
-    assert dm.train_set.images.dtype == torch.float32 and dm.val_set.random_flip is False
+    # the float cache is converted once; the data set itself is never flipped (FID references read it)
+    assert dm.train_set.images.dtype == torch.float32
     x = dm.train_set.images[0]
-    draws = [dm.train_set[0][0] for _ in range(40)]
+    assert all(torch.equal(dm.train_set[0][0], x) for _ in range(5))
+    # the training loader flips each image with probability 1/2; the validation loader never does
+    collate = dm.train_dataloader().collate_fn
+    draws, _ = collate([dm.train_set[0]] * 40)
     assert all(torch.equal(d, x) or torch.equal(d, x.flip(-1)) for d in draws)
     assert 5 < sum(torch.equal(d, x) for d in draws) < 35
+    val = next(iter(dm.val_dataloader()))[0]
+    assert torch.equal(val, dm.val_set.images[:5])
     # 50 * 3 * 32 * 32 values: 614 kB as float, 154 kB as uint8 -> a 200 kB budget keeps uint8
     small = _cifar(tmp_path, download=False, random_flip=False, cache_max_gb=200e3 / 2**30)
     small.setup()
@@ -124,7 +129,8 @@ def test_celeba_layout_splits_and_ddim_crop(tmp_path, no_network):
     # the fabricated faces are CELEBA_INSIDE exactly on the 128x128 crop: a crop one pixel off would
     # bring in the outside value at the border
     assert (x - (CELEBA_INSIDE / 127.5 - 1)).abs().max() < 2 / 127.5
-    assert dm.train_set.random_flip and not dm.val_set.random_flip
+    assert dm.train_dataloader().collate_fn is random_flip_collate
+    assert dm.val_dataloader().collate_fn is not random_flip_collate
     valid = CelebADataModule(root=str(tmp_path), download=False, batch_size=2, num_workers=0, val_split="valid", image_size=16, cache="none")
     valid.setup()
     assert len(valid.val_set) == 2 and valid.val_set[0][0].shape == (3, 16, 16)

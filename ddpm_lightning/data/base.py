@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ddpm_lightning.images import to_model_range
 
@@ -83,37 +83,39 @@ class _DecodeAll(Dataset):
 
 
 class InMemoryImages(Dataset):
-    """Decoded images [N, C, H, W], uint8 or float in [-1, 1], and labels [N]; optional random flip."""
+    """Decoded images [N, C, H, W], uint8 or float in [-1, 1], and labels [N] -> (float image, label)."""
 
-    def __init__(self, images: Tensor, labels: Tensor, random_flip: bool):
-        self.images, self.labels, self.random_flip = images, labels, random_flip
+    def __init__(self, images: Tensor, labels: Tensor):
+        self.images, self.labels = images, labels
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         x = self.images[i]
-        x = to_model_range(x) if x.dtype == torch.uint8 else x
-        if self.random_flip and torch.rand(()) < 0.5:  # Ho et al. App. B: random horizontal flips
-            x = x.flip(-1)
-        return x, self.labels[i]
+        return (to_model_range(x) if x.dtype == torch.uint8 else x), self.labels[i]
 
 
 class FileImages(Dataset):
-    """Images decoded from their files at every access (no cache); optional random flip."""
+    """Images decoded from their files at every access (no cache) -> (float image, label)."""
 
-    def __init__(self, files: ImageFiles, random_flip: bool):
-        self.files, self.random_flip = files, random_flip
+    def __init__(self, files: ImageFiles):
+        self.files = files
         self.labels = torch.tensor(files.labels, dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.files.paths)
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        x = to_model_range(self.files.decode(i))
-        if self.random_flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x, self.labels[i]
+        return to_model_range(self.files.decode(i)), self.labels[i]
+
+
+def random_flip_collate(batch: list) -> list[Tensor]:
+    """Stack a batch and mirror each image left-right with probability 1/2 (Ho et al. 2020 App. B).
+    The flip lives in the training loader, so `train_set[i]` stays the unflipped image (e.g. for FID)."""
+    x, y = default_collate(batch)
+    flip = torch.rand(x.shape[0]) < 0.5
+    return [torch.where(flip[:, None, None, None], x.flip(-1), x), y]
 
 
 def resize_uint8(images: Tensor, size: int) -> Tensor:
@@ -208,16 +210,16 @@ class ImageDataModule(L.LightningDataModule):
         labels = torch.tensor(files.labels, dtype=torch.long)
         return (images, labels) if ok.all() else (images[ok], labels[ok])
 
-    def _dataset(self, split: str, random_flip: bool) -> Dataset:
+    def _dataset(self, split: str) -> Dataset:
         source = self.read_split(split)
         n = len(source.paths) if isinstance(source, ImageFiles) else len(source[0])
         if n == 0:  # e.g. an image folder with val_fraction=0: no validation
             empty = torch.empty(0, self.channels, self.image_size, self.image_size)
-            return InMemoryImages(empty, torch.empty(0, dtype=torch.long), random_flip)
+            return InMemoryImages(empty, torch.empty(0, dtype=torch.long))
         mode = self._cache_mode(n)
         if isinstance(source, ImageFiles):
             if mode == "none":
-                return FileImages(self.check_files(source), random_flip)
+                return FileImages(self.check_files(source))
             images, labels = self._decode_all(source)
         else:
             images, labels = source
@@ -225,13 +227,13 @@ class ImageDataModule(L.LightningDataModule):
         if mode == "float":
             images = to_model_range(images)  # once, not per epoch
         log.info("data: %s split of %d images cached in memory as %s", split, len(images), images.dtype)
-        return InMemoryImages(images, labels, random_flip)
+        return InMemoryImages(images, labels)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        self.train_set = self._dataset("train", self.random_flip)
-        self.val_set = self._dataset("val", False)
+        self.train_set = self._dataset("train")
+        self.val_set = self._dataset("val")
         if len(self.train_set) < self.batch_size:
             raise ValueError(
                 f"data.batch_size={self.batch_size} is larger than the {len(self.train_set)} training images"
@@ -248,6 +250,7 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
+            collate_fn=random_flip_collate if train and self.random_flip else None,
         )
 
     def train_dataloader(self) -> DataLoader:
