@@ -156,7 +156,7 @@ class FID(L.Callback):
         self.max_reference_images, self.cache_dir, self.inception_batch_size = max_reference_images, cache_dir, inception_batch_size
         self._extractor = self._reference = None
         self._last_step = -1
-        self.last_value: float | None = None
+        self.history: dict[int, float] = {}  # global step -> FID
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         from ddpm_lightning.metrics import resolve_inception_weights
@@ -196,6 +196,6 @@ class FID(L.Callback):
                 )
             features = M.extract_features(to_uint8(images[: self.num_samples]), self._extractor, self.inception_batch_size, verbose=False)
             fid = torch.tensor(M.compute_metrics(["fid"], features, self._reference, feature=self.feature)["fid"])
-        fid = trainer.strategy.broadcast(fid)
-        self.last_value = float(fid)
-        return self.last_value
+        fid = float(trainer.strategy.broadcast(fid))
+        self.history[trainer.global_step] = fid
+        return fid
