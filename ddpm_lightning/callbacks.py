@@ -126,8 +126,8 @@ class FID(L.Callback):
     data module; logged as `val/fid`, so a ModelCheckpoint(monitor="val/fid", mode="min") can keep the best.
 
     Sampling is split over the ranks and gathered; rank 0 extracts the features and broadcasts the value. The
-    reference features are cached on disk (see ddpm_lightning.metrics). The Inception weights are checked when
-    fitting starts, before any training step.
+    reference features are cached on disk (see ddpm_lightning.metrics). The Inception weights and the reference
+    are made ready when fitting starts, before any training step.
     """
 
     def __init__(
@@ -164,6 +164,17 @@ class FID(L.Callback):
         if stage == "fit" and trainer.is_global_zero:
             self._weights = resolve_inception_weights(self.weights_path, "callbacks.fid.weights_path")
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Extractor and reference features before the first step, so a missing dataset fails early."""
+        from ddpm_lightning import metrics as M
+
+        if trainer.is_global_zero and self._extractor is None:
+            self._extractor = M.feature_extractor(self._weights, self.features, pl_module.device)
+            self._reference, _ = M.datamodule_reference_features(
+                trainer.datamodule, self._extractor, "train", self.max_reference_images, self.cache_dir,
+                self.inception_batch_size, self.feature,
+            )
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
         if step % self.every_n_steps == 0 and step != self._last_step:
@@ -188,12 +199,6 @@ class FID(L.Callback):
             images = pl_module.all_gather(images).flatten(0, 1)
         fid = torch.tensor(0.0)
         if trainer.is_global_zero:
-            if self._extractor is None:
-                self._extractor = M.feature_extractor(self._weights, self.features, pl_module.device)
-                self._reference, _ = M.datamodule_reference_features(
-                    trainer.datamodule, self._extractor, "train", self.max_reference_images, self.cache_dir,
-                    self.inception_batch_size, self.feature,
-                )
             features = M.extract_features(to_uint8(images[: self.num_samples]), self._extractor, self.inception_batch_size, verbose=False)
             fid = torch.tensor(M.compute_metrics(["fid"], features, self._reference, feature=self.feature)["fid"])
         fid = float(trainer.strategy.broadcast(fid))

@@ -142,7 +142,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     sampler_cfg = _plain(cfg.get("sampler")) or module.hparams.sampler
     sampler = instantiate(sampler_cfg)
 
-    fabric = L.Fabric(**cfg.trainer, strategy="ddp" if cfg.trainer.devices != 1 or cfg.trainer.get("num_nodes", 1) > 1 else "auto")
+    fabric = L.Fabric(**cfg.trainer)  # strategy auto: DDP for several devices or nodes, torchrun / srun detected
     fabric.launch()
     module = module.to(fabric.device)
     out = _output_dir(cfg, module, sampler_cfg)

@@ -59,6 +59,9 @@ def check_metric_names(names: Iterable[str]) -> list[str]:
             import ddpm_lightning.likelihood  # noqa: F401
         except ImportError as e:
             raise ValueError("metrics=[nll] needs ddpm_lightning.likelihood (bits/dim), which is not installed") from e
+        raise ValueError(
+            "metrics=[nll]: evaluate does not call ddpm_lightning.likelihood yet; compute bits/dim with it directly"
+        )
     return names
 
 

@@ -161,15 +161,24 @@ def test_interrupted_run_continues_from_its_shards(run, uninterrupted, tmp_path)
         evaluate(eval_cfg(ckpt, tmp_path, "sampler.steps=4"))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_two_ddp_processes_give_the_same_samples(run, uninterrupted, tmp_path):
     _, _, ckpt, *_ = run
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(ROOT / "evaluate.py"),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", str(ROOT / "evaluate.py"),
         f"ckpt_path={ckpt}", f"output_dir={tmp_path}", "sampler=ddim", "sampler.steps=3", "num_samples=6",
         "shard_size=2", "batch_size=2", "metrics=[]", "grid_size=4", "trainer.accelerator=cpu", "trainer.devices=2",
     ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    # the same thread count as this process, so nothing but the number of processes differs
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "metrics.json").read_text())["world_size"] == 2
