@@ -229,3 +229,29 @@ def test_missing_dataset_fails_before_sampling(run, tmp_path):
             evaluate(eval_cfg(lone, tmp_path / "b", *common))
         with pytest.raises(FileNotFoundError, match="reference.folder"):
             evaluate(eval_cfg(lone, tmp_path / "c", *common, f"reference.folder={tmp_path / 'nothing'}"))
+
+
+def test_reference_stats_file_gives_fid_against_its_mu_and_sigma(run, tmp_path):
+    _, weights, ckpt, *_ = run
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((64, 64))
+    stats = tmp_path / "ref.npz"
+    np.savez(stats, mu=rng.standard_normal(64), sigma=a @ a.T / 64)
+    saved = evaluate(eval_cfg(
+        ckpt, tmp_path / "e", "metrics=[fid]", f"inception.weights_path={weights}", "inception.feature=64",
+        f"reference.stats={stats}",
+    ))
+    assert saved["reference"] == {"stats": str(stats)}
+    samples = torch.from_numpy(np.load(tmp_path / "e" / "samples.npz")["arr_0"]).permute(0, 3, 1, 2)
+    x = M.extract_features(samples, M.feature_extractor(str(weights), ["64"]), verbose=False)["64"].double().numpy()
+    with np.load(stats) as f:
+        expected = M.frechet_distance(x.mean(0), np.cov(x, rowvar=False), f["mu"], f["sigma"])
+    assert saved["metrics"]["fid"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_fid_callback_checks_weights_before_training(tmp_path):
+    from ddpm_lightning.callbacks import FID
+
+    callback = FID(weights_path=str(tmp_path / "missing.pth"))
+    with pytest.raises(FileNotFoundError, match="callbacks.fid.weights_path"):
+        callback.setup(mock.Mock(is_global_zero=True), None, "fit")
