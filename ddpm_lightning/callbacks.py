@@ -1,4 +1,4 @@
-"""Training callbacks: EMA of the weights and periodic sample grids."""
+"""Training callbacks: EMA of the weights, periodic sample grids and in-training FID."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 
-from ddpm_lightning.images import save_grid
+from ddpm_lightning.images import save_grid, to_uint8
 
 
 class EMA(EMAWeightAveraging):
@@ -118,3 +118,89 @@ class SampleGrid(L.Callback):
                 logger.experiment.add_image("samples", grid, trainer.global_step)
             elif isinstance(logger, WandbLogger):
                 logger.log_image(key="samples", images=[str(path)], step=trainer.global_step)
+
+
+class FID(L.Callback):
+    """Every `every_n_steps` training steps, FID (via torch-fidelity's `inception-v3-compat`) of `num_samples`
+    images sampled from the EMA weights with seeds seed, seed + 1, ... against the training split of the run's
+    data module; logged as `val/fid`, so a ModelCheckpoint(monitor="val/fid", mode="min") can keep the best.
+
+    Sampling is split over the ranks and gathered; rank 0 extracts the features and broadcasts the value. The
+    reference features are cached on disk (see ddpm_lightning.metrics). The Inception weights and the reference
+    are made ready when fitting starts, before any training step.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 10000,
+        num_samples: int = 10000,
+        seed: int = 0,
+        sampler: dict | None = None,
+        batch_size: int = 250,
+        weights_path: str | None = None,
+        feature: str = "2048",
+        max_reference_images: int | None = None,
+        cache_dir: str | None = None,
+        inception_batch_size: int = 64,
+    ):
+        from ddpm_lightning.metrics import features_for
+
+        if every_n_steps < 1 or num_samples < 2 or batch_size < 1:
+            raise ValueError(
+                f"callbacks.fid: every_n_steps={every_n_steps} and batch_size={batch_size} must be positive and "
+                f"num_samples={num_samples} at least 2"
+            )
+        self.features = features_for(["fid"], str(feature))
+        self.every_n_steps, self.num_samples, self.seed, self.sampler = every_n_steps, num_samples, seed, sampler
+        self.batch_size, self.weights_path, self.feature = batch_size, weights_path, str(feature)
+        self.max_reference_images, self.cache_dir, self.inception_batch_size = max_reference_images, cache_dir, inception_batch_size
+        self._extractor = self._reference = None
+        self._last_step = -1
+        self.history: dict[int, float] = {}  # global step -> FID
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from ddpm_lightning.metrics import resolve_inception_weights
+
+        if stage == "fit" and trainer.is_global_zero:
+            self._weights = resolve_inception_weights(self.weights_path, "callbacks.fid.weights_path")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Extractor and reference features before the first step, so a missing dataset fails early."""
+        from ddpm_lightning import metrics as M
+
+        if trainer.is_global_zero and self._extractor is None:
+            self._extractor = M.feature_extractor(self._weights, self.features, pl_module.device)
+            self._reference, _ = M.datamodule_reference_features(
+                trainer.datamodule, self._extractor, "train", self.max_reference_images, self.cache_dir,
+                self.inception_batch_size, self.feature,
+            )
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step
+            fid = self.compute(trainer, pl_module)
+            pl_module.log("val/fid", fid, on_step=True, on_epoch=False)
+
+    def compute(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+        from ddpm_lightning import metrics as M
+
+        module = ema_module(trainer, pl_module)
+        world, rank = trainer.world_size, trainer.global_rank
+        per_rank = math.ceil(self.num_samples / world)
+        first = self.seed + rank * per_rank
+        images = torch.cat(
+            [
+                module.sample(list(range(a, min(a + self.batch_size, first + per_rank))), sampler=self.sampler)
+                for a in range(first, first + per_rank, self.batch_size)
+            ]
+        )
+        if world > 1:
+            images = pl_module.all_gather(images).flatten(0, 1)
+        fid = torch.tensor(0.0)
+        if trainer.is_global_zero:
+            features = M.extract_features(to_uint8(images[: self.num_samples]), self._extractor, self.inception_batch_size, verbose=False)
+            fid = torch.tensor(M.compute_metrics(["fid"], features, self._reference, feature=self.feature)["fid"])
+        fid = float(trainer.strategy.broadcast(fid))
+        self.history[trainer.global_step] = fid
+        return fid

@@ -102,3 +102,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("Run directory: %s", out)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Sample a checkpoint and compute FID / IS / KID (see ddpm_lightning.evaluation)."""
+    from ddpm_lightning.evaluation import evaluate as run
+
+    return run(cfg)

@@ -1,0 +1,265 @@
+"""evaluate(cfg): sample a checkpoint with per-image seeds, sharded over DDP ranks and written shard by shard
+(so an interrupted run continues), then FID / IS / KID against the reference statistics; see README "Evaluation".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ddpm_lightning import metrics as M
+from ddpm_lightning.images import save_grid, to_model_range, to_uint8
+from ddpm_lightning.module import DiffusionModule, _plain
+from ddpm_lightning.tasks import build, load_model
+
+log = logging.getLogger(__name__)
+
+
+def plan_shards(num_samples: int, shard_size: int, seed_offset: int = 0) -> list[tuple[int, int]]:
+    """The seed ranges [first, end) of the shards; image i has seed seed_offset + i."""
+    return [(seed_offset + a, seed_offset + min(a + shard_size, num_samples)) for a in range(0, num_samples, shard_size)]
+
+
+def shard_path(folder: Path, first: int, end: int) -> Path:
+    return folder / f"seeds_{first:08d}-{end:08d}.npz"
+
+
+def count_nfe(module: DiffusionModule):
+    """A forward hook counting the network evaluations; returns (counter list, handle)."""
+    calls = [0]
+    handle = module.net.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls, handle
+
+
+def sample_shard(module: DiffusionModule, sampler: Any, first: int, end: int, batch_size: int, pbar=None, **cond) -> tuple[np.ndarray, int]:
+    """uint8 images [n, C, H, W] for seeds first..end-1, in batches of `batch_size` counted from `first` (so a
+    shard is batched the same way whatever the number of processes), and the network evaluations per image."""
+    calls, handle = count_nfe(module)
+    out, nfe = [], 0
+    try:
+        for a in range(first, end, batch_size):
+            seeds = list(range(a, min(a + batch_size, end)))
+            calls[0] = 0
+            out.append(to_uint8(module.sample(seeds, sampler=sampler, **cond)).cpu())
+            nfe = calls[0]
+            if pbar is not None:
+                pbar.update(len(seeds))
+    finally:
+        handle.remove()
+    return torch.cat(out).numpy(), nfe
+
+
+def save_shard(path: Path, images: np.ndarray, first: int, end: int, nfe: int) -> None:
+    """Write a shard atomically: a crash mid-write leaves no shard, never a truncated one."""
+    tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
+    np.savez(tmp, images=images, seeds=np.arange(first, end), nfe=nfe)
+    os.replace(tmp, path)
+
+
+def load_shard(path: Path, first: int, end: int) -> tuple[np.ndarray, int]:
+    with np.load(path) as f:
+        if not np.array_equal(f["seeds"], np.arange(first, end)):
+            raise ValueError(f"{path} holds other seeds than its name says; delete it and re-run")
+        return f["images"], int(f["nfe"])
+
+
+def _checkpoint_data_config(ckpt_path: Path) -> DictConfig:
+    """The data config of the run that wrote `ckpt_path` (<run>/checkpoints/x.ckpt -> <run>/config.yaml)."""
+    run_cfg = ckpt_path.resolve().parent.parent / "config.yaml"
+    if not run_cfg.is_file():
+        raise FileNotFoundError(
+            f"reference statistics: {run_cfg} (the checkpoint's run config) is missing, so the checkpoint's dataset "
+            "is unknown. Choose it with data=<name> (e.g. data=digits), or give reference.folder=<folder of images> "
+            "or reference.stats=<.npz with mu and sigma>."
+        )
+    return OmegaConf.load(run_cfg).data
+
+
+def _reference(cfg: DictConfig, module: DiffusionModule, extractor, names: list[str]) -> tuple[dict, dict]:
+    """Reference features or statistics (see README: stats file, folder, or the checkpoint's training split)."""
+    ref = cfg.reference
+    if ref.get("stats"):
+        data = M.load_stats_file(ref.stats)
+        if "kid" in names and str(cfg.inception.feature) not in data:
+            raise ValueError(f"metrics=[kid] needs reference features, but reference.stats={ref.stats} holds only mu / sigma")
+        return data, {"stats": str(ref.stats)}
+    if ref.get("folder"):
+        dataset = M.folder_images(ref.folder)
+        feature = str(cfg.inception.feature)
+        features = M.extract_features(dataset, extractor, cfg.inception.batch_size)
+        return {feature: features[feature]}, {"folder": str(ref.folder), "images": len(dataset), "feature": feature}
+    data_cfg = cfg.get("data") or _checkpoint_data_config(Path(cfg.ckpt_path))
+    datamodule = build(data_cfg)
+    size = dict(getattr(datamodule, "hparams", {})).get("image_size")
+    if size is not None and size != module.hparams.image_size:
+        raise ValueError(f"data.image_size={size} differs from the checkpoint's image_size={module.hparams.image_size}")
+    return M.datamodule_reference_features(
+        datamodule, extractor, ref.split, ref.get("max_images"), ref.get("cache_dir"), cfg.inception.batch_size,
+        str(cfg.inception.feature),
+    )
+
+
+def _check(cfg: DictConfig, names: list[str]) -> None:
+    for key in ("num_samples", "batch_size", "shard_size"):
+        if int(cfg[key]) < 1:
+            raise ValueError(f"{key}={cfg[key]} must be positive")
+    M.features_for(names, str(cfg.inception.feature))
+    n = cfg.num_samples
+    if "isc" in names and n < cfg.isc_splits:
+        raise ValueError(f"num_samples={n} is below isc_splits={cfg.isc_splits}; lower isc_splits")
+    if "kid" in names and n < cfg.kid_subset_size:
+        raise ValueError(f"num_samples={n} is below kid_subset_size={cfg.kid_subset_size}; lower kid_subset_size")
+
+
+def _output_dir(cfg: DictConfig, module: DiffusionModule, sampler_cfg: dict) -> Path:
+    if cfg.get("output_dir"):
+        return Path(cfg.output_dir)
+    name = sampler_cfg.get("_target_", "sampler").rsplit(".", 1)[-1]
+    steps = sampler_cfg.get("steps", getattr(module.schedule, "T", ""))
+    weights = "ema" if cfg.use_ema else "raw"
+    return Path(cfg.ckpt_path).resolve().parent.parent / "eval" / f"step{module.global_step_loaded}-{weights}-{name}{steps}"
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Sample `num_samples` images from `ckpt_path` and compute `metrics`; returns what metrics.json holds."""
+    start = time.perf_counter()
+    names = M.check_metric_names(cfg.metrics)
+    _check(cfg, names)
+    ckpt_path = Path(cfg.ckpt_path)
+    module = load_model(ckpt_path, use_ema=cfg.use_ema)
+    sampler_cfg = _plain(cfg.get("sampler")) or module.hparams.sampler
+    sampler = instantiate(sampler_cfg)
+
+    fabric = L.Fabric(**cfg.trainer)  # strategy auto: DDP for several devices or nodes, torchrun / srun detected
+    fabric.launch()
+    module = module.to(fabric.device)
+    out = _output_dir(cfg, module, sampler_cfg)
+    shards_dir = out / "shards"
+    fingerprint = {
+        "ckpt_path": str(ckpt_path.resolve()),
+        "global_step": module.global_step_loaded,
+        "use_ema": bool(cfg.use_ema),
+        "sampler": sampler_cfg,
+        "image_shape": list(module.image_shape),
+        "precision": str(cfg.trainer.get("precision")),
+    }
+
+    # Everything that can fail is checked before the first image is sampled: weights, reference, output folder.
+    extractor, reference, ref_info = None, None, {}
+    error = None
+    if fabric.global_rank == 0:
+        try:
+            if set(names) & set(M.FIDELITY_METRICS):
+                weights = M.resolve_inception_weights(cfg.inception.weights_path, "inception.weights_path")
+                features = M.features_for(names, str(cfg.inception.feature))
+                extractor = M.feature_extractor(weights, features, fabric.device)
+            if {"fid", "kid"} & set(names):
+                reference, ref_info = _reference(cfg, module, extractor, names)
+                n_ref = len(reference[str(cfg.inception.feature)]) if "mu" not in reference else None
+                if "kid" in names and n_ref is not None and n_ref < cfg.kid_subset_size:
+                    raise ValueError(f"the reference has {n_ref} images, below kid_subset_size={cfg.kid_subset_size}")
+            shards_dir.mkdir(parents=True, exist_ok=True)
+            fp_file = out / "fingerprint.json"
+            if fp_file.is_file() and json.loads(fp_file.read_text()) != json.loads(json.dumps(fingerprint)):
+                raise ValueError(
+                    f"{out} holds samples of another model or sampler (see {fp_file}); choose another output_dir"
+                )
+            fp_file.write_text(json.dumps(fingerprint, indent=2))
+        except Exception as e:  # noqa: BLE001 - re-raised on every rank below
+            error = e
+    if fabric.world_size > 1:
+        failed = fabric.broadcast(repr(error) if error is not None else None)
+        if failed is not None and error is None:
+            raise RuntimeError(f"evaluation stopped on rank 0: {failed}")
+    if error is not None:
+        raise error
+
+    # Sampling: shard k goes to rank k % world_size; existing shards are kept.
+    shards = plan_shards(cfg.num_samples, cfg.shard_size, cfg.seed_offset)
+    mine = [s for s in shards[fabric.global_rank :: fabric.world_size] if not shard_path(shards_dir, *s).is_file()]
+    reused = len(shards) - len([s for s in shards if not shard_path(shards_dir, *s).is_file()])
+    if fabric.global_rank == 0 and reused:
+        log.info("Continuing: %d of %d shards already in %s", reused, len(shards), shards_dir)
+    t0 = time.perf_counter()
+    pbar = tqdm(total=sum(e - a for a, e in mine), desc="sampling", unit="img", disable=fabric.global_rank != 0 or not mine)
+    with fabric.autocast():
+        for first, end in mine:
+            images, nfe = sample_shard(module, sampler, first, end, cfg.batch_size, pbar)
+            save_shard(shard_path(shards_dir, first, end), images, first, end, nfe)
+    pbar.close()
+    sampling_s = time.perf_counter() - t0
+    fabric.barrier()
+
+    result: dict[str, Any] = {}
+    if fabric.global_rank == 0:
+        loaded = [load_shard(shard_path(shards_dir, *s), *s) for s in shards]
+        images = np.concatenate([x for x, _ in loaded])
+        result = _finish(cfg, module, images, loaded[0][1], names, extractor, reference, ref_info, out, sampler_cfg, ckpt_path)
+        result["wall_time_s"] = {"sampling": sampling_s, "total": time.perf_counter() - start}
+        result["world_size"] = fabric.world_size
+        (out / "metrics.json").write_text(json.dumps(result, indent=2))
+        _summary(result, out)
+    if fabric.world_size > 1:
+        result = fabric.broadcast(result)
+    return result
+
+
+def _finish(cfg, module, images, nfe, names, extractor, reference, ref_info, out, sampler_cfg, ckpt_path) -> dict:
+    """Write the sample set (npz / PNGs / grid) and compute the metrics (rank 0)."""
+    first = cfg.seed_offset
+    if cfg.save_npz:  # [N, H, W, C] uint8 under arr_0, the layout of the TF / ADM evaluation suites
+        np.savez(out / "samples.npz", arr_0=images.transpose(0, 2, 3, 1))
+    if cfg.save_png:
+        folder = out / "images"
+        folder.mkdir(exist_ok=True)
+        for i, x in enumerate(images):
+            Image.fromarray(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)).save(folder / f"{first + i:08d}.png")
+    if cfg.grid_size:
+        save_grid(to_model_range(torch.from_numpy(images[: cfg.grid_size])), out / "grid.png")
+    values: dict[str, float] = {}
+    f_time = 0.0
+    if extractor is not None:
+        t0 = time.perf_counter()
+        features = M.extract_features(torch.from_numpy(images), extractor, cfg.inception.batch_size)
+        values = M.compute_metrics(
+            names, features, reference, cfg.isc_splits, cfg.kid_subsets, cfg.kid_subset_size,
+            feature=str(cfg.inception.feature),
+        )
+        f_time = time.perf_counter() - t0
+    name = sampler_cfg.get("_target_", "").rsplit(".", 1)[-1]
+    return {
+        "metrics": values,
+        "sampler": name,
+        "sampler_config": sampler_cfg,
+        "steps": sampler_cfg.get("steps", getattr(module.schedule, "T", None)),
+        "nfe": nfe,
+        "num_samples": int(len(images)),
+        "seeds": {"first": first, "last": first + len(images) - 1},
+        "checkpoint": {"path": str(ckpt_path), "global_step": module.global_step_loaded, "use_ema": bool(cfg.use_ema)},
+        "reference": ref_info,
+        "feature_extractor": f"inception-v3-compat ({cfg.inception.feature})" if extractor is not None else None,
+        "features_time_s": f_time,
+    }
+
+
+def _summary(result: dict, out: Path) -> None:
+    lines = [
+        f"Evaluated {result['num_samples']} samples (seeds {result['seeds']['first']}..{result['seeds']['last']}) of "
+        f"{result['checkpoint']['path']} at step {result['checkpoint']['global_step']}",
+        f"  sampler {result['sampler']}, {result['steps']} steps, {result['nfe']} network evaluations per image",
+    ]
+    lines += [f"  {k:8s} {v:.4f}" for k, v in result["metrics"].items()]
+    lines.append(f"  wall time {result['wall_time_s']['total']:.1f} s (sampling {result['wall_time_s']['sampling']:.1f} s); written to {out}")
+    print("\n".join(lines), flush=True)
