@@ -7,6 +7,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ddpm_lightning.images import to_model_range
 
@@ -66,7 +67,8 @@ class DigitsDataModule(L.LightningDataModule):
             )
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        # Stateful: its position and shuffling RNG go into the checkpoint, so a resumed run sees the same batches.
+        return StatefulDataLoader(
             self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
             num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
         )
