@@ -53,3 +53,15 @@ class FixedOrderDigits(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.x), batch_size=self.batch_size, shuffle=False, drop_last=True)
+
+
+class SlowSteps(L.Callback):
+    """Sleeps after every training step, so a test can signal a job while it is mid-run."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args) -> None:
+        import time
+
+        time.sleep(self.seconds)
