@@ -25,34 +25,40 @@ class KillAt(L.Callback):
 
 
 class DumpRankState(L.Callback):
-    """At the end of training, saves this rank's raw and EMA weights to `<dirpath>/rank<r>.pt`."""
+    """At the end of training, saves this rank's per-step losses, raw and EMA weights to `<dirpath>/rank<r>.pt`."""
 
     def __init__(self, dirpath: str):
-        self.dirpath = Path(dirpath)
+        self.dirpath, self.losses = Path(dirpath), []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, *args) -> None:
+        self.losses.append(float(outputs["loss"]))
 
     def on_train_end(self, trainer, pl_module) -> None:
         ema = next(c for c in trainer.callbacks if isinstance(c, EMA)).averaged_module()
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        state = {"raw": pl_module.state_dict(), "ema": ema.state_dict(), "world_size": trainer.world_size}
+        state = {"raw": pl_module.state_dict(), "ema": ema.state_dict(), "losses": self.losses, "world_size": trainer.world_size}
         torch.save(state, self.dirpath / f"rank{trainer.global_rank}.pt")
 
 
 class FixedOrderDigits(L.LightningDataModule):
-    """Digit-like tensors in a fixed order, arranged so that a single process with batch `world * batch_size`
-    sees in each global batch exactly the examples that `world` DDP ranks with `batch_size` each see (Lightning's
-    DistributedSampler gives rank r the examples r, r + world, ...; rank r's block sits at [r n, (r + 1) n))."""
+    """Random digit-sized tensors in a fixed order, cut into global batches of `world * batch_size`. A single
+    process (`single_process`) takes whole global batches; DDP rank r takes rows [r n, (r + 1) n) of each (run
+    with trainer.use_distributed_sampler=false), the slice the training noise is drawn for (DiffusionModule._loss)."""
 
-    def __init__(self, batch_size: int, world: int, single_process: bool, n: int = 256, image_size: int = 8):
+    def __init__(self, batch_size: int, world: int, single_process: bool, n: int = 256, image_size: int = 8, **_):
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        x = torch.rand((n, 1, image_size, image_size), generator=g) * 2 - 1
-        if single_process:  # global batch k = [rank 0's batch k, rank 1's batch k, ...]
-            x = x.view(-1, batch_size, world, *x.shape[1:]).transpose(1, 2).reshape(x.shape)
-        self.x, self.channels = x, 1
-        self.batch_size = batch_size * world if single_process else batch_size
+        self.x = torch.rand((n, 1, image_size, image_size), generator=g) * 2 - 1
+        self.batch_size, self.world, self.single_process, self.channels = batch_size, world, single_process, 1
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.x), batch_size=self.batch_size, shuffle=False, drop_last=True)
+        n, w = self.batch_size, self.world
+        if self.single_process:
+            return DataLoader(TensorDataset(self.x), batch_size=w * n, shuffle=False, drop_last=True)
+        r = self.trainer.global_rank
+        assert self.trainer.world_size == w
+        rows = self.x.view(-1, w, n, *self.x.shape[1:])[:, r].reshape(-1, *self.x.shape[1:])
+        return DataLoader(TensorDataset(rows), batch_size=n, shuffle=False, drop_last=True)
 
 
 class SlowSteps(L.Callback):
