@@ -102,3 +102,21 @@ def test_kill_during_checkpoint_write_keeps_last_ckpt_loadable(tmp_path):
     AtomicCheckpointIO().save_checkpoint({"global_step": 3}, path)
     assert torch.load(path, weights_only=False)["global_step"] == 3
     assert len(list(tmp_path.glob(".last.ckpt.*.tmp"))) == 1  # only the dead process's leftover
+
+
+def test_the_trainer_writes_checkpoints_through_atomic_io(tmp_path):
+    from hydra.utils import instantiate
+
+    for overrides in ([], ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1"]):
+        trainer = instantiate(compose_cfg(overrides, tmp_path).trainer, logger=False)
+        assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO), overrides
+
+
+def test_resume_checkpoint_picks_the_newest_of_hpc_and_last(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    assert resume_checkpoint(tmp_path, [ckpts]) is None  # a fresh run directory
+    ckpts.mkdir()
+    for i, path in enumerate([ckpts / "last.ckpt", tmp_path / "hpc_ckpt_1.ckpt", ckpts / "last.ckpt"]):
+        path.write_bytes(b"x")
+        os.utime(path, ns=(10**18 + i * 10**9,) * 2)
+        assert resume_checkpoint(tmp_path, [ckpts]) == path
