@@ -6,7 +6,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ddpm_lightning.images import to_model_range
@@ -68,8 +68,15 @@ class DigitsDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Stateful: its position and shuffling RNG go into the checkpoint, so a resumed run sees the same batches.
+        # Under DDP the order is DistributedSampler's, a function of (seed, epoch) alone; given here because
+        # Lightning would otherwise wrap the loader's own (torchdata) sampler and shuffle twice.
+        trainer, sampler = getattr(self, "trainer", None), None
+        if trainer is not None and trainer.world_size > 1:
+            sampler = DistributedSampler(
+                self.train_set, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=True, seed=self.hparams.split_seed,
+            )
         return StatefulDataLoader(
-            self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
+            self.train_set, batch_size=self.hparams.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
             num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
         )
 
