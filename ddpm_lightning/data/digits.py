@@ -68,10 +68,10 @@ class DigitsDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Stateful: its position and shuffling RNG go into the checkpoint, so a resumed run sees the same batches.
-        # Under DDP the order is DistributedSampler's, a function of (seed, epoch) alone; given here because
+        # Under DDP (any world size) the order is DistributedSampler's, a function of (seed, epoch) alone; given here because
         # Lightning would otherwise wrap the loader's own (torchdata) sampler and shuffle twice.
         trainer, sampler = getattr(self, "trainer", None), None
-        if trainer is not None and trainer.world_size > 1:
+        if trainer is not None and (trainer.world_size > 1 or torch.distributed.is_initialized()):
             sampler = DistributedSampler(
                 self.train_set, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=True, seed=self.hparams.split_seed,
             )
