@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from ddpm_lightning.checkpointing import step_seed
 from ddpm_lightning.denoiser import Denoiser
 from ddpm_lightning.losses import eps_mse
 from ddpm_lightning.samplers import PerSampleNoise
@@ -42,6 +43,7 @@ class DiffusionModule(L.LightningModule):
         parameterization: str = "eps",
         channels_last: bool = False,
         compile: bool = False,
+        seed: int | None = None,
     ):
         super().__init__()
         net, schedule, sampler, optimizer = (_plain(c) for c in (net, schedule, sampler, optimizer))
@@ -59,6 +61,7 @@ class DiffusionModule(L.LightningModule):
                 "parameterization": parameterization,
                 "channels_last": channels_last,
                 "compile": compile,
+                "seed": seed,
             }
         )
         self.net = instantiate(net)
@@ -73,6 +76,7 @@ class DiffusionModule(L.LightningModule):
             torch._dynamo.config.suppress_errors = True
             self.net.compile()
         self._last_step_time: float | None = None
+        self._step_noise: torch.Generator | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -82,11 +86,30 @@ class DiffusionModule(L.LightningModule):
         """eps_theta(x_t, t)."""
         return self.denoiser.eps(x, t, **cond)
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """With a `seed`, every training batch's randomness is a function of (seed, epoch, batch index): the
+        loss's t and eps come from a generator shared by all ranks (drawn for the global batch, each rank
+        taking its slice, see `_loss`), the rest (e.g. dropout) from the global RNG reseeded per rank. A run
+        resumed from a checkpoint therefore draws exactly what the uninterrupted run draws, and the noise of
+        a global batch does not depend on how many processes share it."""
+        if self.hparams.get("seed") is None:
+            return
+        key = (self.hparams.seed, self.current_epoch, batch_idx)
+        self._step_noise = torch.Generator(self.device).manual_seed(step_seed(*key))
+        torch.manual_seed(step_seed(*key, self.global_rank + 1))
+
     def _loss(self, batch: Any) -> tuple[Tensor, Tensor]:
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
         if self.hparams.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        return eps_mse(self.denoiser, x0)
+        if self._step_noise is None:
+            return eps_mse(self.denoiser, x0)
+        # Rank r of w holds examples [r n, (r + 1) n) of the global batch; draw for all w n and keep its slice.
+        n, world, rank = x0.shape[0], self.trainer.world_size, self.global_rank
+        g, part = self._step_noise, slice(rank * n, (rank + 1) * n)
+        t = self.schedule.sample_t(world * n, x0.device, g)[part]
+        eps = torch.randn((world * n, *x0.shape[1:]), device=x0.device, dtype=x0.dtype, generator=g)[part]
+        return eps_mse(self.denoiser, x0, t=t, eps=eps)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         losses, t = self._loss(batch)

@@ -13,6 +13,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ddpm_lightning.checkpointing import resume_checkpoint
 from ddpm_lightning.module import DiffusionModule
 
 log = logging.getLogger(__name__)
@@ -91,11 +92,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = build(cfg.data)
     module: DiffusionModule = build(cfg.module)
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path and ckpt_path not in ("last", "hpc"):
-        check_resumable(ckpt_path, module)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path is None:  # a requeued or restarted job: continue from the run directory's own checkpoint
+        dirs = [c.dirpath for c in callbacks if isinstance(c, L.pytorch.callbacks.ModelCheckpoint) and c.dirpath]
+        found = resume_checkpoint(cfg.trainer.get("default_root_dir") or out, dirs)
+        if found is not None:
+            log.info("Resuming from %s (found in the run directory)", found)
+            ckpt_path = str(found)
+    if ckpt_path and ckpt_path not in ("last", "hpc"):
+        check_resumable(ckpt_path, module)
     if not loggers:  # nothing to log the learning rate to
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from ddpm_lightning.images import to_model_range
 
@@ -240,12 +241,18 @@ class ImageDataModule(L.LightningDataModule):
             )
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        # Under DDP Lightning wraps these in a DistributedSampler (shuffled, set_epoch every epoch),
-        # so each rank sees its own shard and the shards change every epoch.
-        return DataLoader(
+        # The training loader is stateful: its position and shuffling RNG go into the checkpoint, so a resumed
+        # run sees the same batches. Under DDP its order is DistributedSampler's, a function of (seed, epoch)
+        # alone (each rank its own shard, reshuffled every epoch); it is given here because Lightning would
+        # otherwise wrap the loader's own (torchdata) sampler and shuffle twice.
+        trainer, sampler = getattr(self, "trainer", None), None
+        if train and trainer is not None and (trainer.world_size > 1 or torch.distributed.is_initialized()):
+            sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=True)
+        return (StatefulDataLoader if train else DataLoader)(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -3,12 +3,10 @@ shipped inside scikit-learn, so training needs no download."""
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
 
-from ddpm_lightning.images import to_model_range
+from ddpm_lightning.data.base import ImageDataModule
 
 
 def load_digits_uint8(image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -23,7 +21,7 @@ def load_digits_uint8(image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]
     return images, torch.from_numpy(digits.target).long()
 
 
-class DigitsDataModule(L.LightningDataModule):
+class DigitsDataModule(ImageDataModule):
     """Digits resized to `image_size`, split into train / val with a fixed seed; no flips (digits are not
     mirror-symmetric). Decoded once and held in memory as float tensors in [-1, 1]."""
 
@@ -36,40 +34,19 @@ class DigitsDataModule(L.LightningDataModule):
         num_workers: int = 0,
         channels: int = 1,
     ):
-        super().__init__()
         if channels != 1:
             raise ValueError(f"data.channels={channels}: the digits are grayscale, set data.channels=1")
         if image_size < 8:
             raise ValueError(f"data.image_size={image_size} must be at least 8 (the digits are 8x8)")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={val_fraction} must lie in [0, 1)")
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size={batch_size} must be positive")
+        super().__init__(image_size, channels, batch_size, random_flip=False, cache="float", num_workers=num_workers)
         self.save_hyperparameters()
-        self.channels, self.num_classes = 1, 10
-        self.train_set: TensorDataset | None = None
-        self.val_set: TensorDataset | None = None
+        self.num_classes = 10
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+    def read_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = load_digits_uint8(self.hparams.image_size)
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.hparams.split_seed))
         n_val = int(round(self.hparams.val_fraction * len(images)))
-        val, train = order[:n_val], order[n_val:]
-        x = to_model_range(images)
-        self.train_set = TensorDataset(x[train], labels[train])
-        self.val_set = TensorDataset(x[val], labels[val])
-        if len(self.train_set) < self.hparams.batch_size:
-            raise ValueError(
-                f"data.batch_size={self.hparams.batch_size} is larger than the {len(self.train_set)} training digits"
-            )
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
-            num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0,
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+        part = order[:n_val] if split == "val" else order[n_val:]
+        return images[part], labels[part]
