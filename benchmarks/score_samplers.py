@@ -17,6 +17,7 @@ from ddpm_lightning.data.digits import DigitsDataModule
 from ddpm_lightning.images import save_grid
 from ddpm_lightning.likelihood import bits_per_dim
 from ddpm_lightning.samplers import PerSampleNoise, ald, ddim, ddpm, ode, pc
+from ddpm_lightning.schedules import expand_as
 from ddpm_lightning.tasks import load_model
 
 
@@ -37,7 +38,7 @@ class CountingDenoiser:
         return self.inner.x0_from_eps(x, t, eps)
 
     def score(self, x, t, **cond):
-        return -self.eps(x, t, **cond) / self.schedule.sigma(t).reshape(-1, *[1] * (x.ndim - 1))
+        return -self.eps(x, t, **cond) / expand_as(self.schedule.sigma(t), x)
 
 
 def samplers(nfe: int, discrete: bool) -> dict:

@@ -17,10 +17,20 @@ from oracles import GaussianEps, MixtureDenoiser
 from test_score_samplers import MIXTURE, SCHEDULES
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The oracle works on tiny tensors: one thread is faster, and much faster on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("name", ["vp_sde", "ve_sde", "linear"])
 def test_ode_log_density_of_mixture_samples_is_exact(name):
     """log p_{t_min}(x) from the probability-flow ODE (exact trace) equals the mixture's closed form."""
-    schedule = SCHEDULES[name]()
+    # VE with its default sigma_max = 50: with a smaller one the prior N(0, sigma_max^2) is visibly not p_T
+    schedule = schedules.VESDE() if name == "ve_sde" else SCHEDULES[name]()
     x = MIXTURE.sample(64, torch.Generator().manual_seed(0))
     logp, nfe = ode_logp(MixtureDenoiser(MIXTURE, schedule), x, PerSampleNoise(range(64)), trace="exact", rtol=1e-6, atol=1e-6)
     t_min = torch.full((64,), time_range(schedule)[1], dtype=torch.float64)
@@ -68,7 +78,8 @@ def test_vlb_gets_worse_with_a_wrong_eps():
     x0 = m + s * torch.randn(B, D, generator=torch.Generator().manual_seed(0))
     good, bad = (vlb_terms(Denoiser(GaussianEps(sch, m, s, scale), sch), x0, PerSampleNoise(range(B)), clip_denoised=False)
                  for scale in (1.0, 0.5))
-    assert bad["L_1:T-1"].mean() > good["L_1:T-1"].mean() + 10
+    diff = bad["L_1:T-1"] - good["L_1:T-1"]  # the same x_t for both: a paired comparison
+    assert diff.min() > 0 and diff.mean() > 5
 
 
 def test_prior_term_of_the_linear_schedule_is_about_1e_5_bits_per_dim():

@@ -53,7 +53,7 @@ def time_range(schedule) -> tuple[float, float]:
 def probability_flow(denoiser: Denoiser, x: Tensor, t: Tensor, **cond) -> Tensor:
     """Song et al. 2021 eq. 13: dx/dt = f(x, t) - 1/2 g(t)^2 grad_x log p_t(x)."""
     f, g = denoiser.schedule.sde(x, t)
-    return f - 0.5 * expand_as(g, x) ** 2 * denoiser.score(x, t, **cond)
+    return (f - 0.5 * expand_as(g, x) ** 2 * denoiser.score(x, t, **cond)).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -182,7 +182,6 @@ def pc(
 
 def check_pc(schedule, steps: int = 1000, predictor: str = "reverse_diffusion", corrector: str = "langevin",
              snr: float = 0.16, n_corrector: int = 1, **_) -> None:
-    schedule.timesteps(steps)  # steps valid for this schedule
     if predictor not in PREDICTORS:
         raise ValueError(f"sampler.predictor={predictor!r} must be one of {PREDICTORS}")
     if corrector not in CORRECTORS:
@@ -193,6 +192,7 @@ def check_pc(schedule, steps: int = 1000, predictor: str = "reverse_diffusion", 
         raise ValueError(f"sampler.snr={snr} and sampler.n_corrector={n_corrector} must be positive")
     if predictor == "euler_maruyama":
         _require_sde(schedule, "sampler=pc with sampler.predictor=euler_maruyama")
+    schedule.timesteps(steps)  # steps valid for this schedule
 
 
 pc.check = check_pc
@@ -297,12 +297,12 @@ def ode(
 
 
 def check_ode(schedule, method: str = "rk45", steps: int = 100, rtol: float = 1e-5, atol: float = 1e-5, **_) -> None:
-    schedule.timesteps(steps)
     if method not in ODE_METHODS:
         raise ValueError(f"sampler.method={method!r} must be one of {ODE_METHODS}")
     if rtol <= 0 or atol <= 0:
         raise ValueError(f"sampler.rtol={rtol} and sampler.atol={atol} must be positive")
     _require_sde(schedule, "sampler=ode")
+    schedule.timesteps(steps)
 
 
 ode.check = check_ode
