@@ -87,6 +87,44 @@ def _checkpoint_data_config(ckpt_path: Path) -> DictConfig:
     return OmegaConf.load(run_cfg).data
 
 
+def _datamodule(cfg: DictConfig, module: DiffusionModule):
+    """The checkpoint's DataModule (its run's data config, or data=<name>), checked against the model."""
+    datamodule = build(cfg.get("data") or _checkpoint_data_config(Path(cfg.ckpt_path)))
+    size = dict(getattr(datamodule, "hparams", {})).get("image_size")
+    if size is not None and size != module.hparams.image_size:
+        raise ValueError(f"data.image_size={size} differs from the checkpoint's image_size={module.hparams.image_size}")
+    return datamodule
+
+
+def _nll_data(cfg: DictConfig, module: DiffusionModule) -> torch.Tensor:
+    """The images whose bits/dim metrics=[nll] reports: the `nll.split` set (val: CIFAR-10's test split),
+    its first `nll.max_images`; loaded before any sampling so a missing dataset fails first."""
+    datamodule = _datamodule(cfg, module)
+    datamodule.setup("validate")
+    dataset = getattr(datamodule, f"{cfg.nll.split}_set", None)
+    if dataset is None:
+        raise ValueError(f"nll.split={cfg.nll.split!r}: the data module has no {cfg.nll.split}_set (use train or val)")
+    n = len(dataset) if cfg.nll.get("max_images") is None else min(len(dataset), int(cfg.nll.max_images))
+    if n == 0:
+        raise ValueError(f"nll.split={cfg.nll.split!r} holds no images")
+    items = [dataset[i] for i in range(n)]
+    return torch.stack([x[0] if isinstance(x, (tuple, list)) else x for x in items])
+
+
+def _nll(cfg: DictConfig, module: DiffusionModule, data: torch.Tensor) -> dict[str, float]:
+    """Bits/dim (Ho et al. 2020 §3.3 variational bound; Song et al. 2021 App. D probability-flow ODE)."""
+    from ddpm_lightning.likelihood import bits_per_dim
+
+    estimators = cfg.nll.get("estimators")
+    if estimators is None:  # every estimator that applies: the bound needs DDPM's discrete buffers
+        estimators = ["vlb", "ode"] if hasattr(module.schedule, "betas") else ["ode"]
+    values = bits_per_dim(
+        module, data, estimators=list(estimators), seed=cfg.seed_offset, batch_size=cfg.nll.batch_size,
+        rtol=cfg.nll.rtol, atol=cfg.nll.atol,
+    )
+    return {f"nll/{k}": float(v) for k, v in values.items()}
+
+
 def _reference(cfg: DictConfig, module: DiffusionModule, extractor, names: list[str]) -> tuple[dict, dict]:
     """Reference features or statistics (see README: stats file, folder, or the checkpoint's training split)."""
     ref = cfg.reference
@@ -100,11 +138,7 @@ def _reference(cfg: DictConfig, module: DiffusionModule, extractor, names: list[
         feature = str(cfg.inception.feature)
         features = M.extract_features(dataset, extractor, cfg.inception.batch_size)
         return {feature: features[feature]}, {"folder": str(ref.folder), "images": len(dataset), "feature": feature}
-    data_cfg = cfg.get("data") or _checkpoint_data_config(Path(cfg.ckpt_path))
-    datamodule = build(data_cfg)
-    size = dict(getattr(datamodule, "hparams", {})).get("image_size")
-    if size is not None and size != module.hparams.image_size:
-        raise ValueError(f"data.image_size={size} differs from the checkpoint's image_size={module.hparams.image_size}")
+    datamodule = _datamodule(cfg, module)
     return M.datamodule_reference_features(
         datamodule, extractor, ref.split, ref.get("max_images"), ref.get("cache_dir"), cfg.inception.batch_size,
         str(cfg.inception.feature),
@@ -157,7 +191,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
 
     # Everything that can fail is checked before the first image is sampled: weights, reference, output folder.
-    extractor, reference, ref_info = None, None, {}
+    extractor, reference, ref_info, nll_data = None, None, {}, None
     error = None
     if fabric.global_rank == 0:
         try:
@@ -170,6 +204,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 n_ref = len(reference[str(cfg.inception.feature)]) if "mu" not in reference else None
                 if "kid" in names and n_ref is not None and n_ref < cfg.kid_subset_size:
                     raise ValueError(f"the reference has {n_ref} images, below kid_subset_size={cfg.kid_subset_size}")
+            if "nll" in names:
+                nll_data = _nll_data(cfg, module)
             shards_dir.mkdir(parents=True, exist_ok=True)
             fp_file = out / "fingerprint.json"
             if fp_file.is_file() and json.loads(fp_file.read_text()) != json.loads(json.dumps(fingerprint)):
@@ -187,7 +223,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise error
 
     # Sampling: shard k goes to rank k % world_size; existing shards are kept.
-    shards = plan_shards(cfg.num_samples, cfg.shard_size, cfg.seed_offset)
+    # metrics=[nll] alone scores the test images and samples nothing.
+    sampled = bool(set(names) & set(M.FIDELITY_METRICS)) or not names
+    shards = plan_shards(cfg.num_samples, cfg.shard_size, cfg.seed_offset) if sampled else []
     mine = [s for s in shards[fabric.global_rank :: fabric.world_size] if not shard_path(shards_dir, *s).is_file()]
     reused = len(shards) - len([s for s in shards if not shard_path(shards_dir, *s).is_file()])
     if fabric.global_rank == 0 and reused:
@@ -205,8 +243,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     result: dict[str, Any] = {}
     if fabric.global_rank == 0:
         loaded = [load_shard(shard_path(shards_dir, *s), *s) for s in shards]
-        images = np.concatenate([x for x, _ in loaded])
-        result = _finish(cfg, module, images, loaded[0][1], names, extractor, reference, ref_info, out, sampler_cfg, ckpt_path)
+        images = np.concatenate([x for x, _ in loaded]) if loaded else np.zeros((0, *module.image_shape), np.uint8)
+        nfe = loaded[0][1] if loaded else 0
+        result = _finish(cfg, module, images, nfe, names, extractor, reference, ref_info, out, sampler_cfg, ckpt_path)
+        if nll_data is not None:  # rank 0 alone; the other ranks wait at the broadcast below
+            t0 = time.perf_counter()
+            result["metrics"].update(_nll(cfg, module, nll_data))
+            result["nll_time_s"] = time.perf_counter() - t0
         result["wall_time_s"] = {"sampling": sampling_s, "total": time.perf_counter() - start}
         result["world_size"] = fabric.world_size
         (out / "metrics.json").write_text(json.dumps(result, indent=2))
@@ -219,14 +262,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 def _finish(cfg, module, images, nfe, names, extractor, reference, ref_info, out, sampler_cfg, ckpt_path) -> dict:
     """Write the sample set (npz / PNGs / grid) and compute the metrics (rank 0)."""
     first = cfg.seed_offset
-    if cfg.save_npz:  # [N, H, W, C] uint8 under arr_0, the layout of the TF / ADM evaluation suites
+    if len(images) and cfg.save_npz:  # [N, H, W, C] uint8 under arr_0, the layout of the TF / ADM evaluation suites
         np.savez(out / "samples.npz", arr_0=images.transpose(0, 2, 3, 1))
     if cfg.save_png:
         folder = out / "images"
         folder.mkdir(exist_ok=True)
         for i, x in enumerate(images):
             Image.fromarray(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)).save(folder / f"{first + i:08d}.png")
-    if cfg.grid_size:
+    if len(images) and cfg.grid_size:
         save_grid(to_model_range(torch.from_numpy(images[: cfg.grid_size])), out / "grid.png")
     values: dict[str, float] = {}
     f_time = 0.0

@@ -54,14 +54,6 @@ def check_metric_names(names: Iterable[str]) -> list[str]:
     unknown = [n for n in names if n not in KNOWN_METRICS]
     if unknown:
         raise ValueError(f"metrics={names}: unknown {unknown}; choose from {list(KNOWN_METRICS)}")
-    if "nll" in names:
-        try:
-            import ddpm_lightning.likelihood  # noqa: F401
-        except ImportError as e:
-            raise ValueError("metrics=[nll] needs ddpm_lightning.likelihood (bits/dim), which is not installed") from e
-        raise ValueError(
-            "metrics=[nll]: evaluate does not call ddpm_lightning.likelihood yet; compute bits/dim with it directly"
-        )
     return names
 
 

@@ -15,7 +15,7 @@ from torch import Tensor
 from ddpm_lightning.checkpointing import step_seed
 from ddpm_lightning.denoiser import Denoiser
 from ddpm_lightning.losses import eps_mse
-from ddpm_lightning.samplers import PerSampleNoise
+from ddpm_lightning.samplers import PerSampleNoise, check_compatible
 
 
 def _plain(cfg: Any) -> Any:
@@ -67,6 +67,7 @@ class DiffusionModule(L.LightningModule):
         self.net = instantiate(net)
         self.schedule = instantiate(schedule)
         self.sampler: Callable = instantiate(sampler)
+        check_compatible(self.sampler, self.schedule)  # an invalid schedule/sampler pair fails before training
         self.denoiser = Denoiser(self.net, self.schedule, parameterization)
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -154,6 +155,7 @@ class DiffusionModule(L.LightningModule):
         sampler = self.sampler if sampler is None else sampler
         if isinstance(sampler, Mapping):
             sampler = instantiate(_plain(sampler))
+        check_compatible(sampler, self.schedule)
         noise = PerSampleNoise(seeds, self.device)
         x_T = noise.randn(self.image_shape) * self.schedule.prior_std()
         was_training = self.training

@@ -45,6 +45,27 @@ def cosine_betas(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Te
     return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
 
 
+def index_timesteps(T: int, steps: int | None = None, spacing: str = "uniform") -> list[int]:
+    """Decreasing indices of `steps` of T discrete steps (all of them for None)."""
+    if steps is None or steps == T:
+        return list(range(T - 1, -1, -1))
+    if not 1 <= steps <= T:
+        raise ValueError(f"sampler.steps={steps} must lie in [1, schedule.T={T}]")
+    if spacing == "uniform":
+        seq = [i * (T // steps) for i in range(steps)]
+    elif spacing == "quadratic":
+        seq = sorted({int(v) for v in torch.linspace(0, math.sqrt(T * 0.8), steps).pow(2).tolist()})
+    else:
+        raise ValueError(f"sampler.spacing={spacing!r} must be 'uniform' or 'quadratic'")
+    return seq[::-1]
+
+
+def gaussian_logp(z: Tensor, std: float) -> Tensor:
+    """log N(z; 0, std^2 I), summed over all but the batch dimension."""
+    d = z[0].numel()
+    return -0.5 * z.flatten(1).double().pow(2).sum(1) / std**2 - d * (math.log(std) + 0.5 * math.log(2 * math.pi))
+
+
 def _check_T(T: int) -> None:
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise ValueError(f"schedule.T={T!r} must be a positive integer")
@@ -89,12 +110,32 @@ class DiscreteSchedule(nn.Module):
             self.register_buffer(name, value.float(), persistent=False)
 
     def alpha(self, t: Tensor) -> Tensor:
-        """sqrt(abar_t): the signal scale of q(x_t | x_0)."""
+        """sqrt(abar_t): the signal scale of q(x_t | x_0). A fractional index t (float tensor, used by the
+        continuous samplers) interpolates log abar linearly between the steps."""
+        if t.is_floating_point():
+            return self._log_alphas_cumprod(t).mul(0.5).exp()
         return self.sqrt_alphas_cumprod[t]
 
     def sigma(self, t: Tensor) -> Tensor:
         """sqrt(1 - abar_t): the noise scale of q(x_t | x_0)."""
+        if t.is_floating_point():
+            return (-torch.expm1(self._log_alphas_cumprod(t))).sqrt()
         return self.sqrt_one_minus_alphas_cumprod[t]
+
+    def _log_alphas_cumprod(self, t: Tensor) -> Tensor:
+        t = t.clamp(0, self.T - 1)
+        lo = t.floor().long()
+        hi = (lo + 1).clamp(max=self.T - 1)
+        log_abar = self.alphas_cumprod.double().log()
+        w = (t - lo).double()
+        return (1 - w) * log_abar[lo] + w * log_abar[hi]
+
+    def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The discrete VP process as an SDE in index time (Song et al. 2021 §3.4 / App. B): dx = -1/2 b(t) x dt
+        + sqrt(b(t)) dw with b = -log(1 - beta_i) on (i - 1, i], so its marginals are exactly Ho et al.'s eq. 4
+        at every step i. Returns (drift, diffusion [B])."""
+        b = -self.alphas.double().log()[t.double().ceil().long().clamp(0, self.T - 1)]
+        return -0.5 * expand_as(b, x) * x, b.sqrt()
 
     def net_label(self, t: Tensor) -> Tensor:
         """The network's time input: the step index, as in Ho et al.'s code."""
@@ -108,17 +149,7 @@ class DiscreteSchedule(nn.Module):
         """Decreasing step indices for a sampler that visits `steps` of the T steps.
 
         spacing "uniform" or "quadratic" follows Song et al. 2021 (DDIM) App. D.2: quadratic for CIFAR-10."""
-        if steps is None or steps == self.T:
-            return list(range(self.T - 1, -1, -1))
-        if not 1 <= steps <= self.T:
-            raise ValueError(f"sampler.steps={steps} must lie in [1, schedule.T={self.T}]")
-        if spacing == "uniform":
-            seq = [i * (self.T // steps) for i in range(steps)]
-        elif spacing == "quadratic":
-            seq = sorted({int(v) for v in torch.linspace(0, math.sqrt(self.T * 0.8), steps).pow(2).tolist()})
-        else:
-            raise ValueError(f"sampler.spacing={spacing!r} must be 'uniform' or 'quadratic'")
-        return seq[::-1]
+        return index_timesteps(self.T, steps, spacing)
 
     def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """Ho et al. eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
@@ -127,6 +158,10 @@ class DiscreteSchedule(nn.Module):
     def prior_std(self) -> float:
         """Standard deviation of the prior p(x_T) = N(0, I)."""
         return 1.0
+
+    def prior_logp(self, z: Tensor) -> Tensor:
+        """log p_T(z) of the prior N(0, I), per example."""
+        return gaussian_logp(z, self.prior_std())
 
     def extra_repr(self) -> str:
         return f"T={self.T}, beta_1={self.betas[0].item():.3g}, beta_T={self.betas[-1].item():.3g}"
@@ -140,3 +175,173 @@ def linear(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> D
 def cosine(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> DiscreteSchedule:
     """Improved DDPM's cosine schedule (Nichol & Dhariwal 2021 §3.2)."""
     return DiscreteSchedule(cosine_betas(T, s, max_beta))
+
+
+class NCSNSchedule(nn.Module):
+    """NCSN's noise levels (Song & Ermon 2019 §4.2): x_i = x_0 + sigma_i eps, sigma geometric from sigma_1 =
+    sigma_max down to sigma_L = sigma_min. Index i = 0 is the smallest level (as DDPM's index 0 is the least
+    noise), so index L - 1 is the paper's sigma_1. The network sees log sigma, mapped affinely onto [0, 999]."""
+
+    def __init__(self, sigma_max: float = 1.0, sigma_min: float = 0.01, L: int = 10):
+        super().__init__()
+        if isinstance(L, bool) or not isinstance(L, int) or L < 2:
+            raise ValueError(f"schedule.L={L!r} must be an integer >= 2")
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"schedule.sigma_min={sigma_min} and schedule.sigma_max={sigma_max} need 0 < sigma_min < sigma_max")
+        self.T, self.sigma_max, self.sigma_min = L, float(sigma_max), float(sigma_min)
+        sigmas = torch.logspace(math.log10(sigma_min), math.log10(sigma_max), L, dtype=torch.float64)
+        self.register_buffer("sigmas", sigmas.float(), persistent=False)
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.ones_like(self.sigmas[t])
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return self.sigmas[t]
+
+    def net_label(self, t: Tensor) -> Tensor:
+        """999 log(sigma / sigma_min) / log(sigma_max / sigma_min): the noise level, on the U-Net's usual range."""
+        return 999.0 * t.float() / (self.T - 1)
+
+    def sample_t(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+        """A level i ~ Uniform({1, ..., L}) per example (§4.2)."""
+        return torch.randint(0, self.T, (n,), device=device, generator=generator)
+
+    def timesteps(self, steps: int | None = None, spacing: str = "uniform") -> list[int]:
+        return index_timesteps(self.T, steps, spacing)
+
+    def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        return x0 + expand_as(self.sigma(t), x0) * eps
+
+    def prior_std(self) -> float:
+        """Sampling starts from N(0, sigma_1^2 I) (the paper starts from uniform noise; a Gaussian of the largest
+        level is the usual choice since NCSNv2)."""
+        return self.sigma_max
+
+    def prior_logp(self, z: Tensor) -> Tensor:
+        return gaussian_logp(z, self.prior_std())
+
+    def extra_repr(self) -> str:
+        return f"L={self.T}, sigma_1={self.sigma_max:g}, sigma_L={self.sigma_min:g}"
+
+
+def ncsn(sigma_max: float = 1.0, sigma_min: float = 0.01, L: int = 10) -> NCSNSchedule:
+    """NCSN (Song & Ermon 2019): L = 10 geometric levels from 1 to 0.01."""
+    return NCSNSchedule(sigma_max, sigma_min, L)
+
+
+def largest_pairwise_distance(x: Tensor) -> float:
+    """max_ij ||x_i - x_j||: Song & Ermon 2020 (NCSNv2, technique 1) take sigma_1 about this large."""
+    flat = x.flatten(1).double()
+    return torch.cdist(flat, flat).max().item()
+
+
+class ContinuousSchedule(nn.Module):
+    """A score SDE of Song et al. 2021 on t in [0, 1], with closed-form marginals x_t = alpha(t) x_0 + sigma(t) eps.
+    Training draws t ~ U(t_eps, 1); samplers integrate from t = 1 down to t_min."""
+
+    continuous = True
+
+    def __init__(self, t_min: float, t_eps: float = 1e-5):
+        super().__init__()
+        if not 0 < t_min < 1:
+            raise ValueError(f"schedule.t_min={t_min} must lie in (0, 1)")
+        if not 0 <= t_eps < 1:
+            raise ValueError(f"schedule.t_eps={t_eps} must lie in [0, 1)")
+        self.t_min, self.t_eps, self.T = float(t_min), float(t_eps), 1
+
+    def net_label(self, t: Tensor) -> Tensor:
+        """999 t, the label of the DDPM U-Net (as score_sde's DDPM++ models with continuous VP)."""
+        return 999.0 * t.float()
+
+    def sample_t(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+        """t ~ U(t_eps, 1) per example (Song et al. 2021 eq. 7)."""
+        return self.t_eps + (1 - self.t_eps) * torch.rand(n, device=device, generator=generator)
+
+    def timesteps(self, steps: int | None = None, spacing: str = "uniform") -> list[float]:
+        """`steps` decreasing times from 1 to t_min (uniform, or quadratic: denser near t_min)."""
+        steps = 1000 if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+            raise ValueError(f"sampler.steps={steps!r} must be an integer >= 2 for a continuous schedule")
+        u = torch.linspace(1, 0, steps, dtype=torch.float64)
+        if spacing == "quadratic":
+            u = u**2
+        elif spacing != "uniform":
+            raise ValueError(f"sampler.spacing={spacing!r} must be 'uniform' or 'quadratic'")
+        return (self.t_min + (1 - self.t_min) * u).tolist()
+
+    def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        return expand_as(self.alpha(t), x0) * x0 + expand_as(self.sigma(t), x0) * eps
+
+    def prior_std(self) -> float:
+        return 1.0
+
+    def prior_logp(self, z: Tensor) -> Tensor:
+        return gaussian_logp(z, self.prior_std())
+
+
+class VPSDE(ContinuousSchedule):
+    """Song et al. 2021 eq. 11: dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw, beta(t) = beta_min + t (beta_max -
+    beta_min); alpha(t) = exp(-1/4 t^2 (beta_max - beta_min) - 1/2 t beta_min), sigma^2 = 1 - alpha^2 (eq. 29)."""
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3, t_eps: float = 1e-5):
+        super().__init__(t_min, t_eps)
+        if not 0 < beta_min < beta_max:
+            raise ValueError(f"schedule.beta_min={beta_min} and schedule.beta_max={beta_max} need 0 < beta_min < beta_max")
+        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
+
+    def beta(self, t: Tensor) -> Tensor:
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def log_alpha(self, t: Tensor) -> Tensor:
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return self.log_alpha(t).exp()
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return (-torch.expm1(2 * self.log_alpha(t))).sqrt()
+
+    def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        beta = self.beta(t)
+        return -0.5 * expand_as(beta, x) * x, beta.sqrt()
+
+    def extra_repr(self) -> str:
+        return f"beta_min={self.beta_min:g}, beta_max={self.beta_max:g}"
+
+
+class SubVPSDE(VPSDE):
+    """Song et al. 2021 eq. 12: dx = -1/2 beta(t) x dt + sqrt(beta(t) (1 - exp(-2 int_0^t beta))) dw; same alpha as
+    VP, sigma(t) = 1 - alpha(t)^2 (eq. 29)."""
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return -torch.expm1(2 * self.log_alpha(t))
+
+    def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        beta = self.beta(t)
+        return -0.5 * expand_as(beta, x) * x, (beta * -torch.expm1(4 * self.log_alpha(t))).sqrt()
+
+
+class VESDE(ContinuousSchedule):
+    """Song et al. 2021 eq. 9 / 30: dx = sigma(t) sqrt(2 log(sigma_max / sigma_min)) dw, alpha = 1,
+    sigma(t) = sigma_min (sigma_max / sigma_min)^t; prior N(0, sigma_max^2 I)."""
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0, t_min: float = 1e-5, t_eps: float = 1e-5):
+        super().__init__(t_min, t_eps)
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(f"schedule.sigma_min={sigma_min} and schedule.sigma_max={sigma_max} need 0 < sigma_min < sigma_max")
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.ones_like(t)
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+
+    def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.zeros_like(x), self.sigma(t) * math.sqrt(2 * math.log(self.sigma_max / self.sigma_min))
+
+    def prior_std(self) -> float:
+        return self.sigma_max
+
+    def extra_repr(self) -> str:
+        return f"sigma_min={self.sigma_min:g}, sigma_max={self.sigma_max:g}"

@@ -255,3 +255,22 @@ def test_fid_callback_checks_weights_before_training(tmp_path):
     callback = FID(weights_path=str(tmp_path / "missing.pth"))
     with pytest.raises(FileNotFoundError, match="callbacks.fid.weights_path"):
         callback.setup(mock.Mock(is_global_zero=True), None, "fit")
+
+
+def test_nll_metric_is_bits_per_dim_of_the_validation_split_without_sampling(run, tmp_path):
+    from ddpm_lightning.data import DigitsDataModule
+    from ddpm_lightning.likelihood import bits_per_dim
+    from ddpm_lightning.tasks import load_model
+
+    _, _, ckpt, *_ = run
+    with mock.patch.object(evaluation, "sample_shard", _no_sampling):
+        result = evaluate(eval_cfg(ckpt, tmp_path, "metrics=[nll]", "nll.max_images=8", "nll.estimators=[vlb]"))
+    dm = DigitsDataModule(image_size=8, batch_size=16)
+    dm.setup()
+    x = torch.stack([dm.val_set[i][0] for i in range(8)])
+    expected = bits_per_dim(load_model(ckpt), x, estimators=["vlb"], seed=0)
+    assert result["metrics"]["nll/vlb/bpd"] == pytest.approx(expected["vlb/bpd"], rel=1e-6)
+    assert {"nll/vlb/L_T", "nll/vlb/L_0"} <= set(result["metrics"]) and result["num_samples"] == 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["metrics"] == result["metrics"]
+    with pytest.raises(ValueError, match="nll.split='test'"):
+        evaluate(eval_cfg(ckpt, tmp_path / "b", "metrics=[nll]", "nll.split=test"))

@@ -1,6 +1,23 @@
 """Samplers: plain functions of (denoiser, x_T, per-sample noise, options, **cond)."""
 
+from __future__ import annotations
+
+import functools
+
 from ddpm_lightning.samplers.ddpm import ddim, ddpm
 from ddpm_lightning.samplers.noise import PerSampleNoise
+from ddpm_lightning.samplers.score import ald, ode, pc
 
-__all__ = ["PerSampleNoise", "ddim", "ddpm"]
+__all__ = ["PerSampleNoise", "ald", "check_compatible", "ddim", "ddpm", "ode", "pc"]
+
+
+def check_compatible(sampler, schedule) -> None:
+    """Refuse a sampler (function or functools.partial of one) that is invalid for `schedule`, or whose options
+    are bad, before any compute: each sampler function may carry a `check(schedule, **options)`."""
+    func, options = sampler, {}
+    while isinstance(func, functools.partial):
+        options = {**func.keywords, **options}
+        func = func.func
+    check = getattr(func, "check", None)
+    if check is not None:
+        check(schedule, **options)

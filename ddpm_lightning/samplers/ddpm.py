@@ -56,6 +56,15 @@ def ddpm(
     return x
 
 
+def check_ddpm(schedule, variance: str = "fixed_large", **_) -> None:
+    _require(schedule, ("betas", "posterior_mean_coef1", "posterior_variance"), "ddpm")
+    if variance not in VARIANCES:
+        raise ValueError(f"sampler.variance={variance!r} must be one of {VARIANCES}")
+
+
+ddpm.check = check_ddpm
+
+
 @torch.no_grad()
 def ddim(
     denoiser: Denoiser,
@@ -95,3 +104,12 @@ def ddim(
         if callback is not None:
             callback(k, x)
     return x
+
+
+def check_ddim(schedule, steps: int = 50, eta: float = 0.0, spacing: str = "uniform", **_) -> None:
+    if eta < 0:
+        raise ValueError(f"sampler.eta={eta} must be non-negative")
+    schedule.timesteps(steps, spacing)
+
+
+ddim.check = check_ddim

@@ -1,0 +1,221 @@
+"""Likelihood in bits/dim: the DDPM variational bound and the probability-flow ODE.
+
+Entry point: `bits_per_dim(model, data)` with a DiffusionModule (e.g. from `tasks.load_model`) and a tensor
+[N, C, H, W] in [-1, 1] or a DataLoader of such batches (or of (images, labels) tuples).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from ddpm_lightning.denoiser import Denoiser
+from ddpm_lightning.images import to_uint8
+from ddpm_lightning.samplers.noise import PerSampleNoise
+from ddpm_lightning.samplers.score import dopri5, probability_flow, time_range
+from ddpm_lightning.schedules import expand_as
+
+VLB_VARIANCES = ("fixed_large", "fixed_small")
+TRACE_ESTIMATORS = ("rademacher", "gaussian", "exact")
+
+
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + (logvar1 - logvar2).exp() + (mean1 - mean2) ** 2 * (-logvar2).exp())
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
+    """Ho et al. 2020 §3.3 eq. 13: log of the N(mean, e^{2 log_scale}) mass of the bin [x - 1/255, x + 1/255] of
+    8-bit data in [-1, 1], the edge bins extended to -inf / +inf. Per element, in nats."""
+    inv = (-log_scale).exp()
+    upper, lower = inv * (x - mean + 1 / 255), inv * (x - mean - 1 / 255)
+    log_cdf_upper = torch.special.log_ndtr(upper)
+    log_sf_lower = torch.special.log_ndtr(-lower)
+    mid = (torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp(min=1e-12).log()
+    return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_sf_lower, mid))
+
+
+def _flat_sum(x: Tensor) -> Tensor:
+    return x.flatten(1).sum(1)
+
+
+def prior_kl(schedule, x0: Tensor) -> Tensor:
+    """Ho et al. 2020 eq. 5, L_T = KL(q(x_T | x_0) || N(0, I)) per example, in nats."""
+    t_last = torch.full((x0.shape[0],), schedule.T - 1, device=x0.device, dtype=torch.long)
+    mean = expand_as(schedule.alpha(t_last), x0) * x0
+    logvar = expand_as(2 * schedule.sigma(t_last).log(), x0)
+    return _flat_sum(normal_kl(mean, logvar, torch.zeros_like(x0), torch.zeros_like(x0))).double()
+
+
+@torch.no_grad()
+def vlb_terms(
+    denoiser: Denoiser,
+    x0: Tensor,
+    noise: PerSampleNoise,
+    variance: str = "fixed_large",
+    clip_denoised: bool = True,
+) -> dict[str, Tensor]:
+    """Ho et al. 2020 eq. 5, per example in nats: L_T = KL(q(x_T | x_0) || N(0, I)), L_{t-1} = KL(q(x_{t-1} | x_t,
+    x_0) || p(x_{t-1} | x_t)) for t = 2..T at one x_t ~ q(x_t | x_0) each (summed as "L_1:T-1"), and the decoder
+    L_0 = -log p(x_0 | x_1) of eq. 13. p's variance is beta_t ("fixed_large") or beta~_t ("fixed_small"); at
+    t = 1 it is beta~_2 for both, as in the official code."""
+    schedule = denoiser.schedule
+    missing = [a for a in ("betas", "posterior_mean_coef1", "posterior_log_variance_clipped") if not hasattr(schedule, a)]
+    if missing:
+        raise ValueError(
+            f"the variational bound needs a discrete DDPM schedule (schedule=linear or cosine); {type(schedule).__name__}"
+            " has none. Use the probability-flow ODE estimator (estimators=['ode'])."
+        )
+    if variance not in VLB_VARIANCES:
+        raise ValueError(f"variance={variance!r} must be one of {VLB_VARIANCES}")
+    T, B = schedule.T, x0.shape[0]
+    log_var = schedule.posterior_log_variance_clipped if variance == "fixed_small" else torch.cat(
+        [schedule.posterior_log_variance_clipped[:1], schedule.betas[1:].log()]
+    )
+    L_T = prior_kl(schedule, x0)
+    L_mid = torch.zeros(B, device=x0.device, dtype=torch.float64)
+    L_0 = torch.zeros_like(L_mid)
+    for i in reversed(range(T)):
+        t = torch.full((B,), i, device=x0.device, dtype=torch.long)
+        x_t = schedule.q_sample(x0, t, noise.randn_like(x0))
+        x0_hat = denoiser.x0(x_t, t)
+        if clip_denoised:
+            x0_hat = x0_hat.clamp(-1, 1)
+        mean_p = schedule.posterior_mean_coef1[i] * x0_hat + schedule.posterior_mean_coef2[i] * x_t
+        if i > 0:
+            mean_q = schedule.posterior_mean_coef1[i] * x0 + schedule.posterior_mean_coef2[i] * x_t
+            L_mid += _flat_sum(normal_kl(mean_q, schedule.posterior_log_variance_clipped[i], mean_p, log_var[i])).double()
+        else:
+            L_0 = -_flat_sum(discretized_gaussian_log_likelihood(x0, mean_p, 0.5 * log_var[0])).double()
+    return {"L_T": L_T, "L_1:T-1": L_mid, "L_0": L_0}
+
+
+def divergence(f, x: Tensor, probe: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(f(x), div_x f(x)) per example: Hutchinson's z^T (df/dx) z for a probe z (Grathwohl et al. 2019), or the
+    exact trace, one backward pass per dimension, when probe is None."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        fx = f(x)
+        if probe is not None:
+            (g,) = torch.autograd.grad(fx, x, probe)
+            return fx.detach(), _flat_sum(g * probe)
+        div = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+        flat = fx.flatten(1)
+        for j in range(flat.shape[1]):
+            (g,) = torch.autograd.grad(flat[:, j].sum(), x, retain_graph=j + 1 < flat.shape[1])
+            div = div + g.flatten(1)[:, j]
+        return fx.detach(), div
+
+
+def ode_logp(
+    denoiser: Denoiser,
+    x: Tensor,
+    noise: PerSampleNoise,
+    trace: str = "rademacher",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    **cond,
+) -> tuple[Tensor, int]:
+    """Song et al. 2021 App. D.2, eq. 40: log p_0(x) = log p_T(x(T)) + int_{t_min}^T div f~(x(t), t) dt along the
+    probability-flow ODE f~ from t_min to T (adaptive RK45), with one fixed Hutchinson probe per example.
+    Returns log p per example (nats) and the number of network evaluations."""
+    schedule = denoiser.schedule
+    if not hasattr(schedule, "sde"):
+        raise ValueError(
+            f"the ODE likelihood needs a schedule with an SDE (linear, cosine, vp_sde, subvp_sde, ve_sde); "
+            f"{type(schedule).__name__} has none"
+        )
+    if trace not in TRACE_ESTIMATORS:
+        raise ValueError(f"trace={trace!r} must be one of {TRACE_ESTIMATORS}")
+    shape, d = x.shape, x[0].numel()
+    probe = None
+    if trace != "exact":
+        probe = noise.randn_like(x)
+        if trace == "rademacher":
+            probe = probe.sign()
+
+    def f(y: Tensor, t: Tensor) -> Tensor:
+        xt = y[:, :d].reshape(shape).to(x.dtype)
+        drift, div = divergence(lambda z: probability_flow(denoiser, z, t, **cond), xt, probe)
+        return torch.cat([drift.flatten(1), div[:, None]], 1).to(y.dtype)
+
+    t_end, t_min = time_range(schedule)
+    y0 = torch.cat([x.flatten(1), torch.zeros_like(x.flatten(1)[:, :1])], 1)
+    y1, nfe = dopri5(f, y0, t_min, t_end, rtol, atol)
+    return schedule.prior_logp(y1[:, :d].reshape(shape)) + y1[:, d].double(), nfe
+
+
+def _batches(data: Tensor | Iterable, batch_size: int) -> Iterable[Tensor]:
+    if isinstance(data, Tensor):
+        yield from data.split(batch_size)
+        return
+    for batch in data:
+        yield batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+def bits_per_dim(
+    model,
+    data: Tensor | Iterable,
+    estimators: Sequence[str] = ("vlb", "ode"),
+    seed: int = 0,
+    batch_size: int = 256,
+    vlb_variance: str = "fixed_large",
+    trace: str = "rademacher",
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+) -> dict[str, float]:
+    """Bits/dim of 8-bit test images `data` (in [-1, 1]) under a DiffusionModule, averaged over the images:
+
+    - "vlb/bpd" with its terms "vlb/L_T", "vlb/L_1:T-1", "vlb/L_0" (Ho et al. eq. 5, discretised decoder; a
+      bound on the discrete data's NLL; T network evaluations per image);
+    - "ode/bpd" (Song et al. App. D: uniform dequantisation (k + u) / 128 - 1 of each 8-bit value k, exact
+      log-density by the probability-flow ODE, plus 7 bits/dim for the change of scale from [-1, 1] to the
+      256 levels), and "ode/nfe", the mean number of network evaluations per batch.
+
+    Image n of the data gets the random streams of seed + n, so results do not depend on batch_size."""
+    for e in estimators:
+        if e not in ("vlb", "ode"):
+            raise ValueError(f"estimators={list(estimators)}: each must be 'vlb' or 'ode'")
+    denoiser, device = model.denoiser, model.device
+    sums: dict[str, float] = {}
+    n = nfe_total = batches = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for x in _batches(data, batch_size):
+            x = x.to(device)
+            if tuple(x.shape[1:]) != tuple(model.image_shape):
+                raise ValueError(f"data images have shape {tuple(x.shape[1:])}, the model expects {model.image_shape}")
+            k = to_uint8(x).float()
+            x = k / 127.5 - 1  # exactly on the 8-bit grid
+            dims = x[0].numel() * math.log(2)
+            seeds = range(seed + n, seed + n + x.shape[0])
+            if "vlb" in estimators:
+                terms = vlb_terms(denoiser, x, PerSampleNoise(seeds, device), vlb_variance)
+                for name, v in terms.items():
+                    sums[f"vlb/{name}"] = sums.get(f"vlb/{name}", 0.0) + (v / dims).sum().item()
+                sums["vlb/bpd"] = sums.get("vlb/bpd", 0.0) + (sum(terms.values()) / dims).sum().item()
+            if "ode" in estimators:
+                noise = PerSampleNoise(seeds, device)
+                x_deq = (k + _uniform(noise, x)) / 128 - 1
+                logp, nfe = ode_logp(denoiser, x_deq, noise, trace, rtol, atol)
+                sums["ode/bpd"] = sums.get("ode/bpd", 0.0) + (-logp / dims + 7).sum().item()
+                nfe_total += nfe
+            n += x.shape[0]
+            batches += 1
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("bits_per_dim got no images")
+    out = {k: v / n for k, v in sums.items()}
+    if "ode" in estimators:
+        out["ode/nfe"] = nfe_total / batches
+    return out
+
+
+def _uniform(noise: PerSampleNoise, x: Tensor) -> Tensor:
+    """U(0, 1) per sample from each sample's stream."""
+    return torch.stack([torch.rand(tuple(x.shape[1:]), generator=g, device=noise.device) for g in noise.generators]).to(x.dtype)

@@ -1,0 +1,167 @@
+"""Every sampler with the exact score of a 2-D Gaussian mixture, under every schedule it is valid for, must
+reproduce the mixture's weights, means and covariances; the same score scaled by 0.5 must fail."""
+
+import functools
+
+import pytest
+import torch
+
+from ddpm_lightning import schedules
+from ddpm_lightning.samplers import PerSampleNoise, ald, check_compatible, ddim, ddpm, ode, pc
+from oracles import BatchNoise, GaussianMixture, MixtureDenoiser
+
+MIXTURE = GaussianMixture(
+    weights=[0.5, 0.3, 0.2],
+    means=[[-1.0, 0.0], [1.0, 0.5], [0.2, -1.2]],
+    covs=[[[0.09, 0.03], [0.03, 0.06]], [[0.04, 0.0], [0.0, 0.12]], [[0.06, -0.02], [-0.02, 0.05]]],
+)
+N = 2000
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The oracle works on tiny tensors: one thread is faster, and much faster on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+SCHEDULES = {
+    "linear": schedules.linear,
+    "ncsn": functools.partial(schedules.ncsn, sigma_max=3.0, sigma_min=0.01, L=10),  # sigma_1 > the largest distance
+    "ncsn_fine": functools.partial(schedules.ncsn, sigma_max=3.0, sigma_min=0.01, L=100),  # for one PC step per level
+    "vp_sde": schedules.VPSDE,
+    "subvp_sde": schedules.SubVPSDE,
+    "ve_sde": functools.partial(schedules.VESDE, sigma_max=5.0),
+}
+
+CASES = [
+    ("linear", ddpm, {"clip_denoised": False}),
+    ("linear", ddim, {"steps": 100}),
+    ("vp_sde", ddim, {"steps": 100, "eta": 1.0}),
+    ("ve_sde", ddim, {"steps": 100}),
+    ("ncsn", ald, {"n_steps_each": 100}),
+    ("vp_sde", pc, {"steps": 500, "predictor": "reverse_diffusion"}),
+    ("subvp_sde", pc, {"steps": 500, "predictor": "euler_maruyama"}),
+    ("ve_sde", pc, {"steps": 500, "predictor": "ancestral"}),
+    ("vp_sde", pc, {"steps": 500, "predictor": "euler_maruyama", "corrector": "none"}),
+    ("linear", pc, {"steps": 500, "predictor": "reverse_diffusion"}),
+    ("ncsn_fine", pc, {"steps": 100, "predictor": "ancestral"}),
+    ("vp_sde", ode, {"method": "heun", "steps": 50}),
+    ("vp_sde", ode, {"method": "rk45"}),
+    ("subvp_sde", ode, {"method": "rk45"}),
+    ("ve_sde", ode, {"method": "rk45"}),
+    ("linear", ode, {"method": "rk45"}),
+]
+
+
+def draw(schedule_name, sampler, kwargs, scale=1.0, n=N, noise=None):
+    schedule = SCHEDULES[schedule_name]()
+    check_compatible(functools.partial(sampler, **kwargs), schedule)
+    denoiser = MixtureDenoiser(MIXTURE, schedule, scale)
+    noise = noise or BatchNoise(0)
+    x_T = noise.randn_like(torch.empty(n, 2, dtype=torch.float64)) * schedule.prior_std()
+    return sampler(denoiser, x_T, noise, **kwargs)
+
+
+def mixture_z_scores(x: torch.Tensor) -> torch.Tensor:
+    """z-scores of the weights, means and covariances estimated with the true responsibilities r_k: for exact
+    samples E[r_k] = w_k, E[r_k x] = w_k m_k and E[r_k (x - m_k)(x - m_k)^T] = w_k S_k, so each statistic is
+    a mean of per-sample terms whose standard error is known from the sample."""
+    x = x.double()
+    r = MIXTURE.responsibilities(x)
+    terms, targets = [r], [MIXTURE.w.expand(len(x), -1)]
+    for k in range(3):
+        d = x - MIXTURE.m[k]
+        terms += [r[:, k : k + 1] * d, (r[:, k, None, None] * d[:, :, None] * d[:, None, :]).flatten(1)[:, [0, 1, 3]]]
+        targets += [torch.zeros(len(x), 2, dtype=torch.float64), (MIXTURE.w[k] * MIXTURE.S[k]).flatten()[[0, 1, 3]].expand(len(x), -1)]
+    terms, targets = torch.cat(terms, 1), torch.cat(targets, 1)
+    return (terms.mean(0) - targets[0]) / (terms.std(0) / len(x) ** 0.5)
+
+
+@pytest.mark.parametrize("schedule_name, sampler, kwargs", CASES, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_sampler_reproduces_the_mixture_and_a_wrong_score_fails(schedule_name, sampler, kwargs):
+    z = mixture_z_scores(draw(schedule_name, sampler, kwargs))
+    assert z.abs().max() < 5, z
+    z_wrong = mixture_z_scores(draw(schedule_name, sampler, kwargs, scale=0.5))
+    assert z_wrong.abs().max() > 5, z_wrong
+
+
+def test_the_z_scores_detect_a_wrong_mixture():
+    """The statistic itself: exact samples pass, samples with two weights off by 0.1 do not."""
+    g = torch.Generator().manual_seed(1)
+    assert mixture_z_scores(MIXTURE.sample(N, g)).abs().max() < 5
+    other = GaussianMixture([0.4, 0.4, 0.2], MIXTURE.m, MIXTURE.S)
+    assert mixture_z_scores(other.sample(N, g)).abs().max() > 5
+
+
+@pytest.mark.parametrize("schedule_name, sampler, kwargs", [c for c in CASES if c[1] is not ddpm][:: 2] + [CASES[-1]],
+                         ids=lambda v: getattr(v, "__name__", str(v)))
+def test_same_seed_same_sample_whatever_the_batch(schedule_name, sampler, kwargs):
+    kwargs = dict(kwargs)
+    if "steps" in kwargs:
+        kwargs["steps"] = 20
+    if sampler is ald:
+        kwargs["n_steps_each"] = 5
+    seeds = [0, 1, 2, 3, 4, 5]
+    batch = draw(schedule_name, sampler, kwargs, n=6, noise=PerSampleNoise(seeds))
+    again = draw(schedule_name, sampler, kwargs, n=6, noise=PerSampleNoise(seeds))
+    alone = draw(schedule_name, sampler, kwargs, n=2, noise=PerSampleNoise([4, 5]))
+    assert torch.equal(batch, again)
+    assert torch.allclose(batch[4:], alone, atol=1e-6)
+    assert not torch.allclose(batch[0], batch[1])
+
+
+@pytest.mark.parametrize(
+    "schedule_name, sampler, kwargs, match",
+    [
+        ("vp_sde", ddpm, {}, "sampler=ddpm needs a schedule with betas"),
+        ("ncsn", ddpm, {}, "sampler=ddpm"),
+        ("ncsn", ode, {}, "sampler=ode needs a schedule with an SDE"),
+        ("ncsn", pc, {"predictor": "euler_maruyama"}, "euler_maruyama"),
+        ("vp_sde", pc, {"predictor": "heun"}, "sampler.predictor"),
+        ("vp_sde", pc, {"corrector": "none", "predictor": "none"}, "nothing would be sampled"),
+        ("vp_sde", ode, {"method": "rk4"}, "sampler.method"),
+        ("ncsn", pc, {"steps": 1000}, r"sampler.steps=1000 must lie in \[1, schedule.T=10\]"),
+        ("ncsn", ddim, {"steps": 50}, "sampler.steps=50"),
+        ("ncsn", ald, {"step_lr": 0.0}, "sampler.step_lr"),
+    ],
+)
+def test_invalid_pairs_and_options_are_refused(schedule_name, sampler, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        check_compatible(functools.partial(sampler, **kwargs), SCHEDULES[schedule_name]())
+
+
+def test_discrete_vp_sde_matches_ddpm_marginals():
+    """The linear schedule as an SDE in index time: exp(-int b) over [0, i] equals abar_i exactly, and the
+    fractional-index alpha agrees with the integer one at the steps."""
+    s = schedules.linear()
+    i = torch.arange(1000)
+    b = s.sde(torch.ones(1000, 1), i.double())[1] ** 2
+    assert torch.allclose(torch.exp(-b.double().cumsum(0)), s.alphas_cumprod.double(), rtol=1e-5)
+    assert torch.allclose(s.alpha(i.double()).float(), s.alpha(i), rtol=1e-6)
+    assert s.alpha(torch.tensor([10.5])) < s.alpha(torch.tensor([10])) and s.alpha(torch.tensor([10.5])) > s.alpha(torch.tensor([11]))
+
+
+@pytest.mark.parametrize("name", ["vp_sde", "subvp_sde", "ve_sde"])
+def test_sde_marginals_are_the_closed_forms(name):
+    """Song et al. 2021 eq. 29: the mean scale solves d alpha/dt = f alpha and the variance solves
+    d sigma^2/dt = 2 f sigma^2 + g^2 (with x_0 fixed); checked by finite differences."""
+    s = SCHEDULES[name]()
+    t = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
+    h = 1e-5
+    f = s.sde(torch.ones(19, 1, dtype=torch.float64), t)[0][:, 0]  # drift coefficient f(t) (drift = f x)
+    g2 = s.sde(torch.ones(19, 1, dtype=torch.float64), t)[1] ** 2
+    d_alpha = (s.alpha(t + h) - s.alpha(t - h)) / (2 * h)
+    d_var = (s.sigma(t + h) ** 2 - s.sigma(t - h) ** 2) / (2 * h)
+    assert torch.allclose(d_alpha, f * s.alpha(t), rtol=1e-5, atol=1e-8)
+    assert torch.allclose(d_var, 2 * f * s.sigma(t) ** 2 + g2, rtol=1e-5)
+
+
+def test_ncsn_levels_are_the_papers():
+    s = schedules.ncsn()
+    assert s.sigma(torch.tensor([9])).item() == pytest.approx(1.0) and s.sigma(torch.tensor([0])).item() == pytest.approx(0.01)
+    ratios = s.sigmas[1:] / s.sigmas[:-1]
+    assert torch.allclose(ratios, torch.full_like(ratios, 10 ** (2 / 9)))
+    with pytest.raises(ValueError, match="schedule.sigma_min"):
+        schedules.ncsn(sigma_max=0.01, sigma_min=0.1)
