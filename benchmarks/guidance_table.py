@@ -36,7 +36,7 @@ def train_run(experiment: str, out: Path, steps: int | None) -> Path:
     from ddpm_lightning.tasks import train
 
     overrides = [f"experiment={experiment}", "logger=none", "callbacks.progress.refresh_rate=0"]
-    overrides += [f"trainer.max_steps={steps}"] if steps else []
+    overrides += [f"trainer.max_steps={steps}", f"callbacks.checkpoint.every_n_train_steps={steps}"] if steps else []
     train(compose_cfg(overrides, out / experiment, tiny=False))
     return out / experiment / "checkpoints" / "last.ckpt"
 

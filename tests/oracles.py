@@ -42,7 +42,7 @@ class GaussianMixtureEps(nn.Module):
     def log_posterior(self, x, label):
         """log p(k | x_t) for every k: [B, K]."""
         _, v, diff = self._stats(x, label)
-        return torch.log_softmax(-(diff**2).sum(-1) / (2 * v[:, :, 0] if v.ndim == 3 else 2 * v), -1)
+        return torch.log_softmax(-(diff**2).sum(-1) / (2 * v), -1)  # v: [B, 1]
 
     def forward(self, x, label, y=None):
         s, v, diff = self._stats(x, label)
