@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 
+from ddpm_lightning import guidance as guidance_lib
 from ddpm_lightning.images import save_grid, to_uint8
 
 
@@ -69,6 +70,10 @@ class SampleGrid(L.Callback):
 
     The seeds are split over the ranks and the images gathered, so the grid is made once, in parallel, and is
     the same whatever the number of processes.
+
+    `labels` (class-conditional models, classifier guidance): null, a list of class indices repeated over the
+    samples, or "all" for one row per class. `guidance`: a guidance config (conf/guidance/) applied to the
+    denoiser; it is built when training starts, so a missing classifier checkpoint stops the run at once.
     """
 
     def __init__(
@@ -80,13 +85,27 @@ class SampleGrid(L.Callback):
         nrow: int | None = None,
         dirname: str = "samples",
         display_scale: int = 1,
+        labels: Any = None,
+        guidance: Any = None,
     ):
         if num_samples < 1:
             raise ValueError(f"callbacks.samples.num_samples={num_samples} must be positive")
         self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
         self.sampler, self.nrow, self.dirname, self.display_scale = sampler, nrow, dirname, display_scale
+        self.labels, self.guidance = labels, guidance
+        self._guidance = None
         self.last_path: Path | None = None
         self._last_step = -1
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.guidance and self.labels is None:
+            return
+        if self.guidance and self.labels is None:
+            raise ValueError("callbacks.samples.guidance needs callbacks.samples.labels (a list of classes or 'all')")
+        self._guidance = guidance_lib.build(self.guidance) if self.guidance else None
+        # Wrap once now: bad guidance settings or labels fail before any training step.
+        denoiser = guidance_lib.apply(pl_module.denoiser, self._guidance)
+        guidance_lib.resolve_labels(self.labels, self.num_samples, guidance_lib.num_classes_of(denoiser))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -101,17 +120,22 @@ class SampleGrid(L.Callback):
         self._last_step = trainer.global_step
         module = ema_module(trainer, pl_module)
         world, rank = trainer.world_size, trainer.global_rank
-        per_rank = math.ceil(self.num_samples / world)
-        seeds = [self.seed + i for i in range(rank * per_rank, (rank + 1) * per_rank)]
-        images = module.sample(seeds, sampler=self.sampler)
+        num_classes = guidance_lib.num_classes_of(guidance_lib.apply(module.denoiser, self._guidance))
+        labels, per_row = guidance_lib.resolve_labels(self.labels, self.num_samples, num_classes)
+        n = self.num_samples if labels is None else len(labels)
+        per_rank = math.ceil(n / world)
+        index = range(rank * per_rank, (rank + 1) * per_rank)
+        seeds = [self.seed + i for i in index]
+        cond = {} if labels is None else {"labels": [labels[i % n] for i in index], "guidance": self._guidance}
+        images = module.sample(seeds, sampler=self.sampler, **cond)
         if world > 1:
             images = pl_module.all_gather(images).flatten(0, 1)
-        self._save(trainer, images[: self.num_samples])
+        self._save(trainer, images[:n], self.nrow or per_row)
 
     @rank_zero_only
-    def _save(self, trainer: L.Trainer, images: Tensor) -> None:
+    def _save(self, trainer: L.Trainer, images: Tensor, nrow: int | None = None) -> None:
         path = Path(trainer.default_root_dir) / self.dirname / f"step_{trainer.global_step:07d}.png"
-        grid = save_grid(images, path, nrow=self.nrow, display_scale=self.display_scale)
+        grid = save_grid(images, path, nrow=nrow, display_scale=self.display_scale)
         self.last_path = path
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):

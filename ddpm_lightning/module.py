@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from ddpm_lightning import guidance as guidance_lib
 from ddpm_lightning.checkpointing import step_seed
 from ddpm_lightning.denoiser import Denoiser
 from ddpm_lightning.losses import eps_mse
@@ -44,11 +45,14 @@ class DiffusionModule(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         seed: int | None = None,
+        p_uncond: float = 0.1,
     ):
         super().__init__()
         net, schedule, sampler, optimizer = (_plain(c) for c in (net, schedule, sampler, optimizer))
         if warmup_steps < 0:
             raise ValueError(f"module.warmup_steps={warmup_steps} must be non-negative")
+        if not 0.0 <= p_uncond <= 1.0:
+            raise ValueError(f"module.p_uncond={p_uncond} must lie in [0, 1]")
         self.save_hyperparameters(
             {
                 "net": net,
@@ -62,6 +66,7 @@ class DiffusionModule(L.LightningModule):
                 "channels_last": channels_last,
                 "compile": compile,
                 "seed": seed,
+                "p_uncond": p_uncond,
             }
         )
         self.net = instantiate(net)
@@ -99,18 +104,29 @@ class DiffusionModule(L.LightningModule):
         self._step_noise = torch.Generator(self.device).manual_seed(step_seed(*key))
         torch.manual_seed(step_seed(*key, self.global_rank + 1))
 
+    def _labels(self, batch: Any, p_uncond: float = 0.0) -> dict:
+        """{"y": labels} for a class-conditional net, each replaced by the null label with probability p_uncond
+        (classifier-free guidance training, Ho & Salimans 2022); {} for an unconditional one."""
+        num_classes = getattr(self.net, "num_classes", None)
+        if not num_classes:
+            return {}
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            raise ValueError("model.num_classes is set but the data yields no labels (use a labelled data module)")
+        return {"y": guidance_lib.drop_labels(batch[1], p_uncond, num_classes) if p_uncond else batch[1]}
+
     def _loss(self, batch: Any) -> tuple[Tensor, Tensor]:
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
         if self.hparams.channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
+        cond = self._labels(batch, self.hparams.get("p_uncond", 0.0))
         if self._step_noise is None:
-            return eps_mse(self.denoiser, x0)
+            return eps_mse(self.denoiser, x0, **cond)
         # Rank r of w holds examples [r n, (r + 1) n) of the global batch; draw for all w n and keep its slice.
         n, world, rank = x0.shape[0], self.trainer.world_size, self.global_rank
         g, part = self._step_noise, slice(rank * n, (rank + 1) * n)
         t = self.schedule.sample_t(world * n, x0.device, g)[part]
         eps = torch.randn((world * n, *x0.shape[1:]), device=x0.device, dtype=x0.dtype, generator=g)[part]
-        return eps_mse(self.denoiser, x0, t=t, eps=eps)
+        return eps_mse(self.denoiser, x0, t=t, eps=eps, **cond)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         losses, t = self._loss(batch)
@@ -133,7 +149,7 @@ class DiffusionModule(L.LightningModule):
         # A fixed generator per batch makes the validation loss comparable across evaluations.
         g = torch.Generator(self.device).manual_seed(batch_idx)
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
-        losses, _ = eps_mse(self.denoiser, x0, generator=g)
+        losses, _ = eps_mse(self.denoiser, x0, generator=g, **self._labels(batch))
         self.log("val/loss", losses.mean(), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> dict:
@@ -149,18 +165,30 @@ class DiffusionModule(L.LightningModule):
         seeds: Sequence[int],
         sampler: Callable | Mapping | None = None,
         callback: Callable | None = None,
+        labels: Sequence[int] | Tensor | None = None,
+        guidance: Any = None,
         **cond,
     ) -> Tensor:
-        """Images in [-1, 1], one per seed; the image for a seed does not depend on the batch it is in."""
+        """Images in [-1, 1], one per seed; the image for a seed does not depend on the batch it is in.
+
+        `labels`: one class per seed (class-conditional models or classifier guidance). `guidance`: a callable
+        wrapping the denoiser (see ddpm_lightning.guidance), its Hydra config, or a list of them."""
         sampler = self.sampler if sampler is None else sampler
         if isinstance(sampler, Mapping):
             sampler = instantiate(_plain(sampler))
         check_compatible(sampler, self.schedule)
+        denoiser = guidance_lib.apply(self.denoiser, guidance_lib.build(guidance))
+        if labels is not None:
+            y = torch.as_tensor(list(labels) if not isinstance(labels, Tensor) else labels, dtype=torch.long, device=self.device)
+            if y.shape != (len(seeds),):
+                raise ValueError(f"labels: {tuple(y.shape)} labels for {len(seeds)} seeds; give one label per sample")
+            guidance_lib.check_labels(y, guidance_lib.num_classes_of(denoiser))
+            cond["y"] = y
         noise = PerSampleNoise(seeds, self.device)
         x_T = noise.randn(self.image_shape) * self.schedule.prior_std()
         was_training = self.training
         self.eval()
         try:
-            return sampler(self.denoiser, x_T, noise, callback=callback, **cond).clamp(-1, 1)
+            return sampler(denoiser, x_T, noise, callback=callback, **cond).clamp(-1, 1)
         finally:
             self.train(was_training)

@@ -44,7 +44,7 @@ def check_resumable(ckpt_path: str | Path, module: DiffusionModule) -> None:
     hp = _read_checkpoint(ckpt_path)["hyper_parameters"]
     diffs = []
     for key, cfg_key in (("net", "model"), ("schedule", "schedule"), ("image_size", "data.image_size"), ("channels", "data.channels"), ("parameterization", "module.parameterization")):
-        diffs += _diff(hp.get(key), module.hparams[key], cfg_key)
+        diffs += _diff(hp.get(key), module.hparams.get(key), cfg_key)
     if diffs:
         raise ValueError(
             f"ckpt_path={ckpt_path} was trained with another model; these config keys differ:\n  "
