@@ -9,13 +9,16 @@ from ddpm_lightning import schedules
 from ddpm_lightning.denoiser import Denoiser
 from ddpm_lightning.guidance import ClassifierFree, ClassifierGuidance, drop_labels, resolve_labels
 from ddpm_lightning.nets import EncoderClassifier, UNet
-from ddpm_lightning.samplers import PerSampleNoise, ddim, ddpm
+from ddpm_lightning.samplers import PerSampleNoise, ald, ddim, ddpm, ode, pc
 from oracles import GaussianMixtureClassifier, GaussianMixtureEps
 
 # Every sampler must work with every guidance wrapper: add new samplers here.
 SAMPLERS = [
     pytest.param(ddpm, {"clip_denoised": False}, id="ddpm"),
     pytest.param(ddim, {"steps": None}, id="ddim"),  # every step of the schedule
+    pytest.param(pc, {"steps": 250}, id="pc"),
+    pytest.param(ode, {"method": "heun", "steps": 50}, id="ode"),
+    pytest.param(ald, {"n_steps_each": 100, "step_lr": 2e-5}, id="ald"),  # on NCSN levels, see oracle()
 ]
 
 # Three classes: components N(m_k, 0.5^2 I) in 4 dimensions, means on a circle in the first two.
@@ -24,9 +27,14 @@ MEANS = torch.zeros(3, DIM)
 MEANS[:, :2] = torch.tensor([[1.0, 0.0], [-0.5, 0.866], [-0.5, -0.866]])
 
 
-def oracle(T=250):
-    # DDPM's linear schedule squeezed into T steps (betas x 1000 / T: about the same abar_T), to keep tests fast.
-    schedule = schedules.linear(T=T, beta_start=0.1 / T, beta_end=20.0 / T)
+def oracle(T=250, sampler=None):
+    # DDPM's linear schedule squeezed into T steps (betas x 1000 / T: about the same abar_T), to keep tests fast;
+    # annealed Langevin runs on NCSN's geometric levels (Song & Ermon 2019), sigma_1 above the classes' spread.
+    if sampler is ald:
+        schedule = schedules.ncsn(sigma_max=3.0, sigma_min=0.01, L=10)
+    else:
+        schedule = schedules.linear(T=T, beta_start=0.1 / T, beta_end=20.0 / T)
+    schedule.net_label = lambda t: t  # the oracle reads the step index itself
     mixture = GaussianMixtureEps(schedule, MEANS, STD)
     return Denoiser(mixture, schedule), GaussianMixtureClassifier(mixture)
 
@@ -41,7 +49,7 @@ def draw(denoiser, sampler, kwargs, y=0, n=N):
 def test_guidance_reproduces_the_class_component(guide, sampler, kwargs):
     """Classifier guidance at scale 1 on the unconditional model (score + grad log p(y|x_t) = the conditional
     score, Bayes) and CFG at w = 0 both sample the chosen component N(m_y, s^2 I)."""
-    denoiser, classifier = oracle()
+    denoiser, classifier = oracle(sampler=sampler)
     if guide == "classifier_scale_1":
         guided = ClassifierGuidance(denoiser, classifier, scale=1.0, conditional=False)
     else:
@@ -56,7 +64,7 @@ def test_stronger_guidance_concentrates_samples(sampler, kwargs):
     """Guidance tilts p(x | y) by p(y | x)^w: along the direction separating the classes the samples move away
     from the other classes and their spread shrinks as w grows; orthogonal to the class means (where p(y | x)
     is flat) nothing changes."""
-    denoiser, classifier = oracle()
+    denoiser, classifier = oracle(sampler=sampler)
     cfg = {w: draw(ClassifierFree(denoiser, w), sampler, kwargs) for w in (0.0, 1.0, 4.0)}
     std0, std1, std4 = (cfg[w][:, 0].std().item() for w in (0.0, 1.0, 4.0))
     assert std4 < std1 < 0.9 * std0, (std0, std1, std4)
@@ -109,7 +117,7 @@ class ConstantLogits(torch.nn.Module):
 
 @pytest.mark.parametrize("sampler, kwargs", SAMPLERS)
 def test_zero_gradient_classifier_leaves_samples_unchanged(sampler, kwargs):
-    denoiser, _ = oracle(T=50)
+    denoiser, _ = oracle(sampler=sampler)
     plain = draw(denoiser, sampler, kwargs, n=20)
     guided = draw(ClassifierGuidance(denoiser, ConstantLogits(), scale=10.0), sampler, kwargs, n=20)
     assert torch.equal(guided, plain)
