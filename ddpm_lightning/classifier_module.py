@@ -5,16 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from torch import Tensor
 
-from ddpm_lightning.module import _plain
+from ddpm_lightning.module import ImageModule, _plain
 
 
-class NoisyClassifierModule(L.LightningModule):
+class NoisyClassifierModule(ImageModule):
     """Dhariwal & Nichol 2021 §4: trains p_phi(y | x_t, t) with cross-entropy on x_t ~ q(x_t | x_0) (the diffusion
     model's schedule, t uniform), so that its gradient can guide sampling at every noise level."""
 
@@ -57,8 +56,3 @@ class NoisyClassifierModule(L.LightningModule):
         _, acc_clean = self._step(batch, g, t0)
         self.log_dict({"val/loss": loss, "val/acc": acc, "val/acc_t1": acc_clean}, prog_bar=True, sync_dist=True)
 
-    def configure_optimizers(self) -> dict:
-        optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())
-        warmup = self.hparams.warmup_steps
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

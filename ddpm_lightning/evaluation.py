@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ddpm_lightning import guidance as guidance_lib
 from ddpm_lightning import metrics as M
 from ddpm_lightning.images import save_grid, to_model_range, to_uint8
 from ddpm_lightning.module import DiffusionModule, _plain
@@ -43,15 +44,21 @@ def count_nfe(module: DiffusionModule):
     return calls, handle
 
 
-def sample_shard(module: DiffusionModule, sampler: Any, first: int, end: int, batch_size: int, pbar=None, **cond) -> tuple[np.ndarray, int]:
+def sample_shard(
+    module: DiffusionModule, sampler: Any, first: int, end: int, batch_size: int, pbar=None,
+    labels: dict[int, int] | None = None, **cond,
+) -> tuple[np.ndarray, int]:
     """uint8 images [n, C, H, W] for seeds first..end-1, in batches of `batch_size` counted from `first` (so a
-    shard is batched the same way whatever the number of processes), and the network evaluations per image."""
+    shard is batched the same way whatever the number of processes), and the network evaluations per image.
+    `labels`: the class of each seed (class-conditional models, classifier guidance)."""
     calls, handle = count_nfe(module)
     out, nfe = [], 0
     try:
         for a in range(first, end, batch_size):
             seeds = list(range(a, min(a + batch_size, end)))
             calls[0] = 0
+            if labels is not None:
+                cond["labels"] = [labels[s] for s in seeds]
             out.append(to_uint8(module.sample(seeds, sampler=sampler, **cond)).cpu())
             nfe = calls[0]
             if pbar is not None:
@@ -175,6 +182,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     module = load_model(ckpt_path, use_ema=cfg.use_ema)
     sampler_cfg = _plain(cfg.get("sampler")) or module.hparams.sampler
     sampler = instantiate(sampler_cfg)
+    # Labels and guidance (README "Guidance"): image i has class labels[i]; checked here, before any sampling.
+    guidance_cfg = _plain(cfg.get("guidance"))
+    guidance = guidance_lib.build(guidance_cfg)
+    num_classes = guidance_lib.num_classes_of(guidance_lib.apply(module.denoiser, guidance))
+    label_list, _ = guidance_lib.resolve_labels(_plain(cfg.get("labels")), cfg.num_samples, num_classes)
+    if label_list is not None and len(label_list) != cfg.num_samples:
+        raise ValueError(f"labels=all gives {len(label_list)} labels for num_samples={cfg.num_samples}: use a multiple of {num_classes}")
+    labels = None if label_list is None else {cfg.seed_offset + i: k for i, k in enumerate(label_list)}
+    if guidance is not None and labels is None:
+        raise ValueError("guidance needs labels (a list of classes or 'all')")
 
     fabric = L.Fabric(**cfg.trainer)  # strategy auto: DDP for several devices or nodes, torchrun / srun detected
     fabric.launch()
@@ -188,6 +205,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "sampler": sampler_cfg,
         "image_shape": list(module.image_shape),
         "precision": str(cfg.trainer.get("precision")),
+        "labels": _plain(cfg.get("labels")),
+        "guidance": guidance_cfg,
     }
 
     # Everything that can fail is checked before the first image is sampled: weights, reference, output folder.
@@ -234,7 +253,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     pbar = tqdm(total=sum(e - a for a, e in mine), desc="sampling", unit="img", disable=fabric.global_rank != 0 or not mine)
     with fabric.autocast():
         for first, end in mine:
-            images, nfe = sample_shard(module, sampler, first, end, cfg.batch_size, pbar)
+            cond = {} if guidance is None else {"guidance": guidance}
+            images, nfe = sample_shard(module, sampler, first, end, cfg.batch_size, pbar, labels, **cond)
             save_shard(shard_path(shards_dir, first, end), images, first, end, nfe)
     pbar.close()
     sampling_s = time.perf_counter() - t0

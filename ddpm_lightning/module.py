@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from torch import Tensor
 
 from ddpm_lightning import guidance as guidance_lib
@@ -21,10 +21,25 @@ from ddpm_lightning.samplers import PerSampleNoise, check_compatible
 
 def _plain(cfg: Any) -> Any:
     """A config node as plain Python containers (what goes into the checkpoint's hyperparameters)."""
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
 
 
-class DiffusionModule(L.LightningModule):
+class ImageModule(L.LightningModule):
+    """What the diffusion and classifier modules share: image shape and the optimiser with linear warm-up."""
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
+
+    def configure_optimizers(self) -> dict:
+        optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())
+        warmup = self.hparams.warmup_steps
+        # Ho et al. App. B: linear learning-rate warm-up over the first 5000 steps, then constant.
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class DiffusionModule(ImageModule):
     """Trains an eps-network with L_simple (Ho et al. 2020 Algorithm 1) and samples from it.
 
     The network, schedule, sampler and optimiser arrive as Hydra configs (`_target_` dicts), so the
@@ -83,10 +98,6 @@ class DiffusionModule(L.LightningModule):
             self.net.compile()
         self._last_step_time: float | None = None
         self._step_noise: torch.Generator | None = None
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
 
     def forward(self, x: Tensor, t: Tensor, **cond) -> Tensor:
         """eps_theta(x_t, t)."""
@@ -151,13 +162,6 @@ class DiffusionModule(L.LightningModule):
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
         losses, _ = eps_mse(self.denoiser, x0, generator=g, **self._labels(batch))
         self.log("val/loss", losses.mean(), prog_bar=True, sync_dist=True)
-
-    def configure_optimizers(self) -> dict:
-        optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())
-        warmup = self.hparams.warmup_steps
-        # Ho et al. App. B: linear learning-rate warm-up over the first 5000 steps, then constant.
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     @torch.no_grad()
     def sample(

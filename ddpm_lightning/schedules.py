@@ -71,7 +71,24 @@ def _check_T(T: int) -> None:
         raise ValueError(f"schedule.T={T!r} must be a positive integer")
 
 
-class DiscreteSchedule(nn.Module):
+class Schedule(nn.Module):
+    """The forward process x_t = alpha(t) x_0 + sigma(t) eps shared by every method (DESIGN.md); a subclass
+    gives alpha, sigma, net_label, sample_t, timesteps and, where it has one, the prior's scale."""
+
+    def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """x_t = alpha(t) x_0 + sigma(t) eps (Ho et al. eq. 4 for DDPM)."""
+        return expand_as(self.alpha(t), x0) * x0 + expand_as(self.sigma(t), x0) * eps
+
+    def prior_std(self) -> float:
+        """Standard deviation of the prior p(x_T) = N(0, prior_std^2 I) (1 for variance-preserving processes)."""
+        return 1.0
+
+    def prior_logp(self, z: Tensor) -> Tensor:
+        """log p_T(z) of the prior, per example."""
+        return gaussian_logp(z, self.prior_std())
+
+
+class DiscreteSchedule(Schedule):
     """DDPM's discrete forward process, Ho et al. 2020 eq. 4:
     q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), with the buffers of §3 under their paper names."""
 
@@ -151,18 +168,6 @@ class DiscreteSchedule(nn.Module):
         spacing "uniform" or "quadratic" follows Song et al. 2021 (DDIM) App. D.2: quadratic for CIFAR-10."""
         return index_timesteps(self.T, steps, spacing)
 
-    def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """Ho et al. eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
-        return expand_as(self.alpha(t), x0) * x0 + expand_as(self.sigma(t), x0) * eps
-
-    def prior_std(self) -> float:
-        """Standard deviation of the prior p(x_T) = N(0, I)."""
-        return 1.0
-
-    def prior_logp(self, z: Tensor) -> Tensor:
-        """log p_T(z) of the prior N(0, I), per example."""
-        return gaussian_logp(z, self.prior_std())
-
     def extra_repr(self) -> str:
         return f"T={self.T}, beta_1={self.betas[0].item():.3g}, beta_T={self.betas[-1].item():.3g}"
 
@@ -177,7 +182,7 @@ def cosine(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Discrete
     return DiscreteSchedule(cosine_betas(T, s, max_beta))
 
 
-class NCSNSchedule(nn.Module):
+class NCSNSchedule(Schedule):
     """NCSN's noise levels (Song & Ermon 2019 §4.2): x_i = x_0 + sigma_i eps, sigma geometric from sigma_1 =
     sigma_max down to sigma_L = sigma_min. Index i = 0 is the smallest level (as DDPM's index 0 is the least
     noise), so index L - 1 is the paper's sigma_1. The network sees log sigma, mapped affinely onto [0, 999]."""
@@ -209,16 +214,10 @@ class NCSNSchedule(nn.Module):
     def timesteps(self, steps: int | None = None, spacing: str = "uniform") -> list[int]:
         return index_timesteps(self.T, steps, spacing)
 
-    def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        return x0 + expand_as(self.sigma(t), x0) * eps
-
     def prior_std(self) -> float:
         """Sampling starts from N(0, sigma_1^2 I) (the paper starts from uniform noise; a Gaussian of the largest
         level is the usual choice since NCSNv2)."""
         return self.sigma_max
-
-    def prior_logp(self, z: Tensor) -> Tensor:
-        return gaussian_logp(z, self.prior_std())
 
     def extra_repr(self) -> str:
         return f"L={self.T}, sigma_1={self.sigma_max:g}, sigma_L={self.sigma_min:g}"
@@ -235,7 +234,7 @@ def largest_pairwise_distance(x: Tensor) -> float:
     return torch.cdist(flat, flat).max().item()
 
 
-class ContinuousSchedule(nn.Module):
+class ContinuousSchedule(Schedule):
     """A score SDE of Song et al. 2021 on t in [0, 1], with closed-form marginals x_t = alpha(t) x_0 + sigma(t) eps.
     Training draws t ~ U(t_eps, 1); samplers integrate from t = 1 down to t_min."""
 
@@ -268,15 +267,6 @@ class ContinuousSchedule(nn.Module):
         elif spacing != "uniform":
             raise ValueError(f"sampler.spacing={spacing!r} must be 'uniform' or 'quadratic'")
         return (self.t_min + (1 - self.t_min) * u).tolist()
-
-    def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        return expand_as(self.alpha(t), x0) * x0 + expand_as(self.sigma(t), x0) * eps
-
-    def prior_std(self) -> float:
-        return 1.0
-
-    def prior_logp(self, z: Tensor) -> Tensor:
-        return gaussian_logp(z, self.prior_std())
 
 
 class VPSDE(ContinuousSchedule):

@@ -53,3 +53,28 @@ def test_bad_classifier_checkpoints_fail_before_training(runs, tmp_path):
     assert not (tmp_path / "a" / "checkpoints").exists()
     with pytest.raises(ValueError, match="not a classifier"):
         load_classifier(runs / "cfg" / "checkpoints" / "last.ckpt")
+
+
+def test_evaluate_samples_the_chosen_labels_with_guidance(runs, tmp_path):
+    """evaluate.py's labels / guidance: image i has class labels[i % len] and its seed; the same images as
+    DiffusionModule.sample gives for those seeds and labels."""
+    import numpy as np
+
+    from ddpm_lightning.images import to_uint8
+    from ddpm_lightning.tasks import evaluate
+    from test_evaluate import eval_cfg
+
+    ckpt = runs / "cfg" / "checkpoints" / "last.ckpt"
+    result = evaluate(eval_cfg(ckpt, tmp_path, "labels=[3,8]", "guidance=classifier_free", "guidance.w=2", "num_samples=4"))
+    assert result["num_samples"] == 4
+    model = load_model(ckpt)
+    guidance = {"_target_": "ddpm_lightning.guidance.ClassifierFree", "_partial_": True, "w": 2.0}
+    sampler = {"_target_": "ddpm_lightning.samplers.ddim", "_partial_": True, "steps": 3}
+    expected = to_uint8(model.sample(range(4), sampler=sampler, labels=[3, 8, 3, 8], guidance=guidance)).numpy()
+    assert np.array_equal(np.load(tmp_path / "samples.npz")["arr_0"], expected.transpose(0, 2, 3, 1))
+    unguided = to_uint8(model.sample(range(4), sampler=sampler, labels=[3, 8, 3, 8])).numpy()
+    assert not np.array_equal(unguided, expected)
+    with pytest.raises(ValueError, match="labels=all gives 10 labels for num_samples=4"):
+        evaluate(eval_cfg(ckpt, tmp_path / "b", "labels=all", "num_samples=4"))
+    with pytest.raises(ValueError, match="guidance needs labels"):
+        evaluate(eval_cfg(ckpt, tmp_path / "c", "guidance=classifier_free", "num_samples=4"))
