@@ -267,6 +267,26 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader(self.val_set, train=False)
 
 
+class Downloadable:
+    """prepare_data and the files check of a dataset torchvision can fetch. The subclass gives `download`,
+    `_missing()` (expected files that are absent), `_not_found(why)` (the error naming them, the URL and
+    data.root / data.download) and `_fetch()` (the torchvision download)."""
+
+    def prepare_data(self) -> None:
+        """Download on one process per node, when the files are absent and a download is allowed."""
+        if not self._missing() or not self.download:
+            return
+        try:
+            self._fetch()
+        except Exception as e:  # no network, a proxy, a full disk, a download quota
+            raise self._not_found(f"data.download=true but the download failed: {type(e).__name__}: {e}") from e
+
+    def require_files(self) -> None:
+        """Stop with the clear error when the files are still missing (before any training)."""
+        if self._missing():
+            raise self._not_found("data.download=false" if not self.download else "not downloaded")
+
+
 def missing_files(folder: Path, names: Sequence[str]) -> list[str]:
     return [n for n in names if not (folder / n).exists()]
 

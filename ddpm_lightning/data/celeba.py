@@ -12,7 +12,7 @@ from PIL import Image
 from torchvision.datasets import CelebA
 from torchvision.transforms import InterpolationMode
 
-from ddpm_lightning.data.base import BadImage, ImageDataModule, ImageFiles, missing_files
+from ddpm_lightning.data.base import BadImage, Downloadable, ImageDataModule, ImageFiles, missing_files
 
 ALIGNED_SIZE = (178, 218)  # width, height of img_align_celeba
 CROP_TOP, CROP_LEFT, CROP_SIZE = 121 - 64, 89 - 64, 128
@@ -42,7 +42,7 @@ class CelebACrop:
         return TF.resize(im, [self.size, self.size], interpolation=InterpolationMode.BILINEAR, antialias=True)
 
 
-class CelebADataModule(ImageDataModule):
+class CelebADataModule(Downloadable, ImageDataModule):
     """CelebA 64x64 faces, RGB, no class labels (label -1). Files in `root`/celeba as torchvision lays
     them out; downloaded with torchvision (Google Drive, needs gdown) when absent and `download` is true."""
 
@@ -88,17 +88,11 @@ class CelebADataModule(ImageDataModule):
             f"or set data.root to the directory holding celeba/ (data.download=true fetches it)."
         )
 
-    def prepare_data(self) -> None:
-        if not self._missing() or not self.download:
-            return
-        try:
-            CelebA(str(self.root), split="train", target_type=[], download=True)
-        except Exception as e:  # no network, no gdown, Google Drive quota
-            raise self._not_found(f"data.download=true but the download failed: {type(e).__name__}: {e}") from e
+    def _fetch(self) -> None:
+        CelebA(str(self.root), split="train", target_type=[], download=True)
 
     def read_split(self, split: str) -> ImageFiles:
-        if self._missing():
-            raise self._not_found("data.download=false" if not self.download else "not downloaded")
+        self.require_files()
         name = "train" if split == "train" else self.val_split
         ds = _CelebAFiles(str(self.root), split=name, target_type=[])
         paths = [self.folder / "img_align_celeba" / f for f in ds.filename]

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torchvision.datasets import CIFAR10
 
-from ddpm_lightning.data.base import ImageDataModule, missing_files
+from ddpm_lightning.data.base import Downloadable, ImageDataModule, missing_files
 
 
 def read_cifar10_batches(folder: Path, names: list[str]) -> tuple[Tensor, Tensor]:
@@ -33,7 +33,7 @@ def read_cifar10_batches(folder: Path, names: list[str]) -> tuple[Tensor, Tensor
     return torch.from_numpy(np.concatenate(data)), torch.tensor(labels, dtype=torch.long)
 
 
-class CIFAR10DataModule(ImageDataModule):
+class CIFAR10DataModule(Downloadable, ImageDataModule):
     """CIFAR-10 at 32x32 (or resized to data.image_size, antialiased), RGB, 10 classes.
 
     The files are looked for in `root`/cifar-10-batches-py; when absent and `download` is true they are
@@ -76,17 +76,10 @@ class CIFAR10DataModule(ImageDataModule):
             f"or set data.root to the directory holding {CIFAR10.base_folder}/ (data.download=true fetches it)."
         )
 
-    def prepare_data(self) -> None:
-        """Download on one process per node, when the files are absent and a download is allowed."""
-        if not self._missing() or not self.download:
-            return
-        try:
-            CIFAR10(str(self.root), train=True, download=True)
-        except Exception as e:  # no network, a proxy, a full disk
-            raise self._not_found(f"data.download=true but the download failed: {type(e).__name__}: {e}") from e
+    def _fetch(self) -> None:
+        CIFAR10(str(self.root), train=True, download=True)
 
     def read_split(self, split: str) -> tuple[Tensor, Tensor]:
-        if self._missing():
-            raise self._not_found("data.download=false" if not self.download else "not downloaded")
+        self.require_files()
         names = CIFAR10.train_list if split == "train" else CIFAR10.test_list
         return read_cifar10_batches(self.folder, [name for name, _ in names])
