@@ -4,10 +4,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +105,9 @@ def _datamodule(cfg: DictConfig, module: DiffusionModule):
     return datamodule
 
 
-def _nll_data(cfg: DictConfig, module: DiffusionModule) -> torch.Tensor:
+def _nll_data(cfg: DictConfig, datamodule) -> torch.Tensor:
     """The images whose bits/dim metrics=[nll] reports: the `nll.split` set (val: CIFAR-10's test split),
     its first `nll.max_images`; loaded before any sampling so a missing dataset fails first."""
-    datamodule = _datamodule(cfg, module)
     datamodule.setup("validate")
     dataset = getattr(datamodule, f"{cfg.nll.split}_set", None)
     if dataset is None:
@@ -132,7 +133,7 @@ def _nll(cfg: DictConfig, module: DiffusionModule, data: torch.Tensor) -> dict[s
     return {f"nll/{k}": float(v) for k, v in values.items()}
 
 
-def _reference(cfg: DictConfig, module: DiffusionModule, extractor, names: list[str]) -> tuple[dict, dict]:
+def _reference(cfg: DictConfig, extractor, names: list[str], datamodule: Callable) -> tuple[dict, dict]:
     """Reference features or statistics (see README: stats file, folder, or the checkpoint's training split)."""
     ref = cfg.reference
     if ref.get("stats"):
@@ -145,9 +146,8 @@ def _reference(cfg: DictConfig, module: DiffusionModule, extractor, names: list[
         feature = str(cfg.inception.feature)
         features = M.extract_features(dataset, extractor, cfg.inception.batch_size)
         return {feature: features[feature]}, {"folder": str(ref.folder), "images": len(dataset), "feature": feature}
-    datamodule = _datamodule(cfg, module)
     return M.datamodule_reference_features(
-        datamodule, extractor, ref.split, ref.get("max_images"), ref.get("cache_dir"), cfg.inception.batch_size,
+        datamodule(), extractor, ref.split, ref.get("max_images"), ref.get("cache_dir"), cfg.inception.batch_size,
         str(cfg.inception.feature),
     )
 
@@ -211,6 +211,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     # Everything that can fail is checked before the first image is sampled: weights, reference, output folder.
     extractor, reference, ref_info, nll_data = None, None, {}, None
+    datamodule = functools.cache(lambda: _datamodule(cfg, module))  # built once, for the reference and the nll
     error = None
     if fabric.global_rank == 0:
         try:
@@ -219,12 +220,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 features = M.features_for(names, str(cfg.inception.feature))
                 extractor = M.feature_extractor(weights, features, fabric.device)
             if {"fid", "kid"} & set(names):
-                reference, ref_info = _reference(cfg, module, extractor, names)
+                reference, ref_info = _reference(cfg, extractor, names, datamodule)
                 n_ref = len(reference[str(cfg.inception.feature)]) if "mu" not in reference else None
                 if "kid" in names and n_ref is not None and n_ref < cfg.kid_subset_size:
                     raise ValueError(f"the reference has {n_ref} images, below kid_subset_size={cfg.kid_subset_size}")
             if "nll" in names:
-                nll_data = _nll_data(cfg, module)
+                nll_data = _nll_data(cfg, datamodule())
             shards_dir.mkdir(parents=True, exist_ok=True)
             fp_file = out / "fingerprint.json"
             if fp_file.is_file() and json.loads(fp_file.read_text()) != json.loads(json.dumps(fingerprint)):
