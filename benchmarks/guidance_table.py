@@ -12,7 +12,7 @@ DDIM for each setting:
 A separately trained judge (scikit-learn MLP on the real training digits, as in time_to_quality.py) scores
 accuracy = P(judge's class == requested class); diversity is the mean pairwise L2 distance between samples of
 the same class (pixels in [-1, 1]); FD-digits is the Frechet distance to the real validation digits in the
-judge's hidden features.
+judge's hidden features (the real row: a class-balanced subset of the training digits, as many as the samples).
 """
 
 from __future__ import annotations
@@ -91,7 +91,10 @@ def main() -> None:
             "diversity": within_class_diversity(images, y), "fd_digits": judge.frechet(images, x_val),
         }
 
-    rows = [row("real validation digits", float("nan"), x_val, y_val)]
+    # held-out real digits: accuracy and diversity on the validation digits (unseen by the judge); their FD row
+    # compares a class-balanced subset of the training digits of the samples' size with the validation digits
+    real = torch.cat([torch.nonzero(y_train == k).flatten()[:per] for k in range(10)])
+    rows = [row("real validation digits", float("nan"), x_val, y_val) | {"fd_digits": judge.frechet(x_train[real], x_val)}]
     settings = [("classifier-free w", w, lambda d, w=w: ClassifierFree(d, w)) for w in args.w]
     settings += [("classifier scale", s, lambda d, s=s: ClassifierGuidance(d, str(clf_ckpt), s, conditional=False)) for s in args.scales]
     for kind, strength, guidance in settings:

@@ -38,6 +38,18 @@ class ImageModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip as configured (trainer.gradient_clip_val). Without a loss scaler (fp32, bf16-mixed) the gradients
+        are already unscaled, so clip them here: Lightning's mixed-precision plugin refuses clipping for any
+        optimizer that can unscale internally (fused Adam) even when no scaler exists."""
+        if not gradient_clip_val or getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val, foreach=True)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
+
 
 class DiffusionModule(ImageModule):
     """Trains an eps-network with L_simple (Ho et al. 2020 Algorithm 1) and samples from it.

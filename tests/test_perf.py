@@ -75,7 +75,7 @@ def test_benchmark_peers_have_our_architecture():
 
 @pytest.mark.parametrize("fast", ["foreach", "fused"])
 def test_multi_tensor_adam_takes_the_same_steps_as_plain_adam(fast):
-    # conf/module/diffusion.yaml uses foreach Adam: the same update (Kingma & Ba 2015 Algorithm 1), batched
+    # conf/module/diffusion.yaml uses fused Adam: the same update (Kingma & Ba 2015 Algorithm 1), batched
     torch.manual_seed(0)
     start = [torch.randn(1000) for _ in range(3)]
     grads = [[torch.randn(1000) * 10.0**-k for k in range(3)] for _ in range(4)]  # gradient scales 1 to 1e-2
@@ -91,3 +91,35 @@ def test_multi_tensor_adam_takes_the_same_steps_as_plain_adam(fast):
     moved = (out["plain"] - torch.cat(start)).abs()
     assert moved.median() > 1e-2  # a learning rate or more per parameter
     assert torch.allclose(out["plain"], out[fast], atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_fused_adam_trains_with_gradient_clipping(precision, tmp_path):
+    # conf/module/diffusion.yaml's fused Adam with trainer.gradient_clip_val: the step sees clipped gradients
+    import lightning as L
+
+    from conftest import compose_cfg
+    from ddpm_lightning.tasks import build
+
+    cfg = compose_cfg([], tmp_path)
+    assert cfg.module.optimizer.fused
+    module, data = build(cfg.module), build(cfg.data)
+    clip, norms = 1e-3, {}
+
+    def total_norm(params):
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item()
+
+    class Record(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            norms.setdefault("before", []).append(total_norm(pl_module.parameters()))
+
+        def on_train_batch_end(self, trainer, pl_module, *_):  # after the step: the gradients it used
+            norms.setdefault("at_step", []).append(total_norm(pl_module.parameters()))
+
+    trainer = L.Trainer(max_steps=2, precision=precision, gradient_clip_val=clip, callbacks=[Record()], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    assert len(norms["at_step"]) == 2
+    assert min(norms["before"]) > 10 * clip  # clipping had something to do
+    assert max(norms["at_step"]) == pytest.approx(clip, rel=1e-3)
