@@ -93,9 +93,10 @@ def main() -> None:
     shape = (args.channels, args.image_size, args.image_size)
     nets = {
         "ours": common.ours(args.model, args.image_size, args.channels).to(device).eval(),
+        "ours_channels_last": common.ours(args.model, args.image_size, args.channels).to(device, memory_format=torch.channels_last).eval(),
         "diffusers": common.diffusers_unet(args.model, args.image_size, args.channels).to(device).eval(),
     }
-    build = {"ours": ours_loop, "diffusers": diffusers_loop}
+    build = {"ours": ours_loop, "ours_channels_last": ours_loop, "diffusers": diffusers_loop}
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     rows = []
     for sampler, chain in (("ddpm", 1000), ("ddim", 50)):
@@ -113,7 +114,7 @@ def main() -> None:
             rows.append({"sampler": f"{sampler}-{chain}", "impl": k, "images_per_s": common.median(results[k]),
                          "ours_over_this": common.median(results["ours"]) / common.median(results[k])})
     print(f"{args.model} {args.image_size}x{args.image_size}x{args.channels}, batch {args.batch}, {device}, {args.precision}, {torch.get_num_threads()} threads")
-    common.report(f"sample_throughput_{args.model}", rows, ["sampler", "impl", "images_per_s", "ours_over_this"])
+    common.report(f"sample_throughput_{args.model}_{args.precision}", rows, ["sampler", "impl", "images_per_s", "ours_over_this"])
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ class Run:
             from diffusers.training_utils import EMAModel
 
             self.scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
-            self.ema = EMAModel(self.net.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=1.0, foreach=True)
+            self.ema = EMAModel(self.net.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75, foreach=True)  # examples/unconditional_image_generation defaults
             self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-3 if arch else 2e-4, foreach=True)
         elif impl == "denoising_diffusion_pytorch":
             from denoising_diffusion_pytorch import GaussianDiffusion
@@ -105,7 +105,9 @@ class Run:
 
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
-        """n images in [-1, 1] by DDIM with 50 steps (eta 0) from the EMA weights."""
+        """n images in [-1, 1] by DDIM with 50 steps (eta 0) from the EMA weights, the x_0 prediction clipped to
+        [-1, 1] at every step in all three (diffusers' DDIMScheduler clip_sample and denoising-diffusion-pytorch's
+        ddim_sample do so by default; ours with clip_denoised=True)."""
         shape = (n, *self.x0.shape[1:])
         if self.impl.startswith("ours"):
             from ddpm_lightning.denoiser import Denoiser
@@ -115,7 +117,7 @@ class Run:
             for p, s in zip(net.parameters(), self.shadow):
                 p.copy_(s)
             noise = PerSampleNoise(range(n), self.x0.device)
-            return ddim(Denoiser(net, self.denoiser.schedule), noise.randn(shape[1:]), noise, steps=50).clamp(-1, 1)
+            return ddim(Denoiser(net, self.denoiser.schedule), noise.randn(shape[1:]), noise, steps=50, clip_denoised=True).clamp(-1, 1)
         if self.impl == "diffusers":
             from diffusers import DDIMPipeline, DDIMScheduler
 
