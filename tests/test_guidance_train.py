@@ -69,7 +69,7 @@ def test_evaluate_samples_the_chosen_labels_with_guidance(runs, tmp_path):
     assert result["num_samples"] == 4
     model = load_model(ckpt)
     guidance = {"_target_": "ddpm_lightning.guidance.ClassifierFree", "_partial_": True, "w": 2.0}
-    sampler = {"_target_": "ddpm_lightning.samplers.ddim", "_partial_": True, "steps": 3}
+    sampler = {"_target_": "ddpm_lightning.samplers.ddim", "_partial_": True, "steps": 3, "clip_denoised": True}
     expected = to_uint8(model.sample(range(4), sampler=sampler, labels=[3, 8, 3, 8], guidance=guidance)).numpy()
     assert np.array_equal(np.load(tmp_path / "samples.npz")["arr_0"], expected.transpose(0, 2, 3, 1))
     unguided = to_uint8(model.sample(range(4), sampler=sampler, labels=[3, 8, 3, 8])).numpy()
