@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from ddpm_lightning.nets.unet import UNet, timestep_embedding
+from ddpm_lightning.nets.unet import UNet, check_input, timestep_embedding
 
 
 class EncoderClassifier(nn.Module):
@@ -40,11 +40,7 @@ class EncoderClassifier(nn.Module):
         )
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        if x.shape[1] != self.in_channels or x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            raise ValueError(
-                f"classifier built for [B, {self.in_channels}, {self.image_size}, {self.image_size}] inputs "
-                f"(model.in_channels, model.image_size) got {tuple(x.shape)}"
-            )
+        check_input(x, self.in_channels, self.image_size, "classifier")
         temb = self.temb(timestep_embedding(t.expand(x.shape[0]), self.ch))
         h = x
         for unit in self.down:

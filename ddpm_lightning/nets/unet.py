@@ -31,6 +31,15 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+def check_input(x: Tensor, in_channels: int, image_size: int, name: str) -> None:
+    """Reject an input that is not [B, in_channels, image_size, image_size], naming the config keys."""
+    if x.shape[1] != in_channels or x.shape[-1] != image_size or x.shape[-2] != image_size:
+        raise ValueError(
+            f"{name} built for [B, {in_channels}, {image_size}, {image_size}] inputs "
+            f"(model.in_channels, model.image_size) got {tuple(x.shape)}"
+        )
+
+
 def zero_init(module: nn.Module) -> nn.Module:
     """Zero a layer's weights and bias (Ho et al. initialise the last conv of each block with scale 0)."""
     for p in module.parameters():
@@ -185,11 +194,7 @@ class UNet(nn.Module):
         )
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, control: Sequence[Tensor] | None = None) -> Tensor:
-        if x.shape[1] != self.in_channels or x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            raise ValueError(
-                f"UNet built for [B, {self.in_channels}, {self.image_size}, {self.image_size}] inputs "
-                f"(model.in_channels, model.image_size) got {tuple(x.shape)}"
-            )
+        check_input(x, self.in_channels, self.image_size, "UNet")
         temb = self.temb(timestep_embedding(t.expand(x.shape[0]), self.ch))
         if self.label_emb is not None:
             if y is None:
