@@ -23,11 +23,7 @@ from ddpm_lightning.tasks import train
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread (after conftest's two): on a shared, oversubscribed CPU two spinning threads
-    made a tiny U-Net step ~100x slower (10.7 s against 0.12 s), on an idle one they gain little."""
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

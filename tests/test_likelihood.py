@@ -17,13 +17,7 @@ from oracles import GaussianEps, MixtureDenoiser
 from test_score_samplers import MIXTURE, SCHEDULES
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The oracle works on tiny tensors: one thread is faster, and much faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", ["vp_sde", "ve_sde", "linear"])

@@ -18,13 +18,8 @@ MIXTURE = GaussianMixture(
 N = 2000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The oracle works on tiny tensors: one thread is faster, and much faster on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 SCHEDULES = {
     "linear": schedules.linear,
