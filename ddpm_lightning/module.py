@@ -50,6 +50,20 @@ class ImageModule(L.LightningModule):
         else:
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
 
+    def on_train_start(self) -> None:
+        for optimizer in self.trainer.optimizers:
+            match_state_layout(optimizer)
+
+
+def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give every optimiser state tensor its parameter's memory layout. Fused Adam steps parameter, gradient and
+    state element by element in memory order, so a state restored from a checkpoint of the other
+    `module.channels_last` would be mis-stepped silently."""
+    for p, state in optimizer.state.items():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
 
 class DiffusionModule(ImageModule):
     """Trains an eps-network with L_simple (Ho et al. 2020 Algorithm 1) and samples from it.

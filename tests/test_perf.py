@@ -47,6 +47,19 @@ def test_bf16_autocast_loss_within_bf16_tolerance():
     assert torch.nn.functional.cosine_similarity(grads, grads_bf, dim=0) > 0.99
 
 
+def test_fused_group_norm_gives_the_plain_loss_and_gradients_in_bf16():
+    """channels_last runs the fused GroupNorm kernel (tests/test_norm.py); fused=False is the plain F.group_norm."""
+    net, x0 = small_unet(), torch.rand(4, 3, 8, 8) * 2 - 1
+    plain_net = copy.deepcopy(net)
+    for m in plain_net.modules():
+        if hasattr(m, "fused"):
+            m.fused = False
+    loss, grads = loss_and_grads(plain_net, x0, channels_last=True, bf16=True)
+    loss_f, grads_f = loss_and_grads(copy.deepcopy(net), x0, channels_last=True, bf16=True)
+    assert torch.allclose(loss, loss_f, rtol=1e-2)
+    assert torch.nn.functional.cosine_similarity(grads, grads_f, dim=0) > 0.999
+
+
 def test_channels_last_sampling_matches():
     net = small_unet().eval()
     schedule = linear()
@@ -91,6 +104,38 @@ def test_multi_tensor_adam_takes_the_same_steps_as_plain_adam(fast):
     moved = (out["plain"] - torch.cat(start)).abs()
     assert moved.median() > 1e-2  # a learning rate or more per parameter
     assert torch.allclose(out["plain"], out[fast], atol=1e-6)
+
+
+def test_optimizer_state_takes_the_parameter_layout_before_fused_steps():
+    # a checkpoint of a contiguous run resumed with module.channels_last=true: fused Adam steps in memory order
+    import copy as copy_
+
+    from ddpm_lightning.module import match_state_layout
+
+    torch.manual_seed(0)
+    start, grads = torch.randn(8, 3, 3, 3), [torch.randn(8, 3, 3, 3) for _ in range(6)]
+
+    def run(fused, channels_last, match):
+        p = torch.nn.Parameter(start.clone())
+        opt = torch.optim.Adam([p], lr=0.1, **({"fused": True} if fused else {"foreach": False}))
+        for g in grads[:3]:
+            p.grad = g.clone()
+            opt.step()
+        saved = copy_.deepcopy(opt.state_dict())  # contiguous state
+        if channels_last:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+            opt = torch.optim.Adam([p], lr=0.1, **({"fused": True} if fused else {"foreach": False}))
+            opt.load_state_dict(saved)
+        if match:
+            match_state_layout(opt)
+        for g in grads[3:]:
+            p.grad = g.contiguous(memory_format=torch.channels_last) if channels_last else g.clone()
+            opt.step()
+        return p.detach().contiguous()
+
+    plain = run(fused=False, channels_last=False, match=False)
+    assert torch.allclose(run(fused=True, channels_last=True, match=True), plain, atol=1e-6)
+    assert not torch.allclose(run(fused=True, channels_last=True, match=False), plain, atol=1e-3)  # what it prevents
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .norm import GroupNorm
+
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding of Vaswani et al. 2017 §3.5, as in Ho et al.'s `get_timestep_embedding`."""
@@ -68,18 +70,18 @@ class ResBlock(nn.Module):
 
     def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, groups: int):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.norm1 = GroupNorm(groups, in_ch, silu=True)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_ch, out_ch)
-        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.norm2 = GroupNorm(groups, out_ch, silu=True)
         self.dropout = Dropout(dropout)
         self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x))  # norm1 and norm2 apply the SiLU
         h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv2(self.dropout(self.norm2(h)))
         return self.skip(x) + h
 
 
@@ -88,7 +90,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, ch: int, groups: int):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, ch)
+        self.norm = GroupNorm(groups, ch)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = zero_init(nn.Conv2d(ch, ch, 1))
 
@@ -146,6 +148,7 @@ class UNet(nn.Module):
         image_size: int = 32,
         num_classes: int | None = None,
         norm_groups: int = 32,
+        fused_norm: bool = True,
     ):
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
@@ -190,8 +193,11 @@ class UNet(nn.Module):
                     resolution *= 2
                 self.up.append(TimestepSequential(*layers))
         self.out = nn.Sequential(
-            nn.GroupNorm(norm_groups, cur), nn.SiLU(), zero_init(nn.Conv2d(cur, out_channels or in_channels, 3, padding=1))
+            GroupNorm(norm_groups, cur), nn.SiLU(), zero_init(nn.Conv2d(cur, out_channels or in_channels, 3, padding=1))
         )
+        for m in self.modules():
+            if isinstance(m, GroupNorm):
+                m.fused = fused_norm
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, control: Sequence[Tensor] | None = None) -> Tensor:
         check_input(x, self.in_channels, self.image_size, "UNet")

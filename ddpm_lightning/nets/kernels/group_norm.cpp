@@ -1,0 +1,211 @@
+// GroupNorm (Wu & He 2018, Eq. 1-2) with an optional SiLU, forward and backward, for channels-last CPU tensors:
+// x is [N, L, C] in memory (L = H * W), fp32 or bf16, with fp32 statistics and affine parameters.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const at::BFloat16* p, int64_t i) {
+  uint32_t u = uint32_t(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline void store(float* p, int64_t i, float v) { p[i] = v; }
+inline void store(at::BFloat16* p, int64_t i, float v) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  reinterpret_cast<uint16_t*>(p)[i] = v != v ? uint16_t(0x7FC0) : uint16_t(r);
+}
+
+// exp for the sigmoid, in a form the compiler vectorises: 2^k * exp(r), |r| <= ln2 / 2, with Cephes' expf polynomial.
+inline float exp_approx(float x) {
+  x = x < -87.f ? -87.f : x > 88.f ? 88.f : x;
+  const int32_t ki = int32_t(x * 1.44269504f + (x < 0.f ? -0.5f : 0.5f));  // nearest integer to x / ln2
+  const float k = float(ki);
+  float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  int32_t e = (ki + 127) << 23;
+  float s;
+  std::memcpy(&s, &e, 4);
+  return p * s;
+}
+inline float sigmoid(float z) { return 1.f / (1.f + exp_approx(-z)); }
+
+// Gradient through the SiLU at z = a x + b (dy itself without it).
+template <bool silu>
+inline float dz(float a, float b, float xv, float g) {
+  if constexpr (!silu) return g;
+  const float z = xv * a + b, s = sigmoid(z);
+  return g * s * (1.f + z * (1.f - s));
+}
+
+// The per-row loops over contiguous channels, with restrict pointers so that they vectorise.
+template <typename T>
+inline void moments_row(const T* __restrict__ x, const T* __restrict__ sh, float* __restrict__ s1, float* __restrict__ s2, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float d = load(x, c) - load(sh, c);
+    s1[c] += d;
+    s2[c] += d * d;
+  }
+}
+
+template <typename T, bool silu>
+inline void normalize_row(const T* __restrict__ x, const float* __restrict__ a, const float* __restrict__ b, T* __restrict__ y, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    float z = load(x, c) * a[c] + b[c];
+    if constexpr (silu) z *= sigmoid(z);
+    store(y, c, z);
+  }
+}
+
+template <typename T, bool silu>
+inline void grad_moments_row(const T* __restrict__ x, const T* __restrict__ dy, const float* __restrict__ a, const float* __restrict__ b,
+                             const float* __restrict__ m, float* __restrict__ s1, float* __restrict__ s2, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float xv = load(x, c), d = dz<silu>(a[c], b[c], xv, load(dy, c));
+    s1[c] += d;
+    s2[c] += d * (xv - m[c]);
+  }
+}
+
+template <typename T, bool silu>
+inline void grad_input_row(const T* __restrict__ x, const T* __restrict__ dy, const float* __restrict__ a, const float* __restrict__ b,
+                           const float* __restrict__ m, const float* __restrict__ e, const float* __restrict__ f, T* __restrict__ dx, int64_t C) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float xv = load(x, c), d = dz<silu>(a[c], b[c], xv, load(dy, c));
+    store(dx, c, a[c] * d + e[c] * (xv - m[c]) + f[c]);
+  }
+}
+
+// Split each sample's L rows into K chunks so that N * K tasks keep every thread busy.
+int64_t chunks(int64_t N, int64_t L) {
+  int64_t t = at::get_num_threads();
+  return std::max<int64_t>(1, std::min<int64_t>(L, (2 * t + N - 1) / N));
+}
+
+template <typename T, bool silu>
+std::vector<at::Tensor> forward(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& b_, int64_t G, double eps) {
+  const int64_t N = x_.size(0), C = x_.size(1), L = x_.numel() / (N * C), Cg = C / G, K = chunks(N, L);
+  const T* x = x_.data_ptr<T>();
+  const float *w = w_.data_ptr<float>(), *b = b_.data_ptr<float>();
+  at::Tensor y_ = at::empty_like(x_), mean_ = at::empty({N, G}, x_.options().dtype(at::kFloat)), rstd_ = at::empty_like(mean_);
+  T* y = y_.data_ptr<T>();
+  float *mean = mean_.data_ptr<float>(), *rstd = rstd_.data_ptr<float>();
+  // per (sample, chunk, channel): sums of x - shift and (x - shift)^2, shift = the sample's first row (shifted-data variance)
+  std::vector<float> part(N * K * 2 * C);
+  at::parallel_for(0, N * K, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / K, k = t % K, l0 = L * k / K, l1 = L * (k + 1) / K;
+      float *s1 = &part[t * 2 * C], *s2 = s1 + C;
+      const T* sh = x + n * L * C;
+      for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = 0.f;
+      for (int64_t l = l0; l < l1; ++l) moments_row(x + (n * L + l) * C, sh, s1, s2, C);
+    }
+  });
+  std::vector<float> a(N * C), bb(N * C);
+  for (int64_t n = 0; n < N; ++n) {
+    const T* sh = x + n * L * C;
+    for (int64_t g = 0; g < G; ++g) {
+      double sum = 0, sq = 0;
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+        double s1 = 0, s2 = 0, h = load(sh, c);
+        for (int64_t k = 0; k < K; ++k) s1 += part[(n * K + k) * 2 * C + c], s2 += part[(n * K + k) * 2 * C + C + c];
+        sum += s1 + L * h;
+        sq += s2 + 2 * h * s1 + L * h * h;
+      }
+      const double m = sum / (L * Cg), var = std::max(sq / (L * Cg) - m * m, 0.0), r = 1 / std::sqrt(var + eps);
+      mean[n * G + g] = float(m), rstd[n * G + g] = float(r);
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) a[n * C + c] = float(r * w[c]), bb[n * C + c] = float(b[c] - m * r * w[c]);
+    }
+  }
+  at::parallel_for(0, N * L, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      normalize_row<T, silu>(x + row * C, &a[(row / L) * C], &bb[(row / L) * C], y + row * C, C);
+    }
+  });
+  return {y_, mean_, rstd_};
+}
+
+template <typename T, bool silu>
+std::vector<at::Tensor> backward(const at::Tensor& dy_, const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& b_,
+                                 const at::Tensor& mean_, const at::Tensor& rstd_, int64_t G) {
+  const int64_t N = x_.size(0), C = x_.size(1), L = x_.numel() / (N * C), Cg = C / G, K = chunks(N, L);
+  const T *x = x_.data_ptr<T>(), *dy = dy_.data_ptr<T>();
+  const float *w = w_.data_ptr<float>(), *b = b_.data_ptr<float>(), *mean = mean_.data_ptr<float>(), *rstd = rstd_.data_ptr<float>();
+  at::Tensor dx_ = at::empty_like(x_), dw_ = at::empty({C}, w_.options()), db_ = at::empty({C}, w_.options());
+  T* dx = dx_.data_ptr<T>();
+  std::vector<float> a(N * C), bb(N * C), mc(N * C);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) {
+      const float r = rstd[n * G + c / Cg], m = mean[n * G + c / Cg];
+      a[n * C + c] = r * w[c], bb[n * C + c] = b[c] - m * r * w[c], mc[n * C + c] = m;
+    }
+  // per (sample, chunk, channel): sums of dz and dz * (x - mean)
+  std::vector<float> part(N * K * 2 * C);
+  at::parallel_for(0, N * K, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n = t / K, k = t % K, l0 = L * k / K, l1 = L * (k + 1) / K;
+      float *s1 = &part[t * 2 * C], *s2 = s1 + C;
+      const float *ar = &a[n * C], *br = &bb[n * C], *mr = &mc[n * C];
+      for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = 0.f;
+      for (int64_t l = l0; l < l1; ++l) grad_moments_row<T, silu>(x + (n * L + l) * C, dy + (n * L + l) * C, ar, br, mr, s1, s2, C);
+    }
+  });
+  std::vector<double> S1(N * C), S2(N * C);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t k = 0; k < K; ++k) S1[n * C + c] += part[(n * K + k) * 2 * C + c], S2[n * C + c] += part[(n * K + k) * 2 * C + C + c];
+  // dx = r w dz + e (x - mean) + f, e = -r^3 sum(w dz (x - mean)) / k, f = -r sum(w dz) / k over the group's k = L * Cg elements
+  std::vector<float> e(N * C), f(N * C);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t g = 0; g < G; ++g) {
+      double A = 0, B = 0, r = rstd[n * G + g];
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) A += w[c] * S1[n * C + c], B += w[c] * S2[n * C + c];
+      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) e[n * C + c] = float(-r * r * r * B / (L * Cg)), f[n * C + c] = float(-r * A / (L * Cg));
+    }
+  float *dw = dw_.data_ptr<float>(), *db = db_.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    double sw = 0, sb = 0;
+    for (int64_t n = 0; n < N; ++n) sw += rstd[n * G + c / Cg] * S2[n * C + c], sb += S1[n * C + c];
+    dw[c] = float(sw), db[c] = float(sb);
+  }
+  at::parallel_for(0, N * L, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t o = (row / L) * C;
+      grad_input_row<T, silu>(x + row * C, dy + row * C, &a[o], &bb[o], &mc[o], &e[o], &f[o], dx + row * C, C);
+    }
+  });
+  return {dx_, dw_, db_};
+}
+
+std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, int64_t groups, double eps, bool silu) {
+  if (x.scalar_type() == at::kBFloat16) return silu ? forward<at::BFloat16, true>(x, w, b, groups, eps) : forward<at::BFloat16, false>(x, w, b, groups, eps);
+  return silu ? forward<float, true>(x, w, b, groups, eps) : forward<float, false>(x, w, b, groups, eps);
+}
+
+std::vector<at::Tensor> group_norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                                            const at::Tensor& mean, const at::Tensor& rstd, int64_t groups, bool silu) {
+  if (x.scalar_type() == at::kBFloat16)
+    return silu ? backward<at::BFloat16, true>(dy, x, w, b, mean, rstd, groups) : backward<at::BFloat16, false>(dy, x, w, b, mean, rstd, groups);
+  return silu ? backward<float, true>(dy, x, w, b, mean, rstd, groups) : backward<float, false>(dy, x, w, b, mean, rstd, groups);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &group_norm_forward);
+  m.def("backward", &group_norm_backward);
+}

@@ -1,0 +1,86 @@
+"""The fused channels-last GroupNorm(+SiLU) kernel against F.group_norm in float64."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddpm_lightning.nets import norm
+from ddpm_lightning.nets.norm import GroupNorm
+
+needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernel")
+
+
+def reference(x, layer, dy):
+    """Output and (dx, dweight, dbias) of the plain formula in float64."""
+    x64 = x.detach().double().requires_grad_()
+    w64, b64 = (p.detach().double().requires_grad_() for p in (layer.weight, layer.bias))
+    y = F.group_norm(x64, layer.num_groups, w64, b64, layer.eps)
+    y = F.silu(y) if layer.silu else y
+    y.backward(dy.double())
+    return y, x64.grad, w64.grad, b64.grad
+
+
+def relative_errors(got, want):
+    return [((g.double() - w).abs().max() / w.abs().max()).item() for g, w in zip(got, want)]
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, groups", [((4, 64, 8, 8), 32), ((1, 96, 5, 3), 32), ((3, 32, 1, 2), 8)])
+@pytest.mark.parametrize("silu", [True, False])
+def test_fused_group_norm_matches_the_formula_forward_and_backward(dtype, shape, groups, silu):
+    assert norm.kernel() is not None, "the kernel failed to build where a compiler is present"
+    torch.manual_seed(0)
+    layer = GroupNorm(groups, shape[1], silu=silu)
+    torch.nn.init.normal_(layer.weight, 1, 0.5), torch.nn.init.normal_(layer.bias, 0, 0.5)
+    # an offset mean 4x the spread: the variance must not cancel away
+    x = (torch.randn(shape) * 0.5 + 2 + torch.randn(shape[1])[:, None, None]).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    dy = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
+    assert norm._fusable(x) or shape[2] * shape[3] == 1
+    y = layer(x)
+    y.backward(dy)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert x.grad.dtype == dtype and x.grad.is_contiguous(memory_format=torch.channels_last)
+    got = [y, x.grad, layer.weight.grad, layer.bias.grad]
+    want = reference(x, layer, dy)
+    # bf16 rounds inputs and outputs to 8 mantissa bits; the statistics and parameter gradients stay fp32
+    tol = [1e-2, 2e-2, 1e-4, 1e-4] if dtype == torch.bfloat16 else [1e-5] * 4
+    assert all(e < t for e, t in zip(relative_errors(got, want), tol)), relative_errors(got, want)
+
+
+@needs_compiler
+def test_fused_group_norm_runs_the_kernel_only_on_channels_last_cpu_tensors(monkeypatch):
+    calls = []
+    original = norm._GroupNormSiLU.apply
+    monkeypatch.setattr(norm._GroupNormSiLU, "apply", lambda *a: calls.append(1) or original(*a))
+    layer = GroupNorm(8, 16, silu=True)
+    x = torch.randn(2, 16, 4, 4)
+    layer(x)
+    GroupNorm(8, 16).double()(x.double().contiguous(memory_format=torch.channels_last))
+    assert calls == []
+    layer(x.contiguous(memory_format=torch.channels_last))
+    assert calls == [1]
+    layer.fused = False
+    layer(x.contiguous(memory_format=torch.channels_last))
+    assert calls == [1]
+
+
+def test_group_norm_keeps_nn_group_norm_state_dict_and_falls_back_without_a_compiler(monkeypatch):
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(norm, "_kernel", None)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    layer = GroupNorm(4, 8, silu=True)
+    plain = torch.nn.GroupNorm(4, 8)
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 8, 3, 3).contiguous(memory_format=torch.channels_last)
+    with pytest.warns(UserWarning, match="fused GroupNorm kernel unavailable"):
+        y = layer(x)
+    assert torch.equal(y, F.silu(plain(x)))
+    assert norm.kernel() is None  # one failed build, not one per call
