@@ -73,8 +73,7 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fused and _fusable(x) and kernel() is not None:
-            y = _GroupNormSiLU.apply(x, self.weight.float(), self.bias.float(), self.num_groups, self.eps, self.silu)
-            return y
+            return _GroupNormSiLU.apply(x, self.weight.float(), self.bias.float(), self.num_groups, self.eps, self.silu)
         y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return F.silu(y) if self.silu else y
 

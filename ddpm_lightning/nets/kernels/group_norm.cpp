@@ -90,6 +90,16 @@ inline void grad_input_row(const T* __restrict__ x, const T* __restrict__ dy, co
   }
 }
 
+// Per (sample, channel): the normalisation and affine map as z = a x + b, a = rstd w, b = bias - mean rstd w.
+void affine(const float* w, const float* b, const float* mean, const float* rstd, int64_t N, int64_t C, int64_t G,
+            std::vector<float>& a, std::vector<float>& bb) {
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) {
+      const float r = rstd[n * G + c / (C / G)], m = mean[n * G + c / (C / G)];
+      a[n * C + c] = r * w[c], bb[n * C + c] = b[c] - m * r * w[c];
+    }
+}
+
 // Split each sample's L rows into K chunks so that N * K tasks keep every thread busy.
 int64_t chunks(int64_t N, int64_t L) {
   int64_t t = at::get_num_threads();
@@ -126,11 +136,11 @@ std::vector<at::Tensor> forward(const at::Tensor& x_, const at::Tensor& w_, cons
         sum += s1 + L * h;
         sq += s2 + 2 * h * s1 + L * h * h;
       }
-      const double m = sum / (L * Cg), var = std::max(sq / (L * Cg) - m * m, 0.0), r = 1 / std::sqrt(var + eps);
-      mean[n * G + g] = float(m), rstd[n * G + g] = float(r);
-      for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) a[n * C + c] = float(r * w[c]), bb[n * C + c] = float(b[c] - m * r * w[c]);
+      const double m = sum / (L * Cg), var = std::max(sq / (L * Cg) - m * m, 0.0);
+      mean[n * G + g] = float(m), rstd[n * G + g] = float(1 / std::sqrt(var + eps));
     }
   }
+  affine(w, b, mean, rstd, N, C, G, a, bb);
   at::parallel_for(0, N * L, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
       normalize_row<T, silu>(x + row * C, &a[(row / L) * C], &bb[(row / L) * C], y + row * C, C);
@@ -148,11 +158,8 @@ std::vector<at::Tensor> backward(const at::Tensor& dy_, const at::Tensor& x_, co
   at::Tensor dx_ = at::empty_like(x_), dw_ = at::empty({C}, w_.options()), db_ = at::empty({C}, w_.options());
   T* dx = dx_.data_ptr<T>();
   std::vector<float> a(N * C), bb(N * C), mc(N * C);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c) {
-      const float r = rstd[n * G + c / Cg], m = mean[n * G + c / Cg];
-      a[n * C + c] = r * w[c], bb[n * C + c] = b[c] - m * r * w[c], mc[n * C + c] = m;
-    }
+  affine(w, b, mean, rstd, N, C, G, a, bb);
+  for (int64_t i = 0; i < N * C; ++i) mc[i] = mean[(i / C) * G + (i % C) / Cg];
   // per (sample, chunk, channel): sums of dz and dz * (x - mean)
   std::vector<float> part(N * K * 2 * C);
   at::parallel_for(0, N * K, 1, [&](int64_t t0, int64_t t1) {
