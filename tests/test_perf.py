@@ -168,3 +168,20 @@ def test_fused_adam_trains_with_gradient_clipping(precision, tmp_path):
     assert len(norms["at_step"]) == 2
     assert min(norms["before"]) > 10 * clip  # clipping had something to do
     assert max(norms["at_step"]) == pytest.approx(clip, rel=1e-3)
+
+
+def test_training_start_re_lays_out_restored_optimizer_states():
+    # ImageModule.on_train_start runs match_state_layout on every optimiser of the trainer
+    from types import SimpleNamespace
+
+    from ddpm_lightning.module import ImageModule
+
+    p = torch.nn.Parameter(torch.randn(4, 3, 3, 3).contiguous(memory_format=torch.channels_last))
+    opt = torch.optim.Adam([p], fused=True)
+    opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": torch.randn(4, 3, 3, 3), "exp_avg_sq": torch.rand(4, 3, 3, 3)}
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    module = ImageModule()
+    module._trainer = SimpleNamespace(optimizers=[opt])
+    module.on_train_start()
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert opt.state[p][k].stride() == p.stride() and torch.equal(opt.state[p][k], before[k])
