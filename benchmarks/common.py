@@ -22,6 +22,20 @@ from hydra.utils import instantiate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 RESULTS = Path(__file__).resolve().parent / "results"
+_ALLOCATOR = {"retain_freed_memory": False}
+
+
+def allocator_option(p) -> None:
+    p.add_argument("--default-malloc", action="store_true", help="glibc's default malloc settings, not retain_freed_memory")
+
+
+def set_allocator(args) -> None:
+    """Every implementation of a benchmark runs in one process with the allocator setting train.py and
+    evaluate.py use (conf retain_freed_memory: true), so the peers gain from it as much as ours."""
+    if not args.default_malloc:
+        from ddpm_lightning.tasks import retain_freed_memory
+
+        _ALLOCATOR["retain_freed_memory"] = retain_freed_memory()
 
 
 def ours_config(model: str, arch: dict | None = None) -> dict:
@@ -96,6 +110,7 @@ def machine() -> dict:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        **_ALLOCATOR,
     }
 
 

@@ -36,7 +36,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--repeats", type=int, default=20)
+    common.allocator_option(p)
     args = p.parse_args()
+    common.set_allocator(args)
     if norm.kernel() is None:
         sys.exit("the fused kernel could not be built here")
     rows = []

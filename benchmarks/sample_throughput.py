@@ -88,7 +88,9 @@ def main() -> None:
     p.add_argument("--timed-steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    common.allocator_option(p)
     args = p.parse_args()
+    common.set_allocator(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = (args.channels, args.image_size, args.image_size)
     nets = {

@@ -82,7 +82,9 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=120.0, help="training seconds per implementation")
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--batch", type=int, default=128)
+    common.allocator_option(p)
     args = p.parse_args()
+    common.set_allocator(args)
     x_train, y_train, x_val = digits()
     judge = DigitJudge(x_train, y_train)
     rows = [{"impl": "real training digits (reference)", "steps": 0, "fd_digits": judge.frechet(x_train, x_val), "confidence": judge.confidence(x_val)}]

@@ -144,7 +144,7 @@ def batch_of(args, device) -> torch.Tensor:
 def peak_memory_mb(impl: str, args) -> float:
     """Peak resident memory of 2 training steps in a fresh process, above the same process before building."""
     cmd = [sys.executable, __file__, "--memory-of", impl, "--model", args.model, "--batch", str(args.batch),
-           "--image-size", str(args.image_size), "--channels", str(args.channels), "--precision", args.precision[0]]
+           "--image-size", str(args.image_size), "--channels", str(args.channels), "--precision", args.precision[0]] + ["--default-malloc"] * args.default_malloc
     return float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
 
 
@@ -161,7 +161,9 @@ def main() -> None:
     p.add_argument("--memory", action="store_true", help="also measure peak memory (one process per row)")
     p.add_argument("--ours-adam", default="fused", choices=["foreach", "fused"])
     p.add_argument("--memory-of", help=argparse.SUPPRESS)
+    common.allocator_option(p)
     args = p.parse_args()
+    common.set_allocator(args)
     global OURS_ADAM
     OURS_ADAM = args.ours_adam
     device = "cuda" if torch.cuda.is_available() else "cpu"

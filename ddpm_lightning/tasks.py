@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import platform
 import warnings
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,21 @@ def load_model(ckpt_path: str | Path, use_ema: bool = True, map_location: Any = 
     return module.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
 
 
+def retain_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse rather than hand it back to the OS.
+
+    Its defaults serve blocks above a (self-adjusting) threshold with fresh `mmap`s and trim the heap top when
+    it is freed, so a training step that frees and re-allocates the same activation buffers page-faults them
+    all in again (about 40,000 faults and 0.2 s of kernel time per unet_cifar10 bf16 step at batch 16 on a
+    2-core CPU, 20% of the step). With both thresholds raised, the process keeps its peak heap and reuses it.
+    Returns False (and changes nothing) where the C library is not glibc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1))
+
+
 def build(node: DictConfig, **kwargs: Any) -> Any:
     """hydra.utils.instantiate, re-raising a config error (ValueError) as itself rather than wrapped."""
     try:
@@ -89,6 +106,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         L.seed_everything(cfg.seed, workers=True)
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
+    if cfg.get("retain_freed_memory"):
+        retain_freed_memory()
 
     datamodule = build(cfg.data)
     module: DiffusionModule = build(cfg.module)
@@ -115,4 +134,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Sample a checkpoint and compute FID / IS / KID (see ddpm_lightning.evaluation)."""
     from ddpm_lightning.evaluation import evaluate as run
 
+    if cfg.get("retain_freed_memory"):
+        retain_freed_memory()
     return run(cfg)

@@ -84,3 +84,39 @@ def test_group_norm_keeps_nn_group_norm_state_dict_and_falls_back_without_a_comp
         y = layer(x)
     assert torch.equal(y, F.silu(plain(x)))
     assert norm.kernel() is None  # one failed build, not one per call
+
+
+@needs_compiler
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_fused_dropout_keeps_elements_with_probability_1_minus_p_and_its_gradient_uses_the_same_mask(p):
+    """GroupNorm + SiLU + dropout in one kernel: against the plain GroupNorm + SiLU (float64) times the mask."""
+    from ddpm_lightning.nets.unet import Dropout
+
+    torch.manual_seed(0)
+    layer, drop = GroupNorm(32, 128, silu=True), Dropout(p)
+    torch.nn.init.normal_(layer.weight, 1, 0.5), torch.nn.init.normal_(layer.bias, 0, 0.5)
+    x = torch.randn(16, 128, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    dy = torch.randn(x.shape).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(1)
+    y = layer(x, drop)
+    y.backward(dy)
+    plain, *_ = reference(x, layer, dy)
+    kept = y != 0
+    n = x.numel()
+    assert abs(kept.double().mean().item() - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5
+    # kept values scaled by 1 / (1 - p); the dropped ones are not the plain output's own zeros
+    assert relative_errors([y[kept]], [plain[kept] / (1 - p)])[0] < 1e-5
+    assert (plain[~kept].abs() > 0).all()
+    # neighbours in memory (channels, then pixels) are independent
+    flat = kept.permute(0, 2, 3, 1).flatten()
+    both = (flat[:-1] & flat[1:]).double().mean().item()
+    assert abs(both - (1 - p) ** 2) < 4 * ((1 - p) ** 2 * (1 - (1 - p) ** 2) / n) ** 0.5
+    # the backward pass regenerates the same mask: gradients of the plain formula with dy masked and scaled
+    want = reference(x, layer, dy * kept / (1 - p))
+    assert all(e < 1e-5 for e in relative_errors([x.grad, layer.weight.grad, layer.bias.grad], want[1:]))
+    # the global generator decides (seeded runs repeat); a second call draws another mask
+    torch.manual_seed(1)
+    again = layer(x.detach(), drop)
+    assert torch.equal(again, y.detach())
+    assert not torch.equal(layer(x.detach(), drop) != 0, kept)
+    assert torch.equal(layer(x.detach(), drop.eval()), layer(x.detach()))  # eval: no dropout

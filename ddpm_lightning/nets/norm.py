@@ -1,9 +1,11 @@
-"""GroupNorm (Wu & He 2018, Eq. 1-2), optionally followed by SiLU, with a fused CPU kernel for channels-last tensors.
+"""GroupNorm (Wu & He 2018, Eq. 1-2), optionally followed by SiLU and dropout, with a fused CPU kernel for
+channels-last tensors.
 
 PyTorch's CPU GroupNorm is several times slower on channels-last tensors than on contiguous ones (about 4x in
 bf16 at [16, 128, 32, 32], forward and backward), and channels-last is the layout the convolutions are fastest
 in. `kernels/group_norm.cpp` normalises channels-last fp32 / bf16 tensors in two passes forward and three
-backward, fusing the SiLU that follows every GroupNorm of a ResBlock. It is built with
+backward, fusing the SiLU that follows every GroupNorm of a ResBlock and the dropout that follows the second (its
+mask a hash of a seed and the element index, regenerated in the backward pass rather than stored). It is built with
 `torch.utils.cpp_extension` on first use (about 45 s, cached in the torch extensions folder, one build per CPU
 instruction set); without a compiler the layer warns once and uses `F.group_norm`. Everything else (GPU tensors,
 contiguous tensors, float64) takes `F.group_norm` as well.
@@ -48,10 +50,10 @@ def kernel():
 
 class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool) -> Tensor:
-        y, mean, rstd = kernel().forward(x, weight, bias, groups, eps, silu)
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool, p: float, seed: int) -> Tensor:
+        y, mean, rstd = kernel().forward(x, weight, bias, groups, eps, silu, p, seed)
         ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.groups, ctx.silu = groups, silu
+        ctx.groups, ctx.silu, ctx.p, ctx.seed = groups, silu, p, seed
         return y
 
     @staticmethod
@@ -59,23 +61,28 @@ class _GroupNormSiLU(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, weight, bias, mean, rstd = ctx.saved_tensors
         dy = dy.to(x.dtype).contiguous(memory_format=torch.channels_last)
-        dx, dweight, dbias = kernel().backward(dy, x, weight, bias, mean, rstd, ctx.groups, ctx.silu)
-        return dx, dweight, dbias, None, None, None
+        dx, dweight, dbias = kernel().backward(dy, x, weight, bias, mean, rstd, ctx.groups, ctx.silu, ctx.p, ctx.seed)
+        return dx, dweight, dbias, None, None, None, None, None
 
 
 class GroupNorm(nn.GroupNorm):
     """`nn.GroupNorm` (same parameters and state dict) with `silu=True` applying SiLU to its output, and the fused
-    kernel for channels-last CPU inputs while `self.fused` is true (`UNet(fused_norm=...)`)."""
+    kernel for channels-last CPU inputs while `self.fused` is true (`UNet(fused_norm=...)`). `forward(x, dropout)`
+    applies a dropout module after it: in training, the kernel fuses it (same keep probability and scaling, its
+    own mask, keyed by a seed from torch's global generator); otherwise it is called on the output."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, silu: bool = False):
         super().__init__(num_groups, num_channels, eps)
         self.silu, self.fused = silu, True
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.fused and _fusable(x) and kernel() is not None:
-            return _GroupNormSiLU.apply(x, self.weight.float(), self.bias.float(), self.num_groups, self.eps, self.silu)
+    def forward(self, x: Tensor, dropout: nn.Dropout | None = None) -> Tensor:
+        p = dropout.p if dropout is not None and dropout.training else 0.0
+        if self.fused and _fusable(x) and p < 1 and x.numel() < 2**32 and kernel() is not None:
+            seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) if p > 0 else 0
+            return _GroupNormSiLU.apply(x, self.weight.float(), self.bias.float(), self.num_groups, self.eps, self.silu, p, seed)
         y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        return F.silu(y) if self.silu else y
+        y = F.silu(y) if self.silu else y
+        return dropout(y) if dropout is not None else y
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", silu=True" if self.silu else "")

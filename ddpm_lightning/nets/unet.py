@@ -81,7 +81,7 @@ class ResBlock(nn.Module):
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
         h = self.conv1(self.norm1(x))  # norm1 and norm2 apply the SiLU
         h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(self.norm2(h)))
+        h = self.conv2(self.norm2(h, self.dropout))  # and the dropout
         return self.skip(x) + h
 
 
@@ -96,7 +96,9 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, 1, C, H * W).transpose(-1, -2).unbind(1)
+        # [B, 1, HW, C] each; split from a [B, HW, 3, C] view so that on channels-last tensors their gradients
+        # stack into a channels-last gradient of qkv's output (the qkv convolution's backward is slow on others)
+        q, k, v = self.qkv(self.norm(x)).permute(0, 2, 3, 1).reshape(B, 1, H * W, 3, C).unbind(3)
         h = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 

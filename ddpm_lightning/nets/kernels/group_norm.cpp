@@ -1,5 +1,7 @@
-// GroupNorm (Wu & He 2018, Eq. 1-2) with an optional SiLU, forward and backward, for channels-last CPU tensors:
-// x is [N, L, C] in memory (L = H * W), fp32 or bf16, with fp32 statistics and affine parameters.
+// GroupNorm (Wu & He 2018, Eq. 1-2) with an optional SiLU and inverted dropout after it (Srivastava et al. 2014),
+// forward and backward, for channels-last CPU tensors: x is [N, L, C] in memory (L = H * W), fp32 or bf16, with fp32
+// statistics and affine parameters. The dropout mask is a hash of (seed, element index), so the backward pass
+// regenerates it instead of storing it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -44,6 +46,28 @@ inline float exp_approx(float x) {
 }
 inline float sigmoid(float z) { return 1.f / (1.f + exp_approx(-z)); }
 
+// Dropout: element i is kept when the top 24 bits of a hash of (i, seed) are at least p 2^24. The hash is two
+// rounds of the "lowbias32" integer mixer (C. Wellons, 2018), keyed by the two halves of the seed.
+struct Drop {
+  uint32_t s0 = 0, s1 = 0, threshold = 0;
+  float scale = 1.f;
+  Drop(double p, int64_t seed) : s0(uint32_t(seed)), s1(uint32_t(uint64_t(seed) >> 32)), threshold(uint32_t(std::llround(p * 16777216.0))), scale(float(1 / (1 - p))) {}
+};
+inline uint32_t mix(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  return x ^ (x >> 16);
+}
+// The factor for element i: 0 if dropped, else 1 / (1 - p); 1 without dropout. Row loops take Drop by value, so
+// that its fields stay in registers (a reference could alias the output and stop the loop from vectorising).
+template <bool drop>
+inline float keep(const Drop& d, uint32_t i) {
+  if constexpr (!drop) return 1.f;
+  return (mix(mix(i ^ d.s0) ^ d.s1) >> 8) >= d.threshold ? d.scale : 0.f;
+}
+
 // Gradient through the SiLU at z = a x + b (dy itself without it).
 template <bool silu>
 inline float dz(float a, float b, float xv, float g) {
@@ -62,30 +86,32 @@ inline void moments_row(const T* __restrict__ x, const T* __restrict__ sh, float
   }
 }
 
-template <typename T, bool silu>
-inline void normalize_row(const T* __restrict__ x, const float* __restrict__ a, const float* __restrict__ b, T* __restrict__ y, int64_t C) {
+template <typename T, bool silu, bool drop>
+inline void normalize_row(const T* __restrict__ x, const float* __restrict__ a, const float* __restrict__ b, T* __restrict__ y, int64_t C,
+                          const Drop d, uint32_t i0) {
   for (int64_t c = 0; c < C; ++c) {
     float z = load(x, c) * a[c] + b[c];
     if constexpr (silu) z *= sigmoid(z);
-    store(y, c, z);
+    store(y, c, z * keep<drop>(d, i0 + uint32_t(c)));
   }
 }
 
-template <typename T, bool silu>
+template <typename T, bool silu, bool drop>
 inline void grad_moments_row(const T* __restrict__ x, const T* __restrict__ dy, const float* __restrict__ a, const float* __restrict__ b,
-                             const float* __restrict__ m, float* __restrict__ s1, float* __restrict__ s2, int64_t C) {
+                             const float* __restrict__ m, float* __restrict__ s1, float* __restrict__ s2, int64_t C, const Drop dr, uint32_t i0) {
   for (int64_t c = 0; c < C; ++c) {
-    const float xv = load(x, c), d = dz<silu>(a[c], b[c], xv, load(dy, c));
+    const float xv = load(x, c), d = dz<silu>(a[c], b[c], xv, load(dy, c) * keep<drop>(dr, i0 + uint32_t(c)));
     s1[c] += d;
     s2[c] += d * (xv - m[c]);
   }
 }
 
-template <typename T, bool silu>
+template <typename T, bool silu, bool drop>
 inline void grad_input_row(const T* __restrict__ x, const T* __restrict__ dy, const float* __restrict__ a, const float* __restrict__ b,
-                           const float* __restrict__ m, const float* __restrict__ e, const float* __restrict__ f, T* __restrict__ dx, int64_t C) {
+                           const float* __restrict__ m, const float* __restrict__ e, const float* __restrict__ f, T* __restrict__ dx, int64_t C,
+                           const Drop dr, uint32_t i0) {
   for (int64_t c = 0; c < C; ++c) {
-    const float xv = load(x, c), d = dz<silu>(a[c], b[c], xv, load(dy, c));
+    const float xv = load(x, c), d = dz<silu>(a[c], b[c], xv, load(dy, c) * keep<drop>(dr, i0 + uint32_t(c)));
     store(dx, c, a[c] * d + e[c] * (xv - m[c]) + f[c]);
   }
 }
@@ -106,8 +132,8 @@ int64_t chunks(int64_t N, int64_t L) {
   return std::max<int64_t>(1, std::min<int64_t>(L, (2 * t + N - 1) / N));
 }
 
-template <typename T, bool silu>
-std::vector<at::Tensor> forward(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& b_, int64_t G, double eps) {
+template <typename T, bool silu, bool drop>
+std::vector<at::Tensor> forward(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& b_, int64_t G, double eps, const Drop& d) {
   const int64_t N = x_.size(0), C = x_.size(1), L = x_.numel() / (N * C), Cg = C / G, K = chunks(N, L);
   const T* x = x_.data_ptr<T>();
   const float *w = w_.data_ptr<float>(), *b = b_.data_ptr<float>();
@@ -143,15 +169,15 @@ std::vector<at::Tensor> forward(const at::Tensor& x_, const at::Tensor& w_, cons
   affine(w, b, mean, rstd, N, C, G, a, bb);
   at::parallel_for(0, N * L, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
-      normalize_row<T, silu>(x + row * C, &a[(row / L) * C], &bb[(row / L) * C], y + row * C, C);
+      normalize_row<T, silu, drop>(x + row * C, &a[(row / L) * C], &bb[(row / L) * C], y + row * C, C, d, uint32_t(row * C));
     }
   });
   return {y_, mean_, rstd_};
 }
 
-template <typename T, bool silu>
+template <typename T, bool silu, bool drop>
 std::vector<at::Tensor> backward(const at::Tensor& dy_, const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& b_,
-                                 const at::Tensor& mean_, const at::Tensor& rstd_, int64_t G) {
+                                 const at::Tensor& mean_, const at::Tensor& rstd_, int64_t G, const Drop& dr) {
   const int64_t N = x_.size(0), C = x_.size(1), L = x_.numel() / (N * C), Cg = C / G, K = chunks(N, L);
   const T *x = x_.data_ptr<T>(), *dy = dy_.data_ptr<T>();
   const float *w = w_.data_ptr<float>(), *b = b_.data_ptr<float>(), *mean = mean_.data_ptr<float>(), *rstd = rstd_.data_ptr<float>();
@@ -168,7 +194,10 @@ std::vector<at::Tensor> backward(const at::Tensor& dy_, const at::Tensor& x_, co
       float *s1 = &part[t * 2 * C], *s2 = s1 + C;
       const float *ar = &a[n * C], *br = &bb[n * C], *mr = &mc[n * C];
       for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = 0.f;
-      for (int64_t l = l0; l < l1; ++l) grad_moments_row<T, silu>(x + (n * L + l) * C, dy + (n * L + l) * C, ar, br, mr, s1, s2, C);
+      for (int64_t l = l0; l < l1; ++l) {
+        const int64_t o = (n * L + l) * C;
+        grad_moments_row<T, silu, drop>(x + o, dy + o, ar, br, mr, s1, s2, C, dr, uint32_t(o));
+      }
     }
   });
   std::vector<double> S1(N * C), S2(N * C);
@@ -192,22 +221,42 @@ std::vector<at::Tensor> backward(const at::Tensor& dy_, const at::Tensor& x_, co
   at::parallel_for(0, N * L, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t o = (row / L) * C;
-      grad_input_row<T, silu>(x + row * C, dy + row * C, &a[o], &bb[o], &mc[o], &e[o], &f[o], dx + row * C, C);
+      grad_input_row<T, silu, drop>(x + row * C, dy + row * C, &a[o], &bb[o], &mc[o], &e[o], &f[o], dx + row * C, C, dr, uint32_t(row * C));
     }
   });
   return {dx_, dw_, db_};
 }
 
-std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, int64_t groups, double eps, bool silu) {
-  if (x.scalar_type() == at::kBFloat16) return silu ? forward<at::BFloat16, true>(x, w, b, groups, eps) : forward<at::BFloat16, false>(x, w, b, groups, eps);
-  return silu ? forward<float, true>(x, w, b, groups, eps) : forward<float, false>(x, w, b, groups, eps);
+// The template instance for a dtype and the silu / dropout switches.
+template <template <typename, bool, bool> class F, typename... A>
+std::vector<at::Tensor> dispatch(at::ScalarType t, bool silu, bool drop, A&&... a) {
+  if (t == at::kBFloat16) {
+    if (silu) return drop ? F<at::BFloat16, true, true>()(a...) : F<at::BFloat16, true, false>()(a...);
+    return drop ? F<at::BFloat16, false, true>()(a...) : F<at::BFloat16, false, false>()(a...);
+  }
+  if (silu) return drop ? F<float, true, true>()(a...) : F<float, true, false>()(a...);
+  return drop ? F<float, false, true>()(a...) : F<float, false, false>()(a...);
+}
+template <typename T, bool silu, bool drop>
+struct Forward {
+  template <typename... A>
+  std::vector<at::Tensor> operator()(A&&... a) { return forward<T, silu, drop>(a...); }
+};
+template <typename T, bool silu, bool drop>
+struct Backward {
+  template <typename... A>
+  std::vector<at::Tensor> operator()(A&&... a) { return backward<T, silu, drop>(a...); }
+};
+
+// p: the dropout probability after the (SiLU of the) normalisation, 0 for none; seed: its mask's key.
+std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, int64_t groups, double eps, bool silu,
+                                           double p, int64_t seed) {
+  return dispatch<Forward>(x.scalar_type(), silu, p > 0, x, w, b, groups, eps, Drop(p, seed));
 }
 
 std::vector<at::Tensor> group_norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                                            const at::Tensor& mean, const at::Tensor& rstd, int64_t groups, bool silu) {
-  if (x.scalar_type() == at::kBFloat16)
-    return silu ? backward<at::BFloat16, true>(dy, x, w, b, mean, rstd, groups) : backward<at::BFloat16, false>(dy, x, w, b, mean, rstd, groups);
-  return silu ? backward<float, true>(dy, x, w, b, mean, rstd, groups) : backward<float, false>(dy, x, w, b, mean, rstd, groups);
+                                            const at::Tensor& mean, const at::Tensor& rstd, int64_t groups, bool silu, double p, int64_t seed) {
+  return dispatch<Backward>(x.scalar_type(), silu, p > 0, dy, x, w, b, mean, rstd, groups, Drop(p, seed));
 }
 
 }  // namespace
