@@ -83,7 +83,7 @@ class DiffusionModule(ImageModule):
         channels: int,
         warmup_steps: int = 5000,
         parameterization: str = "eps",
-        channels_last: bool = False,
+        channels_last: bool = True,
         compile: bool = False,
         seed: int | None = None,
         p_uncond: float = 0.1,

@@ -120,3 +120,29 @@ def test_fused_dropout_keeps_elements_with_probability_1_minus_p_and_its_gradien
     assert torch.equal(again, y.detach())
     assert not torch.equal(layer(x.detach(), drop) != 0, kept)
     assert torch.equal(layer(x.detach(), drop.eval()), layer(x.detach()))  # eval: no dropout
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("silu", [True, False])
+def test_fused_group_norm_of_a_shifted_input_matches_the_formula(dtype, silu):
+    """forward(x, shift=t) normalises x + t[:, :, None, None] without writing it out; gradients reach t too."""
+    torch.manual_seed(0)
+    layer = GroupNorm(8, 64, silu=silu)
+    torch.nn.init.normal_(layer.weight, 1, 0.5), torch.nn.init.normal_(layer.bias, 0, 0.5)
+    x = (torch.randn(4, 64, 6, 5) * 0.5 + 2).to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    t = (torch.randn(4, 64) * 3).to(dtype).requires_grad_()  # a shift larger than the spread: it moves the statistics
+    dy = torch.randn(x.shape).to(dtype).contiguous(memory_format=torch.channels_last)
+    y = layer(x, shift=t)
+    y.backward(dy)
+    assert t.grad.dtype == dtype
+    x64, t64 = x.detach().double().requires_grad_(), t.detach().double().requires_grad_()
+    w64, b64 = (p.detach().double().requires_grad_() for p in (layer.weight, layer.bias))
+    want = F.group_norm(x64 + t64[:, :, None, None], 8, w64, b64, layer.eps)
+    want = F.silu(want) if silu else want
+    want.backward(dy.double())
+    errors = relative_errors([y, x.grad, t.grad, layer.weight.grad, layer.bias.grad], [want, x64.grad, t64.grad, w64.grad, b64.grad])
+    tol = [1e-2, 2e-2, 2e-2, 1e-4, 1e-4] if dtype == torch.bfloat16 else [1e-5] * 5
+    assert all(e < tol_ for e, tol_ in zip(errors, tol)), errors
+    layer.fused = False  # the plain path adds the shift itself
+    assert relative_errors([layer(x, shift=t)], [want])[0] < tol[0]

@@ -50,36 +50,42 @@ def kernel():
 
 class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float, silu: bool, p: float, seed: int) -> Tensor:
-        y, mean, rstd = kernel().forward(x, weight, bias, groups, eps, silu, p, seed)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, shift: Tensor, groups: int, eps: float, silu: bool, p: float, seed: int) -> Tensor:
+        y, mean, rstd, sums = kernel().forward(x, weight, bias, shift, groups, eps, silu, p, seed)
+        ctx.save_for_backward(x, weight, bias, shift, mean, rstd, sums)
         ctx.groups, ctx.silu, ctx.p, ctx.seed = groups, silu, p, seed
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: Tensor):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
+        x, weight, bias, shift, mean, rstd, sums = ctx.saved_tensors
         dy = dy.to(x.dtype).contiguous(memory_format=torch.channels_last)
-        dx, dweight, dbias = kernel().backward(dy, x, weight, bias, mean, rstd, ctx.groups, ctx.silu, ctx.p, ctx.seed)
-        return dx, dweight, dbias, None, None, None, None, None
+        dx, dweight, dbias, dshift = kernel().backward(dy, x, weight, bias, shift, mean, rstd, sums, ctx.groups, ctx.silu, ctx.p, ctx.seed)
+        return dx, dweight, dbias, dshift, None, None, None, None, None
 
 
 class GroupNorm(nn.GroupNorm):
     """`nn.GroupNorm` (same parameters and state dict) with `silu=True` applying SiLU to its output, and the fused
-    kernel for channels-last CPU inputs while `self.fused` is true (`UNet(fused_norm=...)`). `forward(x, dropout)`
-    applies a dropout module after it: in training, the kernel fuses it (same keep probability and scaling, its
-    own mask, keyed by a seed from torch's global generator); otherwise it is called on the output."""
+    kernel for channels-last CPU inputs while `self.fused` is true (`UNet(fused_norm=...)`).
+
+    `forward(x, dropout, shift)` normalises x + shift[:, :, None, None] for a [N, C] `shift` (the ResBlock's time
+    embedding; the kernel never writes the sum out) and applies a dropout module after it: in training the kernel
+    fuses it (same keep probability and scaling, its own mask, keyed by a seed from torch's global generator);
+    otherwise it is called on the output."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, silu: bool = False):
         super().__init__(num_groups, num_channels, eps)
         self.silu, self.fused = silu, True
 
-    def forward(self, x: Tensor, dropout: nn.Dropout | None = None) -> Tensor:
+    def forward(self, x: Tensor, dropout: nn.Dropout | None = None, shift: Tensor | None = None) -> Tensor:
         p = dropout.p if dropout is not None and dropout.training else 0.0
         if self.fused and _fusable(x) and p < 1 and x.numel() < 2**32 and kernel() is not None:
             seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) if p > 0 else 0
-            return _GroupNormSiLU.apply(x, self.weight.float(), self.bias.float(), self.num_groups, self.eps, self.silu, p, seed)
+            t = x.new_zeros(x.shape[:2], dtype=torch.float32) if shift is None else shift.float().contiguous()
+            return _GroupNormSiLU.apply(x, self.weight.float(), self.bias.float(), t, self.num_groups, self.eps, self.silu, p, seed)
+        if shift is not None:
+            x = x + shift[:, :, None, None]
         y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         y = F.silu(y) if self.silu else y
         return dropout(y) if dropout is not None else y

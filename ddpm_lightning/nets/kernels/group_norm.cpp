@@ -1,6 +1,7 @@
 // GroupNorm (Wu & He 2018, Eq. 1-2) with an optional SiLU and inverted dropout after it (Srivastava et al. 2014),
 // forward and backward, for channels-last CPU tensors: x is [N, L, C] in memory (L = H * W), fp32 or bf16, with fp32
-// statistics and affine parameters. The dropout mask is a hash of (seed, element index), so the backward pass
+// statistics and affine parameters. Its input is x + t with t a per-(sample, channel) shift (the ResBlock's time
+// embedding), which only enters per-channel coefficients, so x + t is never written out. The dropout mask is a hash of (seed, element index), so the backward pass
 // regenerates it instead of storing it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -116,13 +117,13 @@ inline void grad_input_row(const T* __restrict__ x, const T* __restrict__ dy, co
   }
 }
 
-// Per (sample, channel): the normalisation and affine map as z = a x + b, a = rstd w, b = bias - mean rstd w.
-void affine(const float* w, const float* b, const float* mean, const float* rstd, int64_t N, int64_t C, int64_t G,
+// Per (sample, channel): the normalisation and affine map of x + t as z = a x + b, a = rstd w, b = bias + (t - mean) rstd w.
+void affine(const float* w, const float* b, const float* t, const float* mean, const float* rstd, int64_t N, int64_t C, int64_t G,
             std::vector<float>& a, std::vector<float>& bb) {
   for (int64_t n = 0; n < N; ++n)
     for (int64_t c = 0; c < C; ++c) {
       const float r = rstd[n * G + c / (C / G)], m = mean[n * G + c / (C / G)];
-      a[n * C + c] = r * w[c], bb[n * C + c] = b[c] - m * r * w[c];
+      a[n * C + c] = r * w[c], bb[n * C + c] = b[c] + (t[n * C + c] - m) * r * w[c];
     }
 }
 
@@ -133,19 +134,21 @@ int64_t chunks(int64_t N, int64_t L) {
 }
 
 template <typename T, bool silu, bool drop>
-std::vector<at::Tensor> forward(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& b_, int64_t G, double eps, const Drop& d) {
+std::vector<at::Tensor> forward(const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& b_, const at::Tensor& t_, int64_t G, double eps,
+                                const Drop& d) {
   const int64_t N = x_.size(0), C = x_.size(1), L = x_.numel() / (N * C), Cg = C / G, K = chunks(N, L);
   const T* x = x_.data_ptr<T>();
-  const float *w = w_.data_ptr<float>(), *b = b_.data_ptr<float>();
+  const float *w = w_.data_ptr<float>(), *b = b_.data_ptr<float>(), *t = t_.data_ptr<float>();
   at::Tensor y_ = at::empty_like(x_), mean_ = at::empty({N, G}, x_.options().dtype(at::kFloat)), rstd_ = at::empty_like(mean_);
+  at::Tensor sum_ = at::empty({N, C}, mean_.options());  // per (sample, channel): the sum of x + t over the pixels
   T* y = y_.data_ptr<T>();
-  float *mean = mean_.data_ptr<float>(), *rstd = rstd_.data_ptr<float>();
+  float *mean = mean_.data_ptr<float>(), *rstd = rstd_.data_ptr<float>(), *xsum = sum_.data_ptr<float>();
   // per (sample, chunk, channel): sums of x - shift and (x - shift)^2, shift = the sample's first row (shifted-data variance)
   std::vector<float> part(N * K * 2 * C);
-  at::parallel_for(0, N * K, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n = t / K, k = t % K, l0 = L * k / K, l1 = L * (k + 1) / K;
-      float *s1 = &part[t * 2 * C], *s2 = s1 + C;
+  at::parallel_for(0, N * K, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / K, k = i % K, l0 = L * k / K, l1 = L * (k + 1) / K;
+      float *s1 = &part[i * 2 * C], *s2 = s1 + C;
       const T* sh = x + n * L * C;
       for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = 0.f;
       for (int64_t l = l0; l < l1; ++l) moments_row(x + (n * L + l) * C, sh, s1, s2, C);
@@ -157,8 +160,9 @@ std::vector<at::Tensor> forward(const at::Tensor& x_, const at::Tensor& w_, cons
     for (int64_t g = 0; g < G; ++g) {
       double sum = 0, sq = 0;
       for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-        double s1 = 0, s2 = 0, h = load(sh, c);
+        double s1 = 0, s2 = 0, h = load(sh, c) + t[n * C + c];  // sums of x + t - h and their squares
         for (int64_t k = 0; k < K; ++k) s1 += part[(n * K + k) * 2 * C + c], s2 += part[(n * K + k) * 2 * C + C + c];
+        xsum[n * C + c] = float(s1 + L * h);
         sum += s1 + L * h;
         sq += s2 + 2 * h * s1 + L * h * h;
       }
@@ -166,32 +170,33 @@ std::vector<at::Tensor> forward(const at::Tensor& x_, const at::Tensor& w_, cons
       mean[n * G + g] = float(m), rstd[n * G + g] = float(1 / std::sqrt(var + eps));
     }
   }
-  affine(w, b, mean, rstd, N, C, G, a, bb);
+  affine(w, b, t, mean, rstd, N, C, G, a, bb);
   at::parallel_for(0, N * L, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t row = r0; row < r1; ++row) {
       normalize_row<T, silu, drop>(x + row * C, &a[(row / L) * C], &bb[(row / L) * C], y + row * C, C, d, uint32_t(row * C));
     }
   });
-  return {y_, mean_, rstd_};
+  return {y_, mean_, rstd_, sum_};
 }
 
 template <typename T, bool silu, bool drop>
-std::vector<at::Tensor> backward(const at::Tensor& dy_, const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& b_,
-                                 const at::Tensor& mean_, const at::Tensor& rstd_, int64_t G, const Drop& dr) {
+std::vector<at::Tensor> backward(const at::Tensor& dy_, const at::Tensor& x_, const at::Tensor& w_, const at::Tensor& b_, const at::Tensor& t_,
+                                 const at::Tensor& mean_, const at::Tensor& rstd_, const at::Tensor& sum_, int64_t G, const Drop& dr) {
   const int64_t N = x_.size(0), C = x_.size(1), L = x_.numel() / (N * C), Cg = C / G, K = chunks(N, L);
   const T *x = x_.data_ptr<T>(), *dy = dy_.data_ptr<T>();
-  const float *w = w_.data_ptr<float>(), *b = b_.data_ptr<float>(), *mean = mean_.data_ptr<float>(), *rstd = rstd_.data_ptr<float>();
-  at::Tensor dx_ = at::empty_like(x_), dw_ = at::empty({C}, w_.options()), db_ = at::empty({C}, w_.options());
+  const float *w = w_.data_ptr<float>(), *b = b_.data_ptr<float>(), *t = t_.data_ptr<float>(), *mean = mean_.data_ptr<float>(),
+              *rstd = rstd_.data_ptr<float>(), *xsum = sum_.data_ptr<float>();
+  at::Tensor dx_ = at::empty_like(x_), dw_ = at::empty({C}, w_.options()), db_ = at::empty({C}, w_.options()), dt_ = at::empty_like(t_);
   T* dx = dx_.data_ptr<T>();
-  std::vector<float> a(N * C), bb(N * C), mc(N * C);
-  affine(w, b, mean, rstd, N, C, G, a, bb);
-  for (int64_t i = 0; i < N * C; ++i) mc[i] = mean[(i / C) * G + (i % C) / Cg];
+  std::vector<float> a(N * C), bb(N * C), mc(N * C);  // mc: mean - t, so that x - mc = (x + t) - mean
+  affine(w, b, t, mean, rstd, N, C, G, a, bb);
+  for (int64_t i = 0; i < N * C; ++i) mc[i] = mean[(i / C) * G + (i % C) / Cg] - t[i];
   // per (sample, chunk, channel): sums of dz and dz * (x - mean)
   std::vector<float> part(N * K * 2 * C);
-  at::parallel_for(0, N * K, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t n = t / K, k = t % K, l0 = L * k / K, l1 = L * (k + 1) / K;
-      float *s1 = &part[t * 2 * C], *s2 = s1 + C;
+  at::parallel_for(0, N * K, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / K, k = i % K, l0 = L * k / K, l1 = L * (k + 1) / K;
+      float *s1 = &part[i * 2 * C], *s2 = s1 + C;
       const float *ar = &a[n * C], *br = &bb[n * C], *mr = &mc[n * C];
       for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = 0.f;
       for (int64_t l = l0; l < l1; ++l) {
@@ -212,7 +217,12 @@ std::vector<at::Tensor> backward(const at::Tensor& dy_, const at::Tensor& x_, co
       for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) A += w[c] * S1[n * C + c], B += w[c] * S2[n * C + c];
       for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) e[n * C + c] = float(-r * r * r * B / (L * Cg)), f[n * C + c] = float(-r * A / (L * Cg));
     }
-  float *dw = dw_.data_ptr<float>(), *db = db_.data_ptr<float>();
+  float *dw = dw_.data_ptr<float>(), *db = db_.data_ptr<float>(), *dt = dt_.data_ptr<float>();
+  // dt: dx summed over the pixels, with the sum of (x + t - mean) from the forward pass
+  for (int64_t i = 0; i < N * C; ++i) {
+    const double centred = xsum[i] - double(L) * mean[(i / C) * G + (i % C) / Cg];
+    dt[i] = float(a[i] * S1[i] + e[i] * centred + double(L) * f[i]);
+  }
   for (int64_t c = 0; c < C; ++c) {
     double sw = 0, sb = 0;
     for (int64_t n = 0; n < N; ++n) sw += rstd[n * G + c / Cg] * S2[n * C + c], sb += S1[n * C + c];
@@ -224,7 +234,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dy_, const at::Tensor& x_, co
       grad_input_row<T, silu, drop>(x + row * C, dy + row * C, &a[o], &bb[o], &mc[o], &e[o], &f[o], dx + row * C, C, dr, uint32_t(row * C));
     }
   });
-  return {dx_, dw_, db_};
+  return {dx_, dw_, db_, dt_};
 }
 
 // The template instance for a dtype and the silu / dropout switches.
@@ -248,15 +258,18 @@ struct Backward {
   std::vector<at::Tensor> operator()(A&&... a) { return backward<T, silu, drop>(a...); }
 };
 
-// p: the dropout probability after the (SiLU of the) normalisation, 0 for none; seed: its mask's key.
-std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, int64_t groups, double eps, bool silu,
-                                           double p, int64_t seed) {
-  return dispatch<Forward>(x.scalar_type(), silu, p > 0, x, w, b, groups, eps, Drop(p, seed));
+// t: the [N, C] fp32 shift; p: the dropout probability after the (SiLU of the) normalisation, 0 for none; seed: its
+// mask's key. Forward returns y, mean, rstd and the per-channel sums of x + t that backward takes.
+std::vector<at::Tensor> group_norm_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& t, int64_t groups,
+                                           double eps, bool silu, double p, int64_t seed) {
+  return dispatch<Forward>(x.scalar_type(), silu, p > 0, x, w, b, t, groups, eps, Drop(p, seed));
 }
 
-std::vector<at::Tensor> group_norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
-                                            const at::Tensor& mean, const at::Tensor& rstd, int64_t groups, bool silu, double p, int64_t seed) {
-  return dispatch<Backward>(x.scalar_type(), silu, p > 0, dy, x, w, b, mean, rstd, groups, Drop(p, seed));
+// Returns dx, dw, db, dt.
+std::vector<at::Tensor> group_norm_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, const at::Tensor& t,
+                                            const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& sum, int64_t groups, bool silu,
+                                            double p, int64_t seed) {
+  return dispatch<Backward>(x.scalar_type(), silu, p > 0, dy, x, w, b, t, mean, rstd, sum, groups, Drop(p, seed));
 }
 
 }  // namespace
