@@ -1,6 +1,5 @@
 """The DDPM U-Net: exact parameter counts of the papers' models, shapes, optional inputs, bad configs."""
 
-import copy
 import math
 
 import pytest
@@ -131,27 +130,3 @@ def test_dropout_keeps_each_element_with_probability_1_minus_p(p, channels_last)
     assert torch.equal(drop(x.detach()), out.detach())  # the global RNG decides: seeded runs repeat
     assert torch.equal(drop.eval()(x), x)
 
-
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_upsample_equals_nearest_upsampling_then_the_3x3_convolution(channels_last):
-    """The folded 2x2 phase kernels reproduce interpolate + conv (float64), values and all three gradients."""
-    from ddpm_lightning.nets.unet import Upsample
-
-    torch.manual_seed(0)
-    up = Upsample(6).double()
-    x = torch.randn(2, 6, 5, 3, dtype=torch.float64)  # odd, non-square sides: padding and phases at every border
-    if channels_last:
-        up, x = up.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_()
-    dy = torch.randn(2, 6, 10, 6, dtype=torch.float64)
-    y = up(x)
-    y.backward(dy)
-    got = [y, x.grad, up.conv.weight.grad, up.conv.bias.grad]
-    x2 = x.detach().clone().requires_grad_()
-    conv = copy.deepcopy(up.conv)
-    conv.zero_grad()
-    want_y = conv(torch.nn.functional.interpolate(x2, scale_factor=2.0, mode="nearest"))
-    want_y.backward(dy)
-    for g, w in zip(got, [want_y, x2.grad, conv.weight.grad, conv.bias.grad]):
-        assert torch.allclose(g, w, rtol=1e-10, atol=1e-12)
-    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
