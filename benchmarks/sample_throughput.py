@@ -94,11 +94,11 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = (args.channels, args.image_size, args.image_size)
     nets = {
-        "ours": common.ours(args.model, args.image_size, args.channels).to(device).eval(),
-        "ours_channels_last": common.ours(args.model, args.image_size, args.channels).to(device, memory_format=torch.channels_last).eval(),
+        "ours": common.ours(args.model, args.image_size, args.channels).to(device, memory_format=torch.channels_last).eval(),
+        "ours_nchw": common.ours(args.model, args.image_size, args.channels).to(device).eval(),
         "diffusers": common.diffusers_unet(args.model, args.image_size, args.channels).to(device).eval(),
     }
-    build = {"ours": ours_loop, "ours_channels_last": ours_loop, "diffusers": diffusers_loop}
+    build = {"ours": ours_loop, "ours_nchw": ours_loop, "diffusers": diffusers_loop}
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     rows = []
     for sampler, chain in (("ddpm", 1000), ("ddim", 50)):
