@@ -1,10 +1,10 @@
 """Sample quality at equal wall-clock: ours against diffusers and denoising-diffusion-pytorch on the digits.
 
-    python benchmarks/time_to_quality.py --budget 120
+    python benchmarks/time_to_quality.py --budget 120 [--precision bf16]
 
 Each implementation trains the same U-Net shape (conf/model/unet_small, resized to the 8x8 digits as in
 experiment=digits) with its own idiomatic training step, Adam lr 1e-3, batch 128, linear schedule, for
-`--budget` seconds of wall-clock, then draws `--samples` images with DDIM-50 from its EMA weights.
+`--budget` seconds of wall-clock (all in fp32, or all under bf16 autocast with `--precision bf16`), then draws `--samples` images with DDIM-50 from its EMA weights.
 Quality is judged by a digit classifier trained on the real training digits (scikit-learn MLP): the
 Frechet distance between its hidden features of samples and of the real validation digits (lower is
 better; "FD-digits") and the mean top-class confidence.
@@ -65,9 +65,9 @@ class DigitJudge:
         return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
-def train_for(impl: str, x: torch.Tensor, budget: float, batch: int) -> tuple[train_throughput.Run, int]:
+def train_for(impl: str, x: torch.Tensor, budget: float, batch: int, precision: str) -> tuple[train_throughput.Run, int]:
     """Train `impl` for `budget` seconds of wall-clock on random batches of x; returns the run and its steps."""
-    run = train_throughput.Run(impl, "unet_small", x[:batch].clone(), "fp32", arch=ARCH)
+    run = train_throughput.Run(impl, "unet_small", x[:batch].clone(), precision, arch=ARCH)
     g = torch.Generator().manual_seed(0)
     steps, start = 0, time.perf_counter()
     while time.perf_counter() - start < budget:
@@ -82,6 +82,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=120.0, help="training seconds per implementation")
     p.add_argument("--samples", type=int, default=500)
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="training precision; sampling is fp32")
     common.allocator_option(p)
     args = p.parse_args()
     common.set_allocator(args)
@@ -89,12 +90,12 @@ def main() -> None:
     judge = DigitJudge(x_train, y_train)
     rows = [{"impl": "real training digits (reference)", "steps": 0, "fd_digits": judge.frechet(x_train, x_val), "confidence": judge.confidence(x_val)}]
     for impl in ("ours", "diffusers", "denoising_diffusion_pytorch"):
-        run, steps = train_for(impl, x_train, args.budget, args.batch)
+        run, steps = train_for(impl, x_train, args.budget, args.batch, args.precision)
         samples = run.sample(args.samples)
         rows.append({"impl": impl, "params": common.count(run.net), "steps": steps, "fd_digits": judge.frechet(samples, x_val), "confidence": judge.confidence(samples)})
         print(rows[-1], flush=True)
-    print(f"digits 8x8, {args.budget:.0f} s of training each, batch {args.batch}, {args.samples} DDIM-50 samples, {torch.get_num_threads()} threads")
-    common.report("time_to_quality", rows, ["impl", "params", "steps", "fd_digits", "confidence"])
+    print(f"digits 8x8, {args.budget:.0f} s of {args.precision} training each, batch {args.batch}, {args.samples} DDIM-50 samples, {torch.get_num_threads()} threads")
+    common.report("time_to_quality" + ("_bf16" if args.precision == "bf16" else ""), rows, ["impl", "params", "steps", "fd_digits", "confidence"])
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""GroupNorm (Wu & He 2018, Eq. 1-2), optionally followed by SiLU and dropout, with a fused CPU kernel for
-channels-last tensors.
+"""GroupNorm (Wu & He 2018, Eq. 1-2) of an optionally shifted input, optionally followed by SiLU and dropout,
+with a fused CPU kernel for channels-last tensors.
 
 PyTorch's CPU GroupNorm is several times slower on channels-last tensors than on contiguous ones (about 4x in
 bf16 at [16, 128, 32, 32], forward and backward), and channels-last is the layout the convolutions are fastest
 in. `kernels/group_norm.cpp` normalises channels-last fp32 / bf16 tensors in two passes forward and three
-backward, fusing the SiLU that follows every GroupNorm of a ResBlock and the dropout that follows the second (its
-mask a hash of a seed and the element index, regenerated in the backward pass rather than stored). It is built with
+backward, fusing the SiLU that follows every GroupNorm of a ResBlock, and for the second the time embedding added
+to its input and the dropout that follows it (its mask a hash of a seed and the element index, regenerated in the
+backward pass rather than stored). It is built with
 `torch.utils.cpp_extension` on first use (about 45 s, cached in the torch extensions folder, one build per CPU
 instruction set); without a compiler the layer warns once and uses `F.group_norm`. Everything else (GPU tensors,
 contiguous tensors, float64) takes `F.group_norm` as well.
