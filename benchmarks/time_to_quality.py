@@ -4,7 +4,8 @@
 
 Each implementation trains the same U-Net shape (conf/model/unet_small, resized to the 8x8 digits as in
 experiment=digits) with its own idiomatic training step, Adam lr 1e-3, batch 128, linear schedule, for
-`--budget` seconds of wall-clock (all in fp32, or all under bf16 autocast with `--precision bf16`), then draws `--samples` images with DDIM-50 from its EMA weights.
+`--budget` seconds of wall-clock (all in fp32, or all under bf16 autocast with `--precision bf16`), then
+draws `--samples` images with DDIM-50 from its EMA weights.
 Quality is judged by a digit classifier trained on the real training digits (scikit-learn MLP): the
 Frechet distance between its hidden features of samples and of the real validation digits (lower is
 better; "FD-digits") and the mean top-class confidence.

@@ -149,3 +149,18 @@ def test_loggers_and_precision_compose_into_a_run(overrides, tmp_path):
         assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     if "logger=wandb" in overrides:
         assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_train_sets_the_allocator_and_trains_channels_last(trained, tmp_path, monkeypatch):
+    """conf retain_freed_memory (default true) reaches tasks.retain_freed_memory; module.channels_last (default
+    true) lays the trained network out channels-last, and a checkpoint loads back that way."""
+    import ddpm_lightning.tasks as tasks
+
+    calls = []
+    monkeypatch.setattr(tasks, "retain_freed_memory", lambda: calls.append(1) or True)
+    train(compose_cfg(["trainer.max_steps=1"], tmp_path / "a"))
+    train(compose_cfg(["trainer.max_steps=1", "retain_freed_memory=false"], tmp_path / "b"))
+    assert calls == [1]
+    module = load_model(trained[0] / "first" / "checkpoints" / "last.ckpt")
+    convs = [m.weight for m in module.net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.in_channels > 1]  # [O, 1, 3, 3] is both layouts
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)

@@ -129,4 +129,3 @@ def test_dropout_keeps_each_element_with_probability_1_minus_p(p, channels_last)
     torch.manual_seed(0)
     assert torch.equal(drop(x.detach()), out.detach())  # the global RNG decides: seeded runs repeat
     assert torch.equal(drop.eval()(x), x)
-

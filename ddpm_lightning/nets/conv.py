@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .norm import channels_last_cpu
+
 SMALL_IMAGE = 64  # pixels (H W) up to which the matrix product is faster (bf16, 2-core AMX CPU, batch 16)
 
 
@@ -62,11 +64,8 @@ class Conv2d(nn.Conv2d):
 
     def _small_3x3(self, x: Tensor) -> bool:
         return (
-            x.device.type == "cpu"
-            and x.dim() == 4
+            channels_last_cpu(x)
             and x.shape[-2] * x.shape[-1] <= SMALL_IMAGE
-            and x.is_contiguous(memory_format=torch.channels_last)
-            and not x.is_contiguous()
             and self.kernel_size == (3, 3)
             and self.stride == (1, 1)
             and self.padding == (1, 1)

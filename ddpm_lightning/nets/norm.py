@@ -95,12 +95,11 @@ class GroupNorm(nn.GroupNorm):
         return super().extra_repr() + (", silu=True" if self.silu else "")
 
 
+def channels_last_cpu(x: Tensor) -> bool:
+    """A 4-D CPU tensor laid out channels-last (and not also contiguous, as 1x1 images are)."""
+    return x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 def _fusable(x: Tensor) -> bool:
-    """A 4-D CPU fp32 / bf16 tensor laid out channels-last (and not also contiguous, where F.group_norm is fast)."""
-    return (
-        x.device.type == "cpu"
-        and x.dim() == 4
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and x.is_contiguous(memory_format=torch.channels_last)
-        and not x.is_contiguous()
-    )
+    """An fp32 / bf16 channels-last CPU tensor (F.group_norm is fast on contiguous ones)."""
+    return channels_last_cpu(x) and x.dtype in (torch.float32, torch.bfloat16)

@@ -1,8 +1,8 @@
 // GroupNorm (Wu & He 2018, Eq. 1-2) with an optional SiLU and inverted dropout after it (Srivastava et al. 2014),
 // forward and backward, for channels-last CPU tensors: x is [N, L, C] in memory (L = H * W), fp32 or bf16, with fp32
 // statistics and affine parameters. Its input is x + t with t a per-(sample, channel) shift (the ResBlock's time
-// embedding), which only enters per-channel coefficients, so x + t is never written out. The dropout mask is a hash of (seed, element index), so the backward pass
-// regenerates it instead of storing it.
+// embedding), which only enters per-channel coefficients, so x + t is never written out. The dropout mask is a
+// hash of (seed, element index), so the backward pass regenerates it instead of storing it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
