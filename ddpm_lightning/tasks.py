@@ -41,12 +41,18 @@ def _diff(a: Any, b: Any, prefix: str) -> list[str]:
     return [] if a == b else [f"{prefix}: checkpoint has {a!r}, config has {b!r}"]
 
 
+_KERNEL_SWITCHES = ("fused_norm", "winograd")  # UNet options that choose how it computes, not what
+
+
 def check_resumable(ckpt_path: str | Path, module: DiffusionModule) -> None:
     """Refuse to resume from a checkpoint of another model, before any compute is spent."""
     hp = _read_checkpoint(ckpt_path)["hyper_parameters"]
     diffs = []
     for key, cfg_key in (("net", "model"), ("schedule", "schedule"), ("image_size", "data.image_size"), ("channels", "data.channels"), ("parameterization", "module.parameterization")):
-        diffs += _diff(hp.get(key), module.hparams.get(key), cfg_key)
+        a, b = hp.get(key), module.hparams.get(key)
+        if key == "net":
+            a, b = ({k: v for k, v in (d or {}).items() if k not in _KERNEL_SWITCHES} for d in (a, b))
+        diffs += _diff(a, b, cfg_key)
     if diffs:
         raise ValueError(
             f"ckpt_path={ckpt_path} was trained with another model; these config keys differ:\n  "

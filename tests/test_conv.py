@@ -1,11 +1,14 @@
-"""The small-image 3x3 convolution's own backward pass against autograd through F.conv2d."""
+"""The 3x3 convolutions of nets.conv against autograd through F.conv2d: Winograd F(4x4, 3x3) in fp32 and the
+small-image bf16 weight gradient."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ddpm_lightning.nets import conv
+from ddpm_lightning.nets import conv, norm
 from ddpm_lightning.nets.conv import Conv2d
+
+needs_compiler = pytest.mark.skipif(norm.kernel("winograd") is None, reason="no C++ compiler for the kernel")
 
 
 def grads(f, x, w, b, dy):
@@ -60,3 +63,67 @@ def test_conv2d_takes_the_matrix_product_only_for_small_bf16_channels_last_train
             layer(x)  # sampling: the forward is the same either way
     layer(x)  # fp32
     assert calls == [1]
+
+
+@needs_compiler
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("n, i, o, h, w", [(2, 16, 32, 8, 8), (3, 32, 16, 5, 7), (1, 16, 16, 1, 3), (2, 48, 16, 13, 4)])
+def test_winograd_convolution_matches_float64_forward_and_backward(n, i, o, h, w, bias):
+    """Whole and partial 4x4 tiles, one-pixel rows, input and output channels unequal: y, dx, dw, db within fp32
+    rounding of the exact convolution (relative to each tensor's largest entry)."""
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    x = torch.randn(n, i, h, w).contiguous(memory_format=cl)
+    weight, b = torch.randn(o, i, 3, 3) / (3 * i**0.5), torch.randn(o) if bias else None
+    dy = torch.randn(n, o, h, w).contiguous(memory_format=cl)
+
+    def run(f, x, weight, b):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, weight, b) if t is not None]
+        y = f(*leaves, *([None] * (b is None)))
+        y.backward(dy.to(y.dtype))
+        return [y, *(t.grad for t in leaves)]
+
+    got = run(conv.winograd_conv3x3, x, weight, b)
+    want = run(lambda x, w, b: F.conv2d(x, w, b, 1, 1), x.double(), weight.double(), None if b is None else b.double())
+    assert got[0].is_contiguous(memory_format=cl) and got[1].is_contiguous(memory_format=cl)
+    for g, v in zip(got, want):
+        assert g.dtype == torch.float32 and g.shape == v.shape
+        assert (g.double() - v).abs().max() / v.abs().max() < 3e-5
+
+
+@needs_compiler
+def test_winograd_kernel_refuses_channel_counts_it_does_not_block():
+    with pytest.raises(RuntimeError, match="multiple of 16 channels, not 20"):
+        conv.winograd_conv3x3(torch.randn(1, 20, 8, 8).contiguous(memory_format=torch.channels_last), torch.randn(16, 20, 3, 3), None)
+
+
+@needs_compiler
+def test_conv2d_takes_winograd_only_for_fp32_channels_last_images_it_fits(monkeypatch):
+    calls = []
+    original = conv.winograd_conv3x3
+    monkeypatch.setattr(conv, "winograd_conv3x3", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(0)
+    cl = torch.channels_last
+    layer = Conv2d(16, 32, 3, padding=1)
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=cl)
+    assert torch.allclose(layer(x), F.conv2d(x, layer.weight, layer.bias, 1, 1), atol=1e-5)
+    with torch.no_grad():
+        layer(x)  # sampling too
+    assert calls == [1, 1]
+    monkeypatch.setattr(conv, "amx", lambda: True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)  # bf16 on AMX: oneDNN's convolution (Winograd's transforms in bf16 would lose its few digits)
+    layer(torch.randn(2, 16, 4, 4).contiguous(memory_format=cl))  # below WINOGRAD_IMAGE
+    layer(torch.randn(2, 16, 8, 8))  # contiguous
+    layer.double()(x.double())  # float64
+    Conv2d(8, 16, 3, padding=1)(torch.randn(2, 8, 8, 8).contiguous(memory_format=cl))  # 8 input channels
+    Conv2d(16, 16, 3, padding=1, stride=2)(x)
+    layer.float().winograd = False
+    layer(x)
+    assert calls == [1, 1]
+    layer.winograd = True
+    monkeypatch.setattr(conv, "amx", lambda: False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x.bfloat16())  # bf16 without AMX: fp32 Winograd, the output in autocast's bf16
+    assert calls == [1, 1, 1] and y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), F.conv2d(x.bfloat16().float(), layer.weight, layer.bias, 1, 1), atol=1e-2)

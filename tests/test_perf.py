@@ -60,6 +60,22 @@ def test_fused_group_norm_gives_the_plain_loss_and_gradients_in_bf16():
     assert torch.nn.functional.cosine_similarity(grads, grads_f, dim=0) > 0.999
 
 
+def test_winograd_convolutions_give_the_direct_loss_and_gradients_in_fp32():
+    """channels_last fp32 runs the 8x8 convolutions by Winograd F(4x4, 3x3); UNet(winograd=False) by oneDNN."""
+    torch.manual_seed(0)
+    net, x0 = small_unet(), torch.rand(4, 3, 8, 8) * 2 - 1
+    direct = copy.deepcopy(net)
+    for m in direct.modules():
+        if hasattr(m, "winograd"):
+            m.winograd = False
+    loss, grads = loss_and_grads(direct, x0, channels_last=True)
+    loss_w, grads_w = loss_and_grads(copy.deepcopy(net), x0, channels_last=True)
+    assert not torch.equal(grads, grads_w)  # the other algorithm ran: other roundings
+    assert torch.allclose(loss, loss_w, rtol=1e-5)
+    assert torch.allclose(grads, grads_w, rtol=1e-4, atol=1e-6)
+    assert UNet(ch=32, ch_mult=(1,), attn_resolutions=(), image_size=8, winograd=False).down[1][0].conv1.winograd is False
+
+
 def test_channels_last_sampling_matches():
     net = small_unet().eval()
     schedule = linear()

@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import compose_cfg
 from ddpm_lightning.callbacks import EMA
-from ddpm_lightning.tasks import load_model, train
+from ddpm_lightning.tasks import build, check_resumable, load_model, train
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +109,11 @@ def test_checkpoint_of_another_model_is_refused_before_training(trained, tmp_pat
     cfg = compose_cfg([f"ckpt_path={last}", "schedule=cosine"], tmp_path)
     with pytest.raises(ValueError, match="schedule"):
         train(cfg)
+    # the kernel switches choose how the same network computes: a checkpoint resumes under either
+    module = build(compose_cfg(["model.winograd=false", "model.fused_norm=false"], tmp_path).module)
+    check_resumable(last, module)
+    module.hparams.net.pop("winograd")  # from before the switch existed: no key at all
+    check_resumable(last, module)
 
 
 def test_missing_or_corrupt_checkpoint(tmp_path):

@@ -21,32 +21,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_SOURCE = Path(__file__).with_name("kernels") / "group_norm.cpp"
+_KERNELS = Path(__file__).with_name("kernels")
 _FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
     "AVX2": ["-mavx2", "-mfma"],
 }
-_kernel = None  # the loaded extension, False once a build has failed
+_kernels: dict = {}  # name -> the loaded extension, or False once its build has failed
 
 
-def kernel():
-    """The compiled extension, or None where it cannot be built (warned once)."""
-    global _kernel
-    if _kernel is None:
+def kernel(name: str = "group_norm"):
+    """The compiled extension kernels/<name>.cpp, or None where it cannot be built (warned once)."""
+    if name not in _kernels:
         from torch.utils.cpp_extension import load
 
         capability = torch.backends.cpu.get_cpu_capability()
         try:
-            _kernel = load(
-                f"ddpm_lightning_group_norm_{capability.lower()}",
-                [str(_SOURCE)],
+            _kernels[name] = load(
+                f"ddpm_lightning_{name}_{capability.lower()}",
+                [str(_KERNELS / f"{name}.cpp")],
                 extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", *_FLAGS.get(capability, [])],
                 extra_ldflags=["-fopenmp"],  # at::parallel_for is OpenMP in torch's builds; libgomp is torch's own
             )
         except Exception as e:  # no compiler, no headers: the plain path still works
-            warnings.warn(f"fused GroupNorm kernel unavailable ({type(e).__name__}: {e}); using F.group_norm", stacklevel=2)
-            _kernel = False
-    return _kernel or None
+            warnings.warn(f"compiled kernel {name}.cpp unavailable ({type(e).__name__}: {e}); using PyTorch's operators", stacklevel=2)
+            _kernels[name] = False
+    return _kernels[name] or None
 
 
 class _GroupNormSiLU(torch.autograd.Function):

@@ -152,6 +152,7 @@ class UNet(nn.Module):
         num_classes: int | None = None,
         norm_groups: int = 32,
         fused_norm: bool = True,
+        winograd: bool = True,
     ):
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
@@ -201,6 +202,8 @@ class UNet(nn.Module):
         for m in self.modules():
             if isinstance(m, GroupNorm):
                 m.fused = fused_norm
+            if isinstance(m, Conv2d):
+                m.winograd = winograd
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, control: Sequence[Tensor] | None = None) -> Tensor:
         check_input(x, self.in_channels, self.image_size, "UNet")
