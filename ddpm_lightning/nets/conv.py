@@ -43,49 +43,55 @@ _G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24,
 
 def winograd_weight(weight: Tensor) -> Tensor:
     """U = G g G^T for every (output, input) channel pair, [O, I, 3, 3] -> [36, I, O] (Lavin & Gray 2016, Eq. 8)."""
-    G = weight.new_tensor(_G)
     O, I = weight.shape[:2]
-    GG = (G[:, None, :, None] * G[None, :, None, :]).reshape(36, 9)  # (G ⊗ G): U[a b] = sum_kl G[a k] g[k l] G[b l]
-    return (GG @ weight.reshape(O * I, 9).t()).view(36, O, I).transpose(1, 2)
+    return (_GG(weight) @ weight.reshape(O * I, 9).t()).view(36, O, I).transpose(1, 2)
 
 
-class _WinogradInput(torch.autograd.Function):
-    """V = B^T d B of every 6x6 input patch: [N, I, H, W] channels-last -> [36, P, I]."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        ctx.shape = x.shape
-        return kernel("winograd").input_transform(x)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dV: Tensor):
-        N, _, H, W = ctx.shape
-        return kernel("winograd").input_adjoint(dV, N, H, W)
+def winograd_weight_adjoint(dU: Tensor) -> Tensor:
+    """dL/dg = G^T dU G, the adjoint of winograd_weight: [36, I, O] -> [O, I, 3, 3]."""
+    _, I, O = dU.shape
+    return (_GG(dU).t() @ dU.transpose(1, 2).reshape(36, O * I)).t().reshape(O, I, 3, 3)
 
 
-class _WinogradOutput(torch.autograd.Function):
-    """y = A^T M A + bias of every tile: [36, P, O] -> [N, O, H, W] channels-last."""
+def _GG(like: Tensor) -> Tensor:
+    """G ⊗ G as a [36, 9] matrix: U[a b] = sum_kl G[a k] g[k l] G[b l]."""
+    G = like.new_tensor(_G)
+    return (G[:, None, :, None] * G[None, :, None, :]).reshape(36, 9)
+
+
+class _Winograd(torch.autograd.Function):
+    """y = A^T [U V] A + b over 4x4 output tiles; the backward pass recomputes U and V from the weight and x
+    rather than keeping them (they are 4x and 2.25x the size), and runs the same transforms' adjoints."""
 
     @staticmethod
-    def forward(ctx, M: Tensor, bias: Tensor | None, N: int, H: int, W: int) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        k, (N, _, H, W) = kernel("winograd"), x.shape
+        ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return kernel("winograd").output_transform(M, M.new_empty(0) if bias is None else bias.contiguous(), N, H, W)
+        return k.output_transform(torch.bmm(k.input_transform(x), winograd_weight(weight)), x.new_empty(0) if bias is None else bias.contiguous(), N, H, W)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: Tensor):
+        k, (x, weight) = kernel("winograd"), ctx.saved_tensors
+        N, _, H, W = x.shape
         dy = dy.contiguous(memory_format=torch.channels_last)
-        db = dy.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[1] else None
-        return kernel("winograd").output_adjoint(dy), db, None, None, None
+        dM = k.output_adjoint(dy)  # [36, P, O]
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = k.input_adjoint(torch.bmm(dM, winograd_weight(weight).transpose(1, 2)), N, H, W)
+        if ctx.needs_input_grad[1]:
+            dw = winograd_weight_adjoint(torch.bmm(k.input_transform(x).transpose(1, 2), dM))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.sum((0, 2, 3))
+        return dx, dw, db
 
 
 def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """F.conv2d(x, weight, bias, padding=1) of a channels-last fp32 CPU image by Winograd's F(4x4, 3x3) (Lavin &
     Gray 2016, Eq. 8): Y = A^T [U V] A, with the 36 matrix products U V over channels as one torch.bmm. It takes 4x
-    fewer multiplications than the direct convolution; autograd differentiates through the transforms' adjoints."""
-    N, _, H, W = x.shape
-    return _WinogradOutput.apply(torch.bmm(_WinogradInput.apply(x), winograd_weight(weight)), bias, N, H, W)
+    fewer multiplications than the direct convolution."""
+    return _Winograd.apply(x, weight, bias)
 
 
 class _Conv3x3(torch.autograd.Function):
