@@ -109,6 +109,7 @@ def machine() -> dict:
         "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
+        "amx": getattr(torch.cpu, "_is_amx_tile_supported", lambda: None)(),
         "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         **_ALLOCATOR,
     }

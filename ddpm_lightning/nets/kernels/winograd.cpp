@@ -73,11 +73,14 @@ struct Tiles {
   Tiles(int64_t N, int64_t H, int64_t W, int64_t C) : N(N), H(H), W(W), C(C), TH((H + 3) / 4), TW((W + 3) / 4), P(N * TH * TW) {
     TORCH_CHECK(C % L == 0, "Winograd transforms take a multiple of ", L, " channels, not ", C);
   }
+  // Tile p's sample, tile row and tile column.
+  void locate(int64_t p, int64_t& s, int64_t& th, int64_t& tw) const { s = p / (TH * TW), th = p / TW % TH, tw = p % TW; }
 };
 
 // Tile p's 6x6 x L patch of x (rows 4 th - 1 .. 4 th + 4, zero outside the image) at channels c0 .. c0 + L into d.
 inline void gather(const float* x, const Tiles& t, int64_t p, int64_t c0, float* d) {
-  const int64_t s = p / (t.TH * t.TW), th = p / t.TW % t.TH, tw = p % t.TW;
+  int64_t s, th, tw;
+  t.locate(p, s, th, tw);
   for (int64_t i = 0; i < 6; ++i) {
     const int64_t h = 4 * th - 1 + i;
     for (int64_t j = 0; j < 6; ++j) {
@@ -165,17 +168,18 @@ at::Tensor output_transform(const at::Tensor& M, const at::Tensor& bias, int64_t
   const float* bp = has_bias ? bias.const_data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, t.P, 8, [&](int64_t p0, int64_t p1) {
-    alignas(64) float m[36 * L], r[24 * L], s[16 * L];
+    alignas(64) float m[36 * L], r[24 * L], o[16 * L];
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n_ = p / (t.TH * t.TW), th = p / t.TW % t.TH, tw = p % t.TW;
+      int64_t s, th, tw;
+      t.locate(p, s, th, tw);
       for (int64_t c0 = 0; c0 < t.C; c0 += L) {
         for (int64_t k = 0; k < 36; ++k) std::memcpy(m + k * L, mp + (k * t.P + p) * t.C + c0, L * sizeof(float));
         for (int64_t j = 0; j < 6; ++j) output_1d(m + j * L, 6 * L, r + j * L, 6 * L);  // A^T m: [4, 6]
-        for (int64_t i = 0; i < 4; ++i) output_1d(r + i * 6 * L, L, s + i * 4 * L, L);  // (A^T m) A: [4, 4]
+        for (int64_t i = 0; i < 4; ++i) output_1d(r + i * 6 * L, L, o + i * 4 * L, L);  // (A^T m) A: [4, 4]
         for (int64_t i = 0; i < 4 && 4 * th + i < H; ++i)
           for (int64_t j = 0; j < 4 && 4 * tw + j < W; ++j) {
-            float* dst = yp + ((n_ * H + 4 * th + i) * W + 4 * tw + j) * t.C + c0;
-            const float* src = s + (i * 4 + j) * L;
+            float* dst = yp + ((s * H + 4 * th + i) * W + 4 * tw + j) * t.C + c0;
+            const float* src = o + (i * 4 + j) * L;
             if (bp) {
 #pragma omp simd
               for (int64_t l = 0; l < L; ++l) dst[l] = src[l] + bp[c0 + l];
@@ -197,20 +201,21 @@ at::Tensor output_adjoint(const at::Tensor& dy) {
   const float* yp = dy.const_data_ptr<float>();
   float* mp = dM.data_ptr<float>();
   at::parallel_for(0, t.P, 8, [&](int64_t p0, int64_t p1) {
-    alignas(64) float s[16 * L], r[24 * L], m[36 * L];
+    alignas(64) float g[16 * L], r[24 * L], m[36 * L];
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n_ = p / (t.TH * t.TW), th = p / t.TW % t.TH, tw = p % t.TW;
+      int64_t s, th, tw;
+      t.locate(p, s, th, tw);
       for (int64_t c0 = 0; c0 < t.C; c0 += L) {
         for (int64_t i = 0; i < 4; ++i)
           for (int64_t j = 0; j < 4; ++j) {
-            float* dst = s + (i * 4 + j) * L;
+            float* dst = g + (i * 4 + j) * L;
             if (4 * th + i < t.H && 4 * tw + j < t.W)
-              std::memcpy(dst, yp + ((n_ * t.H + 4 * th + i) * t.W + 4 * tw + j) * t.C + c0, L * sizeof(float));
+              std::memcpy(dst, yp + ((s * t.H + 4 * th + i) * t.W + 4 * tw + j) * t.C + c0, L * sizeof(float));
             else
               std::memset(dst, 0, L * sizeof(float));
           }
-        for (int64_t j = 0; j < 4; ++j) output_adjoint_1d(s + j * L, 4 * L, r + j * L, 4 * L);  // A s: [6, 4]
-        for (int64_t i = 0; i < 6; ++i) output_adjoint_1d(r + i * 4 * L, L, m + i * 6 * L, L);  // (A s) A^T: [6, 6]
+        for (int64_t j = 0; j < 4; ++j) output_adjoint_1d(g + j * L, 4 * L, r + j * L, 4 * L);  // A g: [6, 4]
+        for (int64_t i = 0; i < 6; ++i) output_adjoint_1d(r + i * 4 * L, L, m + i * 6 * L, L);  // (A g) A^T: [6, 6]
         for (int64_t k = 0; k < 36; ++k) std::memcpy(mp + (k * t.P + p) * t.C + c0, m + k * L, L * sizeof(float));
       }
     }

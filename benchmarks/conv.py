@@ -1,0 +1,65 @@
+"""3x3 convolutions (stride 1, padding 1) on the U-Net's shapes, fp32 channels-last: oneDNN's direct convolution
+(F.conv2d) against Winograd's F(4x4, 3x3) of ddpm_lightning.nets.conv, forward alone and forward + backward.
+
+    python benchmarks/conv.py --batch 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from ddpm_lightning.nets import conv, norm  # noqa: E402
+
+SHAPES = [(128, 128, 32), (256, 128, 32), (256, 256, 16), (512, 256, 16), (256, 256, 8), (256, 256, 4)]  # (in, out, side) of unet_cifar10
+
+
+def ms(fn, n: int) -> float:
+    """Milliseconds of one call, the median of n after two warm-up calls."""
+    times = []
+    for _ in range(n + 2):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return common.median(times[2:]) * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=10)
+    common.allocator_option(p)
+    args = p.parse_args()
+    common.set_allocator(args)
+    if norm.kernel("winograd") is None:
+        sys.exit("the Winograd kernel could not be built here")
+    rows = []
+    cl = torch.channels_last
+    for i, o, side in SHAPES:
+        torch.manual_seed(0)
+        x = torch.randn(args.batch, i, side, side).contiguous(memory_format=cl).requires_grad_()
+        w = (torch.randn(o, i, 3, 3) / (3 * i**0.5)).contiguous(memory_format=cl).requires_grad_()
+        b = torch.randn(o, requires_grad=True)
+        dy = torch.randn(args.batch, o, side, side).contiguous(memory_format=cl)
+        impls = {"direct": lambda x, w, b: F.conv2d(x, w, b, 1, 1), "winograd": conv.winograd_conv3x3}
+        row = {"shape": f"{args.batch}x{i}x{side}x{side} -> {o}"}
+        for name, f in impls.items():
+            with torch.no_grad():
+                row[f"{name}_fwd_ms"] = ms(lambda: f(x, w, b), args.repeats)
+            row[f"{name}_fwd_bwd_ms"] = ms(lambda: torch.autograd.grad(f(x, w, b), (x, w, b), dy), args.repeats)
+        row["fwd_speedup"] = row["direct_fwd_ms"] / row["winograd_fwd_ms"]
+        row["fwd_bwd_speedup"] = row["direct_fwd_bwd_ms"] / row["winograd_fwd_bwd_ms"]
+        rows.append(row)
+    print(f"3x3 convolution, fp32 channels-last, {torch.get_num_threads()} threads, median of {args.repeats}")
+    common.report("conv", rows, ["shape", "direct_fwd_ms", "winograd_fwd_ms", "fwd_speedup", "direct_fwd_bwd_ms", "winograd_fwd_bwd_ms", "fwd_bwd_speedup"])
+
+
+if __name__ == "__main__":
+    main()
