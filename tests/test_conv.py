@@ -123,7 +123,13 @@ def test_conv2d_takes_winograd_only_for_fp32_channels_last_images_it_fits(monkey
     assert calls == [1, 1]
     layer.winograd = True
     monkeypatch.setattr(conv, "amx", lambda: False)
+    xb = x.bfloat16().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(x.bfloat16())  # bf16 without AMX: fp32 Winograd, the output in autocast's bf16
+        y = layer(xb)  # bf16 without AMX: fp32 Winograd of the bf16 input, the output in autocast's bf16
     assert calls == [1, 1, 1] and y.dtype == torch.bfloat16
-    assert torch.allclose(y.float(), F.conv2d(x.bfloat16().float(), layer.weight, layer.bias, 1, 1), atol=1e-2)
+    y.float().square().sum().backward()
+    xf = xb.detach().float().requires_grad_()
+    want = F.conv2d(xf, layer.weight.detach(), layer.bias.detach(), 1, 1)
+    want.square().sum().backward()
+    assert torch.allclose(y.float(), want, atol=1e-2, rtol=1e-2)
+    assert xb.grad.dtype == torch.bfloat16 and torch.allclose(xb.grad.float(), xf.grad, atol=5e-2, rtol=2e-2)

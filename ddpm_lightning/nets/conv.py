@@ -60,28 +60,30 @@ def _GG(like: Tensor) -> Tensor:
 
 
 class _Winograd(torch.autograd.Function):
-    """y = A^T [U V] A + b over 4x4 output tiles; the backward pass recomputes U and V from the weight and x
-    rather than keeping them (they are 4x and 2.25x the size), and runs the same transforms' adjoints."""
+    """y = A^T [U V] A + b over 4x4 output tiles, in fp32 (a bf16 x is kept as it came, y returned in its dtype);
+    the backward pass recomputes U and V from the weight and x rather than keeping them (they are 4x and 2.25x the
+    size), and runs the same transforms' adjoints."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         k, (N, _, H, W) = kernel("winograd"), x.shape
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return k.output_transform(torch.bmm(k.input_transform(x), winograd_weight(weight)), x.new_empty(0) if bias is None else bias.contiguous(), N, H, W)
+        V = k.input_transform(x.float())
+        return k.output_transform(torch.bmm(V, winograd_weight(weight)), x.new_empty(0, dtype=torch.float32) if bias is None else bias.contiguous(), N, H, W).to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: Tensor):
         k, (x, weight) = kernel("winograd"), ctx.saved_tensors
         N, _, H, W = x.shape
-        dy = dy.contiguous(memory_format=torch.channels_last)
+        dy = dy.float().contiguous(memory_format=torch.channels_last)
         dM = k.output_adjoint(dy)  # [36, P, O]
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = k.input_adjoint(torch.bmm(dM, winograd_weight(weight).transpose(1, 2)), N, H, W)
+            dx = k.input_adjoint(torch.bmm(dM, winograd_weight(weight).transpose(1, 2)), N, H, W).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            dw = winograd_weight_adjoint(torch.bmm(k.input_transform(x).transpose(1, 2), dM))
+            dw = winograd_weight_adjoint(torch.bmm(k.input_transform(x.float()).transpose(1, 2), dM))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3))
         return dx, dw, db
@@ -138,7 +140,7 @@ class Conv2d(nn.Conv2d):
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         if self._3x3(x) and (dtype == torch.float32 or (dtype == torch.bfloat16 and not amx())) and self._winograd_fits(x):
             with torch.autocast("cpu", enabled=False):
-                return winograd_conv3x3(x.float(), self.weight, self.bias).to(dtype)
+                return winograd_conv3x3(x, self.weight, self.bias).to(dtype)
         if not (self._3x3(x) and x.shape[-2] * x.shape[-1] <= SMALL_IMAGE and dtype == torch.bfloat16 and torch.is_grad_enabled()):
             return super().forward(x)
         bias = None if self.bias is None else self.bias.to(dtype)
