@@ -17,6 +17,8 @@ zero-padded input (im2col), and dL/dx and dL/db as oneDNN would: the same sums, 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -119,6 +121,7 @@ class _Conv3x3(torch.autograd.Function):
         return dx, dw, db
 
 
+@functools.cache
 def amx() -> bool:
     """Whether the CPU has AMX tile units (bf16 matrix products at about 3x the fp32 rate). Without them oneDNN's
     bf16 convolution runs no faster than its fp32 one (0.3 TFLOP/s each on 2 AVX-512 cores with avx512_bf16), so
@@ -137,11 +140,13 @@ class Conv2d(nn.Conv2d):
     winograd = True
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self._3x3(x):
+            return super().forward(x)
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        if self._3x3(x) and (dtype == torch.float32 or (dtype == torch.bfloat16 and not amx())) and self._winograd_fits(x):
+        if (dtype == torch.float32 or (dtype == torch.bfloat16 and not amx())) and self._winograd_fits(x):
             with torch.autocast("cpu", enabled=False):
                 return winograd_conv3x3(x, self.weight, self.bias).to(dtype)
-        if not (self._3x3(x) and x.shape[-2] * x.shape[-1] <= SMALL_IMAGE and dtype == torch.bfloat16 and torch.is_grad_enabled()):
+        if not (x.shape[-2] * x.shape[-1] <= SMALL_IMAGE and dtype == torch.bfloat16 and torch.is_grad_enabled()):
             return super().forward(x)
         bias = None if self.bias is None else self.bias.to(dtype)
         with torch.autocast("cpu", enabled=False):

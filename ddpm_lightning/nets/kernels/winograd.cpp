@@ -77,6 +77,14 @@ struct Tiles {
   void locate(int64_t p, int64_t& s, int64_t& th, int64_t& tw) const { s = p / (TH * TW), th = p / TW % TH, tw = p % TW; }
 };
 
+// Tile p's 36 values at channels c0 .. c0 + L of a [36, P, C] tensor (V or M), to and from a block b[36][L].
+inline void load_tile(const float* src, const Tiles& t, int64_t p, int64_t c0, float* b) {
+  for (int64_t k = 0; k < 36; ++k) std::memcpy(b + k * L, src + (k * t.P + p) * t.C + c0, L * sizeof(float));
+}
+inline void store_tile(const float* b, const Tiles& t, int64_t p, int64_t c0, float* dst) {
+  for (int64_t k = 0; k < 36; ++k) std::memcpy(dst + (k * t.P + p) * t.C + c0, b + k * L, L * sizeof(float));
+}
+
 // Tile p's 6x6 x L patch of x (rows 4 th - 1 .. 4 th + 4, zero outside the image) at channels c0 .. c0 + L into d.
 inline void gather(const float* x, const Tiles& t, int64_t p, int64_t c0, float* d) {
   int64_t s, th, tw;
@@ -108,7 +116,7 @@ at::Tensor input_transform(const at::Tensor& x) {
         gather(xp, t, p, c0, d);
         for (int64_t j = 0; j < 6; ++j) input_1d(d + j * L, 6 * L, r + j * L, 6 * L);  // columns: B^T d
         for (int64_t i = 0; i < 6; ++i) input_1d(r + i * 6 * L, L, d + i * 6 * L, L);  // rows: (B^T d) B
-        for (int64_t k = 0; k < 36; ++k) std::memcpy(vp + (k * t.P + p) * t.C + c0, d + k * L, L * sizeof(float));
+        store_tile(d, t, p, c0, vp);
       }
   });
   return V;
@@ -125,15 +133,15 @@ at::Tensor input_adjoint(const at::Tensor& dV, int64_t N, int64_t H, int64_t W) 
   const float* vp = V.const_data_ptr<float>();
   float* xp = dx.data_ptr<float>();
   for (int64_t parity = 0; parity < 2; ++parity) {
-    const int64_t rows = N * ((t.TH - parity + 1) / 2);  // tile rows th = parity, parity + 2, ... of each sample
-    at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    const int64_t per = (t.TH - parity + 1) / 2;  // tile rows th = parity, parity + 2, ... of each sample
+    at::parallel_for(0, N * per, 1, [&](int64_t r0, int64_t r1) {
       alignas(64) float v[36 * L], r[36 * L];
       for (int64_t row = r0; row < r1; ++row) {
-        const int64_t per = (t.TH - parity + 1) / 2, s = row / per, th = parity + 2 * (row % per);
+        const int64_t s = row / per, th = parity + 2 * (row % per);
         for (int64_t tw = 0; tw < t.TW; ++tw) {
           const int64_t p = (s * t.TH + th) * t.TW + tw;
           for (int64_t c0 = 0; c0 < t.C; c0 += L) {
-                for (int64_t k = 0; k < 36; ++k) std::memcpy(v + k * L, vp + (k * t.P + p) * t.C + c0, L * sizeof(float));
+            load_tile(vp, t, p, c0, v);
             for (int64_t j = 0; j < 6; ++j) input_adjoint_1d(v + j * L, 6 * L, r + j * L, 6 * L);
             for (int64_t i = 0; i < 6; ++i) input_adjoint_1d(r + i * 6 * L, L, v + i * 6 * L, L);
             for (int64_t i = 0; i < 6; ++i) {
@@ -173,7 +181,7 @@ at::Tensor output_transform(const at::Tensor& M, const at::Tensor& bias, int64_t
       int64_t s, th, tw;
       t.locate(p, s, th, tw);
       for (int64_t c0 = 0; c0 < t.C; c0 += L) {
-        for (int64_t k = 0; k < 36; ++k) std::memcpy(m + k * L, mp + (k * t.P + p) * t.C + c0, L * sizeof(float));
+        load_tile(mp, t, p, c0, m);
         for (int64_t j = 0; j < 6; ++j) output_1d(m + j * L, 6 * L, r + j * L, 6 * L);  // A^T m: [4, 6]
         for (int64_t i = 0; i < 4; ++i) output_1d(r + i * 6 * L, L, o + i * 4 * L, L);  // (A^T m) A: [4, 4]
         for (int64_t i = 0; i < 4 && 4 * th + i < H; ++i)
@@ -216,7 +224,7 @@ at::Tensor output_adjoint(const at::Tensor& dy) {
           }
         for (int64_t j = 0; j < 4; ++j) output_adjoint_1d(g + j * L, 4 * L, r + j * L, 4 * L);  // A g: [6, 4]
         for (int64_t i = 0; i < 6; ++i) output_adjoint_1d(r + i * 4 * L, L, m + i * 6 * L, L);  // (A g) A^T: [6, 6]
-        for (int64_t k = 0; k < 36; ++k) std::memcpy(mp + (k * t.P + p) * t.C + c0, m + k * L, L * sizeof(float));
+        store_tile(m, t, p, c0, mp);
       }
     }
   });
