@@ -389,7 +389,12 @@ def state_dict_to_diffusers(state: dict[str, Tensor], net: dict) -> dict[str, Te
 
 def load_net_state(net_module: torch.nn.Module, state: dict[str, Tensor], source: str) -> None:
     """Copy `state` into our U-Net after checking names and shapes, naming every mismatch."""
-    own = net_module.state_dict()
+    check_state(net_module.state_dict(), state, source)
+    net_module.load_state_dict(state)
+
+
+def check_state(own: dict[str, Tensor], state: dict[str, Tensor], source: str) -> None:
+    """Refuse a state dict whose names or shapes differ from the model's, naming every mismatch."""
     problems = [f"missing {k} {tuple(v.shape)}" for k, v in own.items() if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in own]
     problems += [
@@ -398,7 +403,6 @@ def load_net_state(net_module: torch.nn.Module, state: dict[str, Tensor], source
     ]
     if problems:
         raise ValueError(f"{source}: the weights do not fit the model its config.json describes:\n  " + "\n  ".join(problems[:20]))
-    net_module.load_state_dict(state)
 
 
 # ---------------------------------------------------------------------------------------------- folders
@@ -496,6 +500,12 @@ def import_config(source: str | Path) -> tuple[dict, Path]:
     return hparams, unet_dir
 
 
+def _build_net(net: dict) -> torch.nn.Module:
+    from ddpm_lightning.nets import UNet
+
+    return UNet(**{k: v for k, v in net.items() if k != "_target_"})
+
+
 def import_net_state(source: str | Path, net: dict, unet_dir: Path, flip_sin_to_cos: bool) -> dict[str, Tensor]:
     """Our U-Net's state dict from the folder's weights file."""
     try:
@@ -534,7 +544,7 @@ def _overrides(cfg) -> list:
 def init_train_config(cfg) -> dict:
     """For `train.py init_from=<folder>`: put the imported model, schedule and parameterisation into `cfg` (in
     place, before it is resolved), refusing any command-line override that contradicts the import. Returns the
-    state dict to load into the network once it is built (see `init_weights`)."""
+    state dict to load into the network once it is built (names and shapes already checked)."""
     from omegaconf import OmegaConf, open_dict
 
     source = cfg.init_from
@@ -565,6 +575,8 @@ def init_train_config(cfg) -> dict:
         raise ValueError(f"init_from={source} defines the model; these settings contradict it:\n  " + "\n  ".join(conflicts)
                          + "\nDrop them (the model and schedule come from the import); model.dropout, model.fused_norm and model.winograd may be set.")
     state = import_net_state(source, hp["net"], unet_dir, hp["flip_sin_to_cos"])
+    with torch.device("meta"):  # shapes only, no memory
+        check_state(_build_net(hp["net"]).state_dict(), state, f"init_from={source}")
     keep = {k: cfg.model[k] for k in _TRAINING_ONLY if k in cfg.model}
     explicit = {o.key_or_group.lstrip("+~") for o in _overrides(cfg)}
     with open_dict(cfg):
@@ -574,11 +586,6 @@ def init_train_config(cfg) -> dict:
         if not any(k.split(".")[0] == "sampler" for k in explicit):
             cfg.sampler = hp["sampler"]
     return state
-
-
-def init_weights(module, state: dict[str, Tensor], source: str) -> None:
-    """Load the imported weights into a freshly built DiffusionModule's network."""
-    load_net_state(module.net, state, f"init_from={source}")
 
 
 # ---------------------------------------------------------------------------------------------- export

@@ -98,6 +98,11 @@ def _checkpoint_data_config(ckpt_path: Path) -> DictConfig:
 
 def _datamodule(cfg: DictConfig, module: DiffusionModule):
     """The checkpoint's DataModule (its run's data config, or data=<name>), checked against the model."""
+    if not cfg.get("data") and not cfg.get("ckpt_path"):
+        raise ValueError(
+            f"init_from={cfg.init_from}: an imported model has no run config naming its dataset; choose it with "
+            "data=<name> (e.g. data=cifar10), or give reference.folder=<folder of images> or reference.stats=<.npz>"
+        )
     datamodule = build(cfg.get("data") or _checkpoint_data_config(Path(cfg.ckpt_path)))
     size = dict(getattr(datamodule, "hparams", {})).get("image_size")
     if size is not None and size != module.hparams.image_size:
@@ -170,6 +175,8 @@ def _output_dir(cfg: DictConfig, module: DiffusionModule, sampler_cfg: dict) -> 
     name = sampler_cfg.get("_target_", "sampler").rsplit(".", 1)[-1]
     steps = sampler_cfg.get("steps", getattr(module.schedule, "T", ""))
     weights = "ema" if cfg.use_ema else "raw"
+    if not cfg.get("ckpt_path"):  # an imported diffusers model (init_from): outputs/imported/<folder name>/
+        return Path(cfg.paths.log_dir) / "imported" / Path(str(cfg.init_from)).name / f"{name}{steps}"
     return Path(cfg.ckpt_path).resolve().parent.parent / "eval" / f"step{module.global_step_loaded}-{weights}-{name}{steps}"
 
 
@@ -178,8 +185,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     names = M.check_metric_names(cfg.metrics)
     _check(cfg, names)
-    ckpt_path = Path(cfg.ckpt_path)
-    module = load_model(ckpt_path, use_ema=cfg.use_ema)
+    if bool(cfg.get("ckpt_path")) == bool(cfg.get("init_from")):
+        raise ValueError("give ckpt_path=<checkpoint> or init_from=<diffusers folder or Hub id>, exactly one of them")
+    if cfg.get("init_from"):  # diffusers weights (README "Pretrained weights")
+        from ddpm_lightning.diffusers_io import load_module
+
+        ckpt_path, module = Path(str(cfg.init_from)), load_module(cfg.init_from)
+    else:
+        ckpt_path = Path(cfg.ckpt_path)
+        module = load_model(ckpt_path, use_ema=cfg.use_ema)
     sampler_cfg = _plain(cfg.get("sampler")) or module.hparams.sampler
     sampler = instantiate(sampler_cfg)
     # Labels and guidance (README "Guidance"): image i has class labels[i]; checked here, before any sampling.

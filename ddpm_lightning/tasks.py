@@ -104,6 +104,11 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build data, model, callbacks, loggers and trainer from `cfg` and fit. Returns the final metrics."""
+    init_state = None
+    if cfg.get("init_from"):  # fine-tune diffusers weights: the model config comes from the import
+        from ddpm_lightning.diffusers_io import init_train_config
+
+        init_state = init_train_config(cfg)
     OmegaConf.resolve(cfg)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,6 +122,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = build(cfg.data)
     module: DiffusionModule = build(cfg.module)
+    if init_state is not None:
+        module.net.load_state_dict(init_state)  # names and shapes checked by init_train_config
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     ckpt_path = cfg.get("ckpt_path")
