@@ -424,7 +424,7 @@ def resolve(source: str | Path) -> Path:
     except Exception as e:  # offline, unknown repository, gated: say what to pass instead
         raise FileNotFoundError(
             f"init_from={source}: not a local folder, and the Hugging Face Hub could not provide it ({type(e).__name__}: {e}). "
-            f"Where the network allows, download it (huggingface-cli download {source} --local-dir <folder>) and pass "
+            f"Where the network allows, download it (hf download {source} --local-dir <folder>, the huggingface_hub CLI) and pass "
             "init_from=<folder>: a DDPMPipeline folder (model_index.json, unet/, scheduler/) or a UNet2DModel folder "
             "(config.json, diffusion_pytorch_model.safetensors)."
         ) from e

@@ -250,3 +250,154 @@ def test_exported_scheduler_has_our_betas_and_ancestral_step(schedule, parameter
         step = theirs.step(out, t, x_t, generator=torch.Generator().manual_seed(100 + k)).prev_sample
         assert (step - steps[k]).abs().max() < 1e-5
         x_t = steps[k]  # each step from the same x_t
+
+
+@pytest.fixture
+def small_pipe(tmp_path):
+    """A 16x16 DDPMPipeline folder (class-conditional layout) and its diffusers UNet."""
+    unet = diffusers_unet({**CLASS_COND, "num_class_embeds": None, "in_channels": 1, "out_channels": 1}, seed=4)
+    return save_pipeline(unet, tmp_path / "pipe"), unet
+
+
+def test_missing_file_wrong_shapes_and_unsupported_blocks_fail_before_any_weights_load(small_pipe, monkeypatch):
+    folder, unet = small_pipe
+    config_file = folder / "unet" / "config.json"
+    config = json.loads(config_file.read_text())
+    # Unsupported configurations are refused from the JSON alone, every difference listed.
+    monkeypatch.setattr(io, "read_state", lambda *_: pytest.fail("weights read before the config was checked"))
+    config_file.write_text(json.dumps({**config, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "AttnDownBlock2D"], "attention_head_dim": 8}))
+    with pytest.raises(io.UnsupportedConfig) as e:
+        io.load_module(folder)
+    assert "'CrossAttnDownBlock2D' is not one of ['DownBlock2D', 'AttnDownBlock2D']" in str(e.value)
+    assert "attention_head_dim=8: multi-head attention" in str(e.value)
+    config_file.write_text(json.dumps({**config, "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], "freq_shift": 0}))
+    with pytest.raises(io.UnsupportedConfig, match=r"(?s)freq_shift=0: our U-Net supports only 1.*down_block_types\[2\]=.AttnDownBlock2D. but up_block_types\[0\]=.UpBlock2D."):
+        io.load_module(folder)
+    sched = folder / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**GOOGLE_SCHEDULER, "variance_type": "learned_range", "beta_schedule": "sigmoid"}))
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(io.UnsupportedConfig, match=r"(?s)beta_schedule='sigmoid'.*variance_type='learned_range'"):
+        io.load_module(folder)
+    sched.write_text(json.dumps(GOOGLE_SCHEDULER))
+    monkeypatch.undo()
+    # Wrong shapes: a config with more channels than the weights have.
+    config_file.write_text(json.dumps({**config, "block_out_channels": [32, 64, 128]}))
+    with pytest.raises(ValueError, match=r"file has \(64, 64, 3, 3\), the config needs \(128, 128, 3, 3\)"):
+        io.load_module(folder)
+    config_file.write_text(json.dumps(config))
+    # A missing file.
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin"):
+        io.load_module(folder)
+    (folder / "unet" / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        io.load_module(folder)
+
+
+def test_hub_id_offline_names_the_folder_to_pass(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(FileNotFoundError, match=r"hf download google/ddpm-cifar10-32 --local-dir <folder>.*init_from=<folder>"):
+        io.load_module("google/ddpm-cifar10-32")
+
+
+def test_export_refuses_what_diffusers_cannot_express(tmp_path):
+    our_checkpoint(tmp_path / "ve.ckpt", ["schedule=ncsn", "sampler=ald"])
+    with pytest.raises(io.UnsupportedConfig, match="NCSN and score-SDE schedules have no equivalent"):
+        io.export(tmp_path / "ve.ckpt", tmp_path / "out")
+    our_checkpoint(tmp_path / "cos.ckpt", ["schedule=cosine", "schedule.s=0.01"])
+    with pytest.raises(io.UnsupportedConfig, match="squaredcos_cap_v2 fixes 0.008 and 0.999"):
+        io.export(tmp_path / "cos.ckpt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    io.export(tmp_path / "ve.ckpt", tmp_path / "unet", unet_only=True)  # the network alone is expressible
+    assert (tmp_path / "unet" / "config.json").is_file()
+
+
+def hydra_run_cfg(overrides, output_dir):
+    """The train config as `python train.py <overrides>` composes it, with HydraConfig set (so the run's
+    command-line overrides are known, as under @hydra.main)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from conftest import CONF
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"paths.output_dir={output_dir}", *overrides], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+RUN = ["data.image_size=16", "data.batch_size=4", "trainer.max_steps=2", "trainer.limit_val_batches=1", "trainer.val_check_interval=2",
+       "trainer.enable_model_summary=false", "callbacks.samples.every_n_steps=100", "callbacks.progress.refresh_rate=0",
+       "logger=none", "module.channels_last=false", "module.warmup_steps=1", "callbacks.samples.num_samples=2"]
+
+
+def test_train_init_from_fine_tunes_the_import_and_refuses_contradictions(small_pipe, tmp_path):
+    from hydra.core.hydra_config import HydraConfig
+
+    from ddpm_lightning.tasks import build, train
+
+    folder, unet = small_pipe
+    try:
+        cfg = hydra_run_cfg([*RUN, f"init_from={folder}", "model.dropout=0.1"], tmp_path / "a")
+        state = io.init_train_config(cfg)
+        assert cfg.model.ch == 32 and cfg.model.ch_mult == [1, 2, 2] and cfg.model.dropout == 0.1
+        assert cfg.sampler.variance == "fixed_small" and cfg.schedule._target_.endswith("linear")
+        module = build(cfg.module)
+        module.net.load_state_dict(state)
+        x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 700])
+        with torch.no_grad():
+            assert (module.net.eval()(x, t.float()) - unet(x, t).sample).abs().max() < TOL
+        # The whole run: two fine-tuning steps from the imported weights.
+        metrics = train(hydra_run_cfg([*RUN, f"init_from={folder}", "sampler=ddim", "sampler.steps=2"], tmp_path / "b"))
+        assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+        saved = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=False)
+        assert saved["hyper_parameters"]["net"]["ch_mult"] == [1, 2, 2] and saved["hyper_parameters"]["sampler"]["steps"] == 2
+        # Contradicting overrides are refused, listed, before anything is built.
+        with pytest.raises(ValueError, match=r"(?s)model.ch: the config has 64, the import has 32.*module.parameterization='v'"):
+            io.init_train_config(hydra_run_cfg([*RUN, f"init_from={folder}", "model.ch=64", "module.parameterization=v"], tmp_path / "c"))
+        with pytest.raises(ValueError, match=r"(?s)model.ch_mult: the config has \[1, 2, 2, 2\].*schedule._target_"):
+            io.init_train_config(hydra_run_cfg([*RUN, f"init_from={folder}", "model=unet_cifar10", "schedule=cosine"], tmp_path / "d"))
+        with pytest.raises(ValueError, match=r"data.image_size=8: the imported model takes 16x16"):
+            io.init_train_config(hydra_run_cfg([*RUN, f"init_from={folder}", "data.image_size=8"], tmp_path / "e"))
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def test_evaluate_init_from_samples_the_import(small_pipe, tmp_path, monkeypatch):
+    import functools
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import CONF
+    from ddpm_lightning.tasks import evaluate
+
+    folder, _ = small_pipe
+    monkeypatch.setattr(io, "load_module", functools.partial(io.load_module, channels_last=False))  # no kernel build
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[
+            f"init_from={folder}", f"output_dir={tmp_path / 'e'}", "sampler=ddim", "sampler.steps=2", "num_samples=2",
+            "batch_size=2", "metrics=[]", "grid_size=2", "trainer.accelerator=cpu"])
+    result = evaluate(cfg)
+    assert (result["num_samples"], result["nfe"], result["checkpoint"]["path"]) == (2, 2, str(folder))
+    assert (tmp_path / "e" / "samples.npz").is_file()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        both = compose(config_name="evaluate", overrides=[f"init_from={folder}", "ckpt_path=x.ckpt"])
+    with pytest.raises(ValueError, match="exactly one of them"):
+        evaluate(both)
+
+
+def test_missing_extra_names_it(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[diffusers\]"'):
+        io.export(tmp_path / "any.ckpt", tmp_path / "out")
