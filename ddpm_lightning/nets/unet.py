@@ -143,7 +143,10 @@ class TimestepSequential(nn.Sequential):
 
 class UNet(nn.Module):
     """The DDPM U-Net. `forward(x, t, y=None, control=None)` returns a tensor shaped like x
-    (or with `out_channels` channels)."""
+    (or with `out_channels` channels).
+
+    `norm_eps` (GroupNorm's epsilon) and `downsample_padding` express the numerical choices other implementations
+    of the same network make: diffusers' google/ddpm-* models use 1e-6 and "tf_same" (see diffusers_io.py)."""
 
     def __init__(
         self,
