@@ -61,7 +61,6 @@ SCHEDULER_DEFAULTS: dict[str, Any] = {
     "trained_betas": None, "variance_type": "fixed_small", "clip_sample": True, "prediction_type": "epsilon",
     "thresholding": False, "clip_sample_range": 1.0, "rescale_betas_zero_snr": False,
 }
-_SCHEDULER_INFERENCE_KEYS = ("timestep_spacing", "steps_offset", "dynamic_thresholding_ratio", "sample_max_value", "set_alpha_to_one")
 
 
 class UnsupportedConfig(ValueError):
