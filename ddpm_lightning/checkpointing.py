@@ -225,7 +225,9 @@ class InterruptCheckpoint(Callback):
     """On Ctrl-C (SIGINT) or SIGTERM, finish the training step under way, save `last.ckpt` (through the trainer's
     checkpoint IO: atomically) as ModelCheckpoint would at that step, and stop, so the run resumes exactly. A second
     Ctrl-C stops at once, without saving. (SIGTERM is Lightning's: it stops after the step with a SIGTERMException,
-    on which the checkpoint is saved here.)"""
+    on which the checkpoint is saved here.) Also saves the final step of a run whose max_steps is not a multiple of
+    the checkpoint interval: ModelCheckpoint would write it only when training ends, in a state Lightning resumes
+    one epoch too far."""
 
     def __init__(self) -> None:
         self._interrupted = False
@@ -246,18 +248,28 @@ class InterruptCheckpoint(Callback):
             raise KeyboardInterrupt
         self._interrupted = True
 
-    def _save(self, trainer: Any, why: str) -> None:
+    def _save(self, trainer: Any, why: str, hint: str = "; run again to resume") -> None:
         callback = trainer.checkpoint_callback
         if isinstance(callback, ModelCheckpoint) and callback.dirpath and callback.save_last:
             path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+            # ModelCheckpoint's own record of its last file (restored on resume), so that the resumed run writes
+            # last.ckpt again rather than a new last-v1.ckpt next to it
+            callback.last_model_path = str(path)
             trainer.save_checkpoint(path)
-            rank_zero_info(f"{why}: saved {path} at step {trainer.global_step}; run again to resume")
+            # and of having written it, so that its on_train_end does not overwrite it with the state after the
+            # epoch's end (which Lightning resumes one epoch too far)
+            callback._last_checkpoint_saved = str(path)
+            rank_zero_info(f"{why}: saved {path} at step {trainer.global_step}{hint}")
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         if self._interrupted:
             self._interrupted = False
             self._save(trainer, "Interrupted (Ctrl-C)")
             raise KeyboardInterrupt  # Lightning's graceful shutdown
+        callback, step = trainer.checkpoint_callback, trainer.global_step
+        every = getattr(callback, "_every_n_train_steps", 0)
+        if 0 < trainer.max_steps <= step and not (every and step % every == 0):
+            self._save(trainer, "Training ended", "")
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and trainer.training:
