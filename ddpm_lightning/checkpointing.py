@@ -105,9 +105,12 @@ def load_file(path: str | Path, key: str, map_location: Any = "cpu", what: str =
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        detail = str(e).split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0].strip()
+        if "global" not in detail.lower():  # not a pickle at all (a truncated or foreign file)
+            raise ValueError(f"{path} ({key}) is not a readable PyTorch {what} ({detail.splitlines()[0]})") from None
         raise ValueError(
             f"{path} ({key}) is not a plain {what}: it holds Python objects other than tensors and containers, "
-            f"which could run code when loaded, so it was not loaded ({str(e).splitlines()[0]})"
+            f"which could run code when loaded, so it was not loaded ({detail.splitlines()[0].split('. Please')[0]})"
         ) from None
     except Exception as e:  # a truncated, corrupt or foreign file
         raise ValueError(f"{path} ({key}) is not a readable PyTorch {what} ({type(e).__name__}: {e})") from None
