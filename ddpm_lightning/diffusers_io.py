@@ -431,15 +431,26 @@ def resolve(source: str | Path) -> Path:
 
 def read_state(folder: Path) -> dict[str, Tensor]:
     """The weights of a UNet2DModel folder: .safetensors (safetensors) or .bin (torch.load, weights_only)."""
+    from ddpm_lightning.checkpointing import load_file
+
     st, bin_ = (folder / name for name in WEIGHT_FILES)
     if st.is_file():
         return _require("safetensors.torch").load_file(str(st))
     if bin_.is_file():
-        state = torch.load(bin_, map_location="cpu", weights_only=True)
+        state = load_file(bin_, "init_from", what="weights file")
         if not isinstance(state, dict):
             raise ValueError(f"{bin_} holds no state dict")
         return state
     raise FileNotFoundError(f"{folder}: no weights file; expected {WEIGHT_FILES[0]} or {WEIGHT_FILES[1]}")
+
+
+def weights_file(source: str | Path) -> Path:
+    """The weights file of a diffusers folder or Hub id (what evaluation fingerprints)."""
+    unet_dir, _ = _folders(resolve(source))
+    found = [unet_dir / name for name in WEIGHT_FILES if (unet_dir / name).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{unet_dir}: no weights file; expected {WEIGHT_FILES[0]} or {WEIGHT_FILES[1]}")
+    return found[0]
 
 
 def _read_json(path: Path) -> dict:
@@ -593,7 +604,7 @@ def init_train_config(cfg) -> dict:
 def export(ckpt_path: str | Path, out: str | Path, use_ema: bool = True, unet_only: bool = False) -> Path:
     """Write a checkpoint of ours as a DDPMPipeline folder (model_index.json, unet/, scheduler/), or with
     `unet_only` a UNet2DModel folder; EMA weights unless use_ema=False. Refuses what diffusers cannot express."""
-    from ddpm_lightning.tasks import load_model
+    from ddpm_lightning.checkpointing import load_model
 
     diffusers = _require("diffusers")
     module = load_model(ckpt_path, use_ema=use_ema)

@@ -387,7 +387,8 @@ def test_evaluate_init_from_samples_the_import(small_pipe, tmp_path, monkeypatch
             f"init_from={folder}", f"output_dir={tmp_path / 'e'}", "sampler=ddim", "sampler.steps=2", "num_samples=2",
             "batch_size=2", "metrics=[]", "grid_size=2", "trainer.accelerator=cpu"])
     result = evaluate(cfg)
-    assert (result["num_samples"], result["nfe"], result["checkpoint"]["path"]) == (2, 2, str(folder))
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    assert (result["num_samples"], result["nfe"], result["checkpoint"]["path"]) == (2, 2, str(weights))
     assert (tmp_path / "e" / "samples.npz").is_file()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         both = compose(config_name="evaluate", overrides=[f"init_from={folder}", "ckpt_path=x.ckpt"])
