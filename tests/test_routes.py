@@ -223,3 +223,20 @@ def test_old_kernel_switches_in_a_model_config_are_accepted():
     UNet(ch=32, ch_mult=(1,), attn_resolutions=(), image_size=8, fused_norm=True, winograd=True)
     with pytest.warns(UserWarning, match="kernels=off"):
         UNet(ch=32, ch_mult=(1,), attn_resolutions=(), image_size=8, winograd=False)
+
+
+def test_the_run_setting_kernels_reaches_the_routes(monkeypatch):
+    """conf `kernels` (train.yaml / evaluate.yaml, default $DDPM_LIGHTNING_KERNELS or auto) is applied by tasks."""
+    from conftest import compose_cfg
+    from ddpm_lightning.tasks import speed_settings
+
+    monkeypatch.setitem(routes._settings, "mode", "auto")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    cfg = compose_cfg(["kernels=off"])
+    assert "fused_norm" not in cfg.model and "winograd" not in cfg.model  # not a model setting
+    speed_settings(cfg)
+    assert routes.mode() == "off" and torch.backends.cudnn.benchmark
+    monkeypatch.setenv("DDPM_LIGHTNING_KERNELS", "off")
+    assert compose_cfg().kernels == "off"
+    with pytest.raises(ValueError, match="kernels='fast'"):
+        speed_settings(compose_cfg(["kernels=fast"]))
