@@ -128,11 +128,14 @@ def test_a_corrupt_or_foreign_cache_file_is_ignored_with_a_notice_and_rebuilt(ca
 
 
 def test_a_speed_path_is_taken_only_when_clearly_faster_than_pytorchs_operator():
-    assert routes.pick({"onednn": 1.0, "winograd": 0.97}, "onednn") == "onednn"  # within the noise margin
-    assert routes.pick({"onednn": 1.0, "winograd": 1.0}, "onednn") == "onednn"  # ties go to PyTorch's operator
-    assert routes.pick({"onednn": 1.0, "winograd": 0.8, "gemm_weight_grad": 0.9}, "onednn") == "winograd"
+    pick = routes.pick
+    assert pick({"onednn": [1.0] * 5, "winograd": [0.97] * 5}, "onednn") == "onednn"  # within the noise margin
+    assert pick({"onednn": [1.0] * 5, "winograd": [1.0] * 5}, "onednn") == "onednn"  # ties go to PyTorch's operator
+    assert pick({"onednn": [1.0] * 5, "winograd": [0.8] * 5, "gemm_weight_grad": [0.9] * 5}, "onednn") == "winograd"
+    # a lower median from rounds that lost to the default in most pairs (a burst of load mid-measurement): no
+    assert pick({"onednn": [0.1, 0.1, 1.0, 1.0, 1.0], "winograd": [0.2, 0.2, 0.5, 0.5, 2.0]}, "onednn") == "onednn"
     times = routes.time_routes({"a": lambda: torch.randn(3), "b": lambda: None})
-    assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
+    assert set(times) == {"a", "b"} and all(len(t) == routes.ROUNDS and min(t) >= 0 for t in times.values())
 
 
 @needs_kernels
@@ -209,13 +212,15 @@ def test_on_another_device_the_cpu_routes_and_kernels_are_never_touched(monkeypa
     assert y.shape == x.shape and y.device.type == "meta"
 
 
-def test_the_build_folder_is_named_by_the_kernel_source_hash(tmp_path, monkeypatch):
+def test_the_build_folder_is_named_by_the_kernel_source_and_its_checkout(tmp_path, monkeypatch):
     name = routes._extension_name("winograd")
-    assert name.endswith(routes.source_hash("winograd")) and name.startswith("ddpm_lightning_winograd_")
-    changed = tmp_path / "winograd.cpp"
-    changed.write_text((routes._KERNELS / "winograd.cpp").read_text() + "\n// another checkout\n")
-    monkeypatch.setattr(routes, "_KERNELS", tmp_path)
-    assert routes._extension_name("winograd") != name
+    assert routes.source_hash("winograd") in name and name.startswith("ddpm_lightning_winograd_")
+    source = (routes._KERNELS / "winograd.cpp").read_text()
+    for i, text in enumerate([source, source + "\n// changed\n"]):  # another checkout: the same source, or another
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "winograd.cpp").write_text(text)
+        monkeypatch.setattr(routes, "_KERNELS", tmp_path / str(i))
+        assert routes._extension_name("winograd") != name
 
 
 def test_old_kernel_switches_in_a_model_config_are_accepted():

@@ -6,9 +6,9 @@ the default, and the speed paths (Winograd F(4x4, 3x3), the matrix-product weigh
 kernel). Which one is fastest depends on the CPU (AMX or not, AVX-512 or not), the shape, the dtype and whether
 gradients are needed, so, as `torch.backends.cudnn.benchmark` does, the first call with a new (layer shape, input
 shape, dtype, training or not, threads) times every candidate on copies of its inputs (forward, plus backward
-when training; a warm-up call, then a few rounds alternating the candidates; medians) and keeps the fastest. A
-speed path must beat the default by more than MARGIN to be taken, so the choice is never worse than PyTorch's
-operator by more than the measurement noise.
+when training; a warm-up call, then a few rounds alternating the candidates) and keeps the fastest. A speed path
+is taken only if its median beats the default's by more than MARGIN and it won most rounds, so the choice is never
+worse than PyTorch's operator by more than the measurement noise.
 
 Decisions are kept in memory and in `<cache>/routes-<machine>.json` (cache: $DDPM_LIGHTNING_CACHE or
 ~/.cache/ddpm_lightning; machine: a hash of the CPU model and flags, torch's version and the kernels' sources), so
@@ -19,7 +19,7 @@ another machine, is ignored with a notice and written afresh.
 no kernel is built and nothing is timed. Tensors on other devices (CUDA) never reach this module.
 
 The kernels (`kernels/*.cpp`) are compiled with `torch.utils.cpp_extension` on first use, into a folder named by
-the source's hash (checkouts with other sources do not rebuild each other's). The build runs in a separate process
+the source's hash and path (two checkouts never rebuild each other's). The build runs in a separate process
 (about 45 s per kernel) while the layers take PyTorch's operators; the routes are measured once it is done. Where
 no compiler is found, or the build fails, a one-line notice says so and PyTorch's operators are used.
 """
@@ -90,13 +90,16 @@ def mode() -> str:
 
 
 def source_hash(name: str) -> str:
-    """Hash of kernels/<name>.cpp and its compiler flags: the build folder's name, and part of the cache key."""
+    """Hash of kernels/<name>.cpp and its compiler flags: part of the route cache's key."""
     flags = _CFLAGS + _ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
     return hashlib.sha256((_KERNELS / f"{name}.cpp").read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
 
 
 def _extension_name(name: str) -> str:
-    return f"ddpm_lightning_{name}_{torch.backends.cpu.get_cpu_capability().lower()}_{source_hash(name)}"
+    """The build folder's name: the source's hash and its path (ninja rebuilds a folder for a source elsewhere, so
+    two checkouts, even of the same source, must not share one)."""
+    where = hashlib.sha256(str((_KERNELS / f"{name}.cpp").resolve()).encode()).hexdigest()[:6]
+    return f"ddpm_lightning_{name}_{torch.backends.cpu.get_cpu_capability().lower()}_{source_hash(name)}{where}"
 
 
 def _load(name: str):
@@ -116,7 +119,7 @@ def _built(name: str) -> bool:
     from torch.utils.cpp_extension import _get_build_directory
 
     folder = Path(_get_build_directory(_extension_name(name), verbose=False))
-    return (folder / f"{_extension_name(name)}.so").exists() and not (folder / "lock").exists()
+    return (folder / f"{_extension_name(name)}.so").exists()
 
 
 def _unavailable(name: str, why: str) -> None:
@@ -164,8 +167,8 @@ def _build_log(name: str) -> Path:
 
 
 def _start_build(name: str) -> subprocess.Popen:
-    """A separate process that builds the kernel: it finishes the build even if this one ends first (a build
-    stopped halfway would leave torch's lock file behind and stall the next one)."""
+    """A separate process that builds the kernel: it runs beside training, not in its threads, and finishes the
+    build even if this process ends first (a short run still leaves a built kernel for the next one)."""
     root = str(Path(__file__).resolve().parents[2])
     code = f"import sys; sys.path.insert(0, {root!r}); from ddpm_lightning.nets.routes import _load; _load({name!r})"
     path = _build_log(name)
@@ -268,8 +271,8 @@ def forcing(**routes: str) -> Iterator[None]:
         _forced.update(before)
 
 
-def time_routes(bench: dict[str, Callable[[], object]]) -> dict[str, float]:
-    """Median seconds per call of each candidate: one warm-up call each, then ROUNDS rounds alternating them (so a
+def time_routes(bench: dict[str, Callable[[], object]]) -> dict[str, list[float]]:
+    """Seconds of each call of each candidate: one warm-up call each, then ROUNDS rounds alternating them (so a
     burst of load on a shared machine hits all alike). The global random state is left as it was."""
     with torch.random.fork_rng(devices=[]):
         start = time.perf_counter()
@@ -282,13 +285,16 @@ def time_routes(bench: dict[str, Callable[[], object]]) -> dict[str, float]:
                 t0 = time.perf_counter()
                 run()
                 times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
 
 
-def pick(seconds: dict[str, float], default: str) -> str:
-    """The fastest candidate if it beats `default` by more than MARGIN, else `default` (ties go to it)."""
-    best = min(seconds, key=seconds.get)
-    return best if seconds[best] < (1 - MARGIN) * seconds[default] else default
+def pick(times: dict[str, list[float]], default: str) -> str:
+    """The candidate with the lowest median time if that median is below (1 - MARGIN) x the default's and it beat
+    the default in most rounds (paired, as the rounds alternate); else `default` (ties go to it)."""
+    median = {k: statistics.median(v) for k, v in times.items()}
+    best = min(median, key=median.get)
+    wins = sum(a < b for a, b in zip(times[best], times[default]))
+    return best if median[best] < (1 - MARGIN) * median[default] and 2 * wins > len(times[default]) else default
 
 
 def choose(key: str, candidates: list[str], bench: Callable[[str], Callable[[], object]], pending: bool = False) -> str:
@@ -310,11 +316,12 @@ def choose(key: str, candidates: list[str], bench: Callable[[str], Callable[[], 
         return known["route"]
     if pending:
         return candidates[0]
-    seconds = time_routes({c: bench(c) for c in candidates})
-    route = pick(seconds, candidates[0])
-    _decisions[key] = {"route": route, "ms": {k: round(v * 1e3, 3) for k, v in seconds.items()}}
+    times = time_routes({c: bench(c) for c in candidates})
+    route = pick(times, candidates[0])
+    ms = {k: round(statistics.median(v) * 1e3, 3) for k, v in times.items()}
+    _decisions[key] = {"route": route, "ms": ms}
     _used[key] = route
-    log.info("route %s: %s (%s)", key, route, ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in seconds.items()))
+    log.debug("route %s: %s (%s)", key, route, ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
     _write_file()
     return route
 
@@ -353,7 +360,3 @@ def runner(forward: Callable[[], torch.Tensor], train: bool, leaves: list[torch.
 
     return run
 
-
-if __name__ == "__main__":  # python -m ddpm_lightning.nets.routes: build both kernels now
-    for n in ("group_norm", "winograd"):
-        print(n, "ready" if kernel(n, wait=True) is not None else "unavailable")
