@@ -71,6 +71,15 @@ def retain_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1))
 
 
+def speed_settings(cfg: DictConfig) -> None:
+    """Runtime settings that choose how, not what, the model computes: the CPU routes and kernels (conf `kernels`,
+    see ddpm_lightning.nets.routes) and cuDNN's per-shape algorithm search (conf `cudnn_benchmark`, GPUs)."""
+    from ddpm_lightning.nets import routes
+
+    routes.configure(cfg.get("kernels") or "auto")
+    torch.backends.cudnn.benchmark = bool(cfg.get("cudnn_benchmark", True))
+
+
 def _simple_types(hint: Any) -> tuple[type, ...] | None:
     """The isinstance() types a value annotated `hint` may have, for int / float / bool / str and their `| None`;
     None for any other annotation (not checked)."""
@@ -137,6 +146,7 @@ def _train(cfg: DictConfig, out: Path, init_state: dict | None = None) -> dict[s
         torch.set_float32_matmul_precision(cfg.matmul_precision)
     if cfg.get("retain_freed_memory"):
         retain_freed_memory()
+    speed_settings(cfg)
 
     datamodule = build(cfg.data)
     module: DiffusionModule = build(cfg.module)
@@ -176,4 +186,5 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     if cfg.get("retain_freed_memory"):
         retain_freed_memory()
+    speed_settings(cfg)
     return run(cfg)

@@ -15,6 +15,7 @@ the middle block (ControlNet).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -146,7 +147,9 @@ class UNet(nn.Module):
     (or with `out_channels` channels).
 
     `norm_eps` (GroupNorm's epsilon) and `downsample_padding` express the numerical choices other implementations
-    of the same network make: diffusers' google/ddpm-* models use 1e-6 and "tf_same" (see diffusers_io.py)."""
+    of the same network make: diffusers' google/ddpm-* models use 1e-6 and "tf_same" (see diffusers_io.py).
+    `fused_norm` and `winograd` are accepted and ignored: checkpoints written before the CPU kernels became a
+    runtime setting (`kernels`, see nets.routes) carry them."""
 
     def __init__(
         self,
@@ -160,8 +163,8 @@ class UNet(nn.Module):
         image_size: int = 32,
         num_classes: int | None = None,
         norm_groups: int = 32,
-        fused_norm: bool = True,
-        winograd: bool = True,
+        fused_norm: bool | None = None,
+        winograd: bool | None = None,
         norm_eps: float = 1e-5,
         downsample_padding: str = "symmetric",
     ):
@@ -214,11 +217,8 @@ class UNet(nn.Module):
         self.out = nn.Sequential(
             GroupNorm(norm_groups, cur, norm_eps), nn.SiLU(), zero_init(nn.Conv2d(cur, out_channels or in_channels, 3, padding=1))
         )
-        for m in self.modules():
-            if isinstance(m, GroupNorm):
-                m.fused = fused_norm
-            if isinstance(m, Conv2d):
-                m.winograd = winograd
+        if fused_norm is False or winograd is False:  # kept in checkpoints' configs from before `kernels`
+            warnings.warn("model.fused_norm / model.winograd no longer choose the CPU kernels; set kernels=off (conf/train.yaml) for PyTorch's operators", stacklevel=2)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, control: Sequence[Tensor] | None = None) -> Tensor:
         check_input(x, self.in_channels, self.image_size, "UNet")
