@@ -233,6 +233,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                     f"{out} holds samples of another model or sampler (see {fp_file}); choose another output_dir"
                 )
             fp_file.write_text(json.dumps(fingerprint, indent=2))
+            if cfg.get("process_strip"):  # the forward and reverse processes, README "From a random walk to DDPM"
+                from ddpm_lightning.plots import data_images, save_process_strips
+
+                log.info("Wrote %s", save_process_strips(module, data_images(datamodule(), 8), out, sampler, cfg.seed_offset))
         except Exception as e:  # noqa: BLE001 - re-raised on every rank below
             error = e
     if fabric.world_size > 1:
