@@ -180,6 +180,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     _check(cfg, names)
     ckpt_path = Path(cfg.ckpt_path)
     module = load_model(ckpt_path, use_ema=cfg.use_ema)
+    if len(module.data_shape) != 3:  # a model of points (README "Toy data"): nothing here applies
+        raise ValueError(f"ckpt_path={ckpt_path} models points of shape {module.data_shape}, not images; evaluate.py scores images")
     sampler_cfg = _plain(cfg.get("sampler")) or module.hparams.sampler
     sampler = instantiate(sampler_cfg)
     # Labels and guidance (README "Guidance"): image i has class labels[i]; checked here, before any sampling.

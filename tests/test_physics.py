@@ -175,3 +175,17 @@ def test_mixture_score_is_the_derivative_of_the_log_density():
     h = 1e-5
     lp = lambda y: np.log(P.mixture_density(y, W, M, SD, 0.7, 0.5))  # noqa: E731
     np.testing.assert_allclose(P.mixture_score(x, W, M, SD, 0.7, 0.5), (lp(x + h) - lp(x - h)) / (2 * h), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_figures_command_draws_the_five_small_figures(tmp_path):
+    from ddpm_lightning import physics_figures
+
+    numbers = physics_figures.main(["--out", str(tmp_path)])
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["1_random_walk.png", "2_msd.png", "3_ornstein_uhlenbeck.png", "4_forward_vp.png", "5_reverse.png"]
+    assert all((tmp_path / p).stat().st_size < 100_000 for p in pngs)
+    assert abs(numbers["msd"]["msd_slope_rel_error"]) < 0.02
+    assert numbers["forward_vp"]["max_l1_fp_vs_closed_form"] < 1e-2
+    assert numbers["reverse"]["reverse SDE"]["weight_left"] == pytest.approx(W[0], abs=0.03)
+    assert (tmp_path / "numbers.json").is_file()

@@ -136,3 +136,18 @@ def test_mlp_checks_its_input_and_starts_at_zero():
         net(torch.randn(5, 1, 8, 8), torch.tensor([3.0]))
     with pytest.raises(ValueError, match="model.depth=0"):
         MLP(depth=0)
+
+
+def test_evaluate_refuses_a_toy_checkpoint(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import CONF
+    from ddpm_lightning.tasks import evaluate
+
+    train(compose_cfg(["experiment=toy2d", *FAST, "trainer.max_steps=1", "callbacks.samples.every_n_steps=0"], tmp_path, tiny=False))
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}", f"output_dir={tmp_path / 'eval'}"])
+    with pytest.raises(ValueError, match=r"models points of shape \(2,\), not images"):
+        evaluate(cfg)
