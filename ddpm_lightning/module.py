@@ -25,7 +25,8 @@ def _plain(cfg: Any) -> Any:
 
 
 class ImageModule(L.LightningModule):
-    """What the diffusion and classifier modules share: image shape and the optimiser with linear warm-up."""
+    """What the diffusion and classifier modules share: the shape of an example and the optimiser with linear
+    warm-up."""
 
     @property
     def data_shape(self) -> tuple[int, ...]:
