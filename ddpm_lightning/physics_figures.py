@@ -104,14 +104,16 @@ def ornstein_uhlenbeck(out: Path) -> dict:
     gamma, sigma, x0, var0 = 1.0, 0.8, 2.0, 0.05
     x = np.linspace(-4, 4, 801)
     times = [0.0, 0.2, 0.5, 1.0, 2.0, 12.0]
-    F = P.fokker_planck(P.normal_density(x, x0, var0), x, lambda y, t: -gamma * y, lambda y, t: 0.5 * sigma**2 + 0 * y, times, 0.01)
+    drift, g = (lambda y, t: -gamma * y), (lambda y, t: sigma + 0 * y)
+    F = P.fokker_planck(P.normal_density(x, x0, var0), x, *P.fokker_planck_coefficients(drift, g), times, 0.01)
     samples = x0 + np.sqrt(var0) * np.random.default_rng(0).standard_normal(50_000)
     coarse = x[::10]
     fig, ax = plt.subplots(figsize=(7, 3.4))
     l1_closed, l1_em = {}, {}
     for k, (t, f) in enumerate(zip(times, F)):
         if k:
-            samples = P.euler_maruyama(samples, lambda y, s: -gamma * y, lambda y, s: sigma, times[k - 1], t, max(1, round((t - times[k - 1]) / 0.01)), seed=k)
+            n_steps = max(1, round((t - times[k - 1]) / 0.01))
+            samples = P.euler_maruyama(samples, drift, g, times[k - 1], t, n_steps, seed=k)
         exact = P.normal_density(x, P.ou_mean(x0, t, gamma), P.ou_variance(t, gamma, sigma, var0))
         hist = P.density_histogram(samples, coarse)
         l1_closed[t], l1_em[t] = P.l1_distance(f, exact, x), P.l1_distance(hist, f[::10], coarse)
@@ -120,7 +122,8 @@ def ornstein_uhlenbeck(out: Path) -> dict:
         ax.plot(x, exact, "k:", lw=0.8)
     stationary = P.ou_stationary_density(x, gamma, sigma)
     ax.plot(x, stationary, "k--", lw=1.2, label="N(0, sigma^2/2gamma)")
-    ax.set(xlabel="x", ylabel="density", ylim=(0, 1.9), title=f"OU, gamma = {gamma}, sigma = {sigma}: Fokker-Planck (lines), Euler-Maruyama (steps), closed form (dotted)")
+    title = f"OU, gamma = {gamma}, sigma = {sigma}: Fokker-Planck (lines), Euler-Maruyama (steps), closed form (dotted)"
+    ax.set(xlabel="x", ylabel="density", ylim=(0, 1.9), title=title)
     ax.title.set_fontsize(9)
     ax.legend(fontsize=7, ncol=2)
     _save(fig, out / "3_ornstein_uhlenbeck.png")
@@ -144,7 +147,8 @@ def forward_vp(out: Path) -> dict:
     l1 = [P.l1_distance(f, P.mixture_density(x, W, M, SD, *P.marginal_scales(schedule, t)), x) for f, t in zip(F[1:], times[1:])]
     fig, ax = plt.subplots(figsize=(7, 3.2))
     im = ax.imshow(np.sqrt(F.T), origin="lower", aspect="auto", extent=(times[0], times[-1], x[0], x[-1]), cmap="magma")
-    ax.set(xlabel="DDPM step t", ylabel="x", title=f"forward VP diffusion p_t(x) (sqrt scale), linear schedule: max L1 to closed form {max(l1):.1e}")
+    title = f"forward VP diffusion p_t(x) (sqrt scale), linear schedule: max L1 to closed form {max(l1):.1e}"
+    ax.set(xlabel="DDPM step t", ylabel="x", title=title)
     ax.title.set_fontsize(9)
     fig.colorbar(im, ax=ax, label="sqrt p_t(x)")
     _save(fig, out / "4_forward_vp.png")
