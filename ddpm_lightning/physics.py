@@ -9,10 +9,10 @@ probability q, else stays. Its occupation probabilities obey the master equation
 a drift term plus a diffusion term. In the continuum limit it becomes dC/dt = -v dC/dx + D d2C/dx2 with
 v = (q - p) delta / tau and D = (p + q) delta^2 / (2 tau), solved by a Gaussian of variance 2 D t (Fourier:
 dF/dt = -D k^2 F), so the mean squared displacement grows as 2 D t. With a position-dependent drift A and
-diffusion B it is the Fokker-Planck equation df/dt = -d/dx (A f) + d2/dx2 (B f), here for an Ito SDE
-dx = A dt + g dW with **B = g^2 / 2** (the convention of Risken 1989 and Gardiner 2009; writing B = g^2 doubles
-every variance). The Ornstein-Uhlenbeck process dx = -gamma x dt + sigma dW is its simplest non-trivial case,
-with stationary density N(0, sigma^2 / (2 gamma)). DDPM's forward process is the VP SDE
+diffusion B it is the Fokker-Planck equation df/dt = -d/dx (A f) + d2/dx2 (B f), here for the Ito SDE
+dx = A dt + g dW with a standard Wiener process W (Var dW = dt), so **B = g^2 / 2** (Gardiner 2009); writing
+B = g^2 doubles every variance. The Ornstein-Uhlenbeck process dx = -gamma x dt + sigma dW is its simplest
+non-trivial case, with stationary density N(0, sigma^2 / (2 gamma)). DDPM's forward process is the VP SDE
 dx = -1/2 beta(t) x dt + sqrt(beta(t)) dW (Song et al. 2021 eq. 11), an OU process with time-varying
 coefficients, whose marginal from x_0 is N(alpha(t) x_0, sigma(t)^2); it runs backwards with the score
 (Anderson 1982; Song et al. 2021 eqs. 6 and 13). `vp_sde` reads the SDE of any of our schedules from
@@ -126,7 +126,7 @@ def fokker_planck_operator(x: np.ndarray, A: np.ndarray, B: np.ndarray) -> np.nd
 def fokker_planck(
     f0: np.ndarray, x: np.ndarray, A: Coefficient, B: Coefficient, times: Sequence[float], dt: float
 ) -> np.ndarray:
-    """Solve df/dt = -d/dx (A(x, t) f) + d2/dx2 (B(x, t) f) (Risken 1989 eq. 4.1; for dx = A dt + g dW,
+    """Solve df/dt = -d/dx (A(x, t) f) + d2/dx2 (B(x, t) f) (the Fokker-Planck equation; for dx = A dt + g dW,
     B = g^2 / 2) from f(times[0]) = f0 on the uniform cell centres x, zero flux at the ends. Crank-Nicolson in
     time with the coefficients at each step's midpoint; returns f at every time in `times` [len(times), n]."""
     from scipy.linalg import solve_banded
@@ -164,7 +164,7 @@ def fokker_planck_coefficients(drift: Coefficient, g: Coefficient) -> tuple[Coef
 def euler_maruyama(
     x0: np.ndarray, drift: Coefficient, g: Coefficient, t0: float, t1: float, n_steps: int, seed: int = 0
 ) -> np.ndarray:
-    """Euler-Maruyama (Kloeden & Platen 1992 §9.1) for dx = drift(x, t) dt + g(x, t) dW from t0 to t1:
+    """Euler-Maruyama (Kloeden & Platen 1992) for dx = drift(x, t) dt + g(x, t) dW from t0 to t1:
     x <- x + drift dt + g sqrt(|dt|) z. t1 < t0 integrates backwards in time (a reverse-time SDE, whose
     drift then already contains the score term)."""
     rng = np.random.default_rng(seed)
