@@ -118,14 +118,19 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build data, model, callbacks, loggers and trainer from `cfg` and fit. Returns the final metrics."""
+    init_state = None
+    if cfg.get("init_from"):  # fine-tune diffusers weights: the model config comes from the import
+        from ddpm_lightning.diffusers_io import init_train_config
+
+        init_state = init_train_config(cfg)
     OmegaConf.resolve(cfg)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out):
-        return _train(cfg, out)
+        return _train(cfg, out, init_state)
 
 
-def _train(cfg: DictConfig, out: Path) -> dict[str, float]:
+def _train(cfg: DictConfig, out: Path, init_state: dict | None = None) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     if cfg.get("matmul_precision"):
@@ -135,6 +140,8 @@ def _train(cfg: DictConfig, out: Path) -> dict[str, float]:
 
     datamodule = build(cfg.data)
     module: DiffusionModule = build(cfg.module)
+    if init_state is not None:
+        module.net.load_state_dict(init_state)  # names and shapes checked by init_train_config
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     ckpt_path, found_in = cfg.get("ckpt_path"), None
