@@ -82,7 +82,8 @@ def check_sampler(sampler: Any, pl_module: L.LightningModule, key: str) -> None:
 
 class SampleGrid(L.Callback):
     """Every `every_n_steps` and at the end of training, sample `num_samples` images with fixed seeds from the
-    EMA weights, save `samples/step_XXXXXXX.png` in the run directory and send it to the loggers.
+    EMA weights, save `samples/step_XXXXXXX.png` in the run directory and send it to the loggers. Points (toy
+    data) are drawn as a scatter plot over the training data instead of a grid.
 
     The seeds are split over the ranks and the images gathered, so the grid is made once, in parallel, and is
     the same whatever the number of processes.
@@ -152,7 +153,13 @@ class SampleGrid(L.Callback):
     @rank_zero_only
     def _save(self, trainer: L.Trainer, images: Tensor, nrow: int | None = None) -> None:
         path = Path(trainer.default_root_dir) / self.dirname / f"step_{trainer.global_step:07d}.png"
-        grid = save_grid(images, path, nrow=nrow, display_scale=self.display_scale)
+        if images.ndim == 2:  # points (toy data): a scatter plot of the samples over the training data
+            from ddpm_lightning.plots import save_scatter
+
+            data = getattr(trainer.datamodule, "train_points", None)
+            grid = save_scatter(images, path, data() if data else None, f"step {trainer.global_step}")
+        else:
+            grid = save_grid(images, path, nrow=nrow, display_scale=self.display_scale)
         self.last_path = path
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):

@@ -230,6 +230,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     else:
         ckpt_path = Path(cfg.ckpt_path)
         module = load_model(ckpt_path, use_ema=cfg.use_ema)
+    if len(module.data_shape) != 3:  # a model of points (README "Toy data"): nothing here applies
+        raise ValueError(f"ckpt_path={ckpt_path} models points of shape {module.data_shape}, not images; evaluate.py scores images")
     sampler_cfg = _plain(cfg.get("sampler")) or module.hparams.sampler
     sampler = instantiate(sampler_cfg)
     check_compatible(sampler, module.schedule)  # e.g. sampler.steps beyond the schedule's T, before any work
@@ -287,6 +289,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                     f"{out} holds samples of another model or sampler (see {fp_file}); choose another output_dir"
                 )
             fp_file.write_text(json.dumps(fingerprint, indent=2))
+            if cfg.get("process_strip"):  # the forward and reverse processes, README "From a random walk to DDPM"
+                from ddpm_lightning.plots import data_images, save_process_strips
+
+                log.info("Wrote %s", save_process_strips(module, data_images(datamodule(), 8), out, sampler, cfg.seed_offset))
         except Exception as e:  # noqa: BLE001 - re-raised on every rank below
             error = e
     if fabric.world_size > 1:
