@@ -44,6 +44,8 @@ def read_base(base_ckpt: str | Path | None) -> tuple[dict, dict, str]:
     if not base_ckpt:
         raise ValueError("a ControlNet trains on top of a trained model: set base_ckpt=<its checkpoints/last.ckpt>")
     path = Path(base_ckpt)
+    if not path.is_file():
+        raise FileNotFoundError(f"base_ckpt={path}: no such file (the checkpoint of the trained model to control)")
     try:
         ckpt = _read_checkpoint(path)
     except (FileNotFoundError, ValueError) as e:

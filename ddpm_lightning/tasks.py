@@ -111,6 +111,8 @@ def _check_control(cfg: DictConfig) -> None:
         raise ValueError("a ControlNet trains on top of a trained model: set base_ckpt=<its checkpoints/last.ckpt>")
     if controlnet and not cfg.get("control"):
         raise ValueError("module=controlnet needs a condition: control=lowres, edges or mask")
+    if controlnet and not Path(cfg.base_ckpt).is_file():
+        raise FileNotFoundError(f"base_ckpt={cfg.base_ckpt}: no such file (the checkpoint of the trained model to control)")
     if controlnet and Path(cfg.base_ckpt).resolve().is_relative_to(Path(cfg.paths.output_dir).resolve()):
         raise ValueError(f"base_ckpt={cfg.base_ckpt} lies in this run's directory (paths.output_dir) and could be overwritten: write the ControlNet run elsewhere")
 
