@@ -113,6 +113,13 @@ class ControlNetModule(DiffusionModule):
         return cond
 
     def on_fit_start(self) -> None:
+        from ddpm_lightning.callbacks import FID
+
+        for cb in self.trainer.callbacks:
+            if isinstance(cb, SampleGrid) and not isinstance(cb, ControlSampleGrid):
+                raise ValueError("a ControlNet samples under conditions: set callbacks.samples._target_=ddpm_lightning.control.ControlSampleGrid (as experiment=controlnet_digits does)")
+            if isinstance(cb, FID):
+                raise ValueError("callbacks=fid does not apply to a ControlNet run; evaluate its checkpoints with evaluate.py (it samples under conditions)")
         counts = self.net.parameter_counts()
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         log.info(

@@ -350,6 +350,7 @@ def test_bad_controlnet_configs_stop_before_training(base, run, tmp_path):
     fails(CN + [f"base_ckpt={other}"], ValueError, "base_ckpt=.*another architecture")
     fails(CN + [f"base_ckpt={run / 'checkpoints' / 'last.ckpt'}"], ValueError, "is a ControlNet checkpoint")
     fails(CN + [f"base_ckpt={base}", "data.image_size=16"], ValueError, "data.image_size=16 differs")
+    fails(CN + [f"base_ckpt={base}", "callbacks.samples._target_=ddpm_lightning.callbacks.SampleGrid"], ValueError, "ControlSampleGrid")
     # the base run's own directory as the output: refused before anything is written there
     inside = tmp_path / "baserun"
     (inside / "checkpoints").mkdir(parents=True)
