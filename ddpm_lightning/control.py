@@ -39,17 +39,14 @@ def sha256(path: str | Path) -> str:
 def read_base(base_ckpt: str | Path | None) -> tuple[dict, dict, str]:
     """The hyperparameters and network weights (EMA when present) of a base diffusion checkpoint, and its sha256;
     a missing, corrupt or non-diffusion checkpoint is refused naming `base_ckpt`."""
-    from ddpm_lightning.tasks import _read_checkpoint
+    from ddpm_lightning.checkpointing import read_checkpoint
 
     if not base_ckpt:
         raise ValueError("a ControlNet trains on top of a trained model: set base_ckpt=<its checkpoints/last.ckpt>")
     path = Path(base_ckpt)
     if not path.is_file():
         raise FileNotFoundError(f"base_ckpt={path}: no such file (the checkpoint of the trained model to control)")
-    try:
-        ckpt = _read_checkpoint(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise type(e)(f"base_ckpt={path}: {e}") from None
+    ckpt = read_checkpoint(path, key="base_ckpt")
     hp = ckpt["hyper_parameters"]
     if "schedule" not in hp or "sampler" not in hp:
         raise ValueError(f"base_ckpt={path} is not a diffusion model checkpoint (a classifier's?)")
