@@ -46,10 +46,21 @@ class EMA(EMAWeightAveraging):
     def _ema_update(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
         """ema <- decay * ema + (1 - decay) * theta."""
         weight = 1 - self.decay_at(num_averaged.to(averaged[0].device))
-        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+        trainable = self._trainable()
+        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point() and a.data_ptr() in trainable]
         if floats:
             a, c = zip(*floats)
             torch._foreach_lerp_(list(a), list(c), weight.to(a[0].dtype))
+
+    def _trainable(self) -> set[int]:
+        """Storage of the averaged copy's trainable parameters and buffers: frozen parameters (a ControlNet's
+        locked base) are equal in both copies and stay out of the average."""
+        module = self._average_model.module
+        cached = getattr(self, "_trainable_ptrs", None)
+        if cached is None or cached[0] is not module:
+            ptrs = {p.data_ptr() for p in module.parameters() if p.requires_grad} | {b.data_ptr() for b in module.buffers()}
+            self._trainable_ptrs = cached = (module, ptrs)
+        return cached[1]
 
     def averaged_module(self) -> L.LightningModule | None:
         """The LightningModule holding the EMA weights (None before training set it up)."""

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ddpm_lightning import control as control_lib
 from ddpm_lightning import guidance as guidance_lib
 from ddpm_lightning import metrics as M
 from ddpm_lightning.images import save_grid, to_model_range, to_uint8
@@ -50,11 +51,12 @@ def count_nfe(module: DiffusionModule):
 
 def sample_shard(
     module: DiffusionModule, sampler: Any, first: int, end: int, batch_size: int, pbar=None,
-    labels: dict[int, int] | None = None, **cond,
+    labels: dict[int, int] | None = None, hints: Callable | None = None, **cond,
 ) -> tuple[np.ndarray, int]:
     """uint8 images [n, C, H, W] for seeds first..end-1, in batches of `batch_size` counted from `first` (so a
     shard is batched the same way whatever the number of processes), and the network evaluations per image.
-    `labels`: the class of each seed (class-conditional models, classifier guidance)."""
+    `labels`: the class of each seed (class-conditional models, classifier guidance); `hints`: seeds -> their
+    conditions (ControlNet models)."""
     calls, handle = count_nfe(module)
     out, nfe = [], 0
     try:
@@ -63,6 +65,8 @@ def sample_shard(
             calls[0] = 0
             if labels is not None:
                 cond["labels"] = [labels[s] for s in seeds]
+            if hints is not None:
+                cond["hint"] = hints(seeds).to(module.device)
             out.append(to_uint8(module.sample(seeds, sampler=sampler, **cond)).cpu())
             nfe = calls[0]
             if pbar is not None:
@@ -246,6 +250,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if guidance is not None and labels is None:
         raise ValueError("guidance needs labels (a list of classes or 'all')")
 
+    # ControlNet checkpoints: the condition of every image (README "ControlNet"), loaded before any sampling.
+    datamodule = functools.cache(lambda: _datamodule(cfg, module))  # built once, for the reference, nll, conditions
+    control = None
+    if control_lib.is_controlled(module):
+        control = control_lib.EvalConditions(_plain(cfg.get("control")) or {}, module, datamodule, cfg.seed_offset)
+
     fabric = L.Fabric(**cfg.trainer)  # strategy auto: DDP for several devices or nodes, torchrun / srun detected
     fabric.launch()
     module = module.to(fabric.device)
@@ -264,10 +274,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "guidance": guidance_cfg,
         "guidance_files": _files_sha256(guidance_cfg),
     }
+    if control is not None:
+        fingerprint["control"] = {**control.source, "scale": control.scale}
 
     # Everything that can fail is checked before the first image is sampled: weights, reference, output folder.
     extractor, reference, ref_info, nll_data = None, None, {}, None
-    datamodule = functools.cache(lambda: _datamodule(cfg, module))  # built once, for the reference and the nll
     error = None
     if fabric.global_rank == 0:
         try:
@@ -315,6 +326,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     with fabric.autocast():
         for first, end in mine:
             cond = {} if guidance is None else {"guidance": guidance}
+            if control is not None:
+                cond.update(hints=control, conditioning_scale=control.scale)
             images, nfe = sample_shard(module, sampler, first, end, cfg.batch_size, pbar, labels, **cond)
             save_shard(shard_path(shards_dir, first, end), images, first, end, nfe)
     pbar.close()
@@ -327,6 +340,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         images = np.concatenate([x for x, _ in loaded]) if loaded else np.zeros((0, *module.image_shape), np.uint8)
         nfe = loaded[0][1] if loaded else 0
         result = _finish(cfg, module, images, nfe, names, extractor, reference, ref_info, out, sampler_cfg, ckpt_path)
+        if control is not None and len(images):
+            _control_result(cfg, module, control, images, result, out)
         if nll_data is not None:  # rank 0 alone; the other ranks wait at the broadcast below
             t0 = time.perf_counter()
             result["metrics"].update(_nll(cfg, module, nll_data))
@@ -376,6 +391,19 @@ def _finish(cfg, module, images, nfe, names, extractor, reference, ref_info, out
         "feature_extractor": f"inception-v3-compat ({cfg.inception.feature})" if extractor is not None else None,
         "features_time_s": f_time,
     }
+
+
+def _control_result(cfg, module, control, images: np.ndarray, result: dict, out: Path) -> None:
+    """ControlNet: the adherence error of the samples to their conditions (next to the other metrics), and the
+    grid as condition | sample pairs."""
+    samples = to_model_range(torch.from_numpy(images))
+    seeds = list(range(cfg.seed_offset, cfg.seed_offset + len(images)))
+    result["metrics"]["adherence"] = control.adherence(samples, seeds)
+    result["control"] = {**control.source, "scale": control.scale, "condition": type(module.net.condition).__name__}
+    if cfg.grid_size:
+        n = min(cfg.grid_size, len(samples))
+        pairs = control_lib.condition_pairs(module, control(seeds[:n]), samples[:n])
+        save_grid(pairs.flatten(0, 1), out / "grid.png", nrow=2 * max(1, int(n**0.5)))
 
 
 def _summary(result: dict, out: Path) -> None:

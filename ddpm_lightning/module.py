@@ -40,7 +40,8 @@ class ImageModule(L.LightningModule):
     image_shape = data_shape  # the name image code uses
 
     def configure_optimizers(self) -> dict:
-        optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())
+        # Only the parameters that train (a ControlNet's locked base is left out).
+        optimizer = instantiate(self.hparams.optimizer)(params=[p for p in self.parameters() if p.requires_grad])
         warmup = self.hparams.warmup_steps
         # Ho et al. App. B: linear learning-rate warm-up over the first 5000 steps, then constant.
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)

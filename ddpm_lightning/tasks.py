@@ -125,6 +125,21 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
+def _check_control(cfg: DictConfig) -> None:
+    """A ControlNet run needs module=controlnet (experiment=controlnet_*), control=... and base_ckpt=... together."""
+    controlnet = str(cfg.module.get("_target_", "")).endswith("ControlNetModule")
+    if (cfg.get("control") or cfg.get("base_ckpt")) and not controlnet:
+        raise ValueError("control=... and base_ckpt=... train a ControlNet: add experiment=controlnet_digits (or module=controlnet)")
+    if controlnet and not cfg.get("base_ckpt"):
+        raise ValueError("a ControlNet trains on top of a trained model: set base_ckpt=<its checkpoints/last.ckpt>")
+    if controlnet and not cfg.get("control"):
+        raise ValueError("module=controlnet needs a condition: control=lowres, edges or mask")
+    if controlnet and not Path(cfg.base_ckpt).is_file():
+        raise FileNotFoundError(f"base_ckpt={cfg.base_ckpt}: no such file (the checkpoint of the trained model to control)")
+    if controlnet and Path(cfg.base_ckpt).resolve().is_relative_to(Path(cfg.paths.output_dir).resolve()):
+        raise ValueError(f"base_ckpt={cfg.base_ckpt} lies in this run's directory (paths.output_dir) and could be overwritten: write the ControlNet run elsewhere")
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build data, model, callbacks, loggers and trainer from `cfg` and fit. Returns the final metrics."""
     init_state = None
@@ -134,6 +149,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         init_state = init_train_config(cfg)
     OmegaConf.resolve(cfg)
     out = Path(cfg.paths.output_dir)
+    _check_control(cfg)
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out):
         return _train(cfg, out, init_state)
