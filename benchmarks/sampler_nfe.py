@@ -89,8 +89,11 @@ def main() -> None:
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=list(SAMPLERS))
     p.add_argument("--reference-steps", type=int, default=500, help="DDIM steps of the probability-flow reference (0: none)")
     p.add_argument("--no-ddpm-1000", action="store_true", help="skip ancestral DDPM with all 1000 steps")
+    p.add_argument("--replot", action="store_true", help="only redraw the plot from the existing JSON (a run cut short)")
     common.allocator_option(p)
     args = p.parse_args()
+    if args.replot:
+        return plot(json.loads((common.RESULTS / "sampler_nfe.json").read_text())["rows"], common.RESULTS / "sampler_nfe.png")
     common.set_allocator(args)
     from ddpm_lightning.tasks import load_model
 
