@@ -204,3 +204,12 @@ def test_churn_and_ancestral_noise_still_sample_the_mixture():
         assert z.abs().max() < 5, (sampler.__name__, z)
         z = mixture_z_scores(sampler(MixtureDenoiser(MIXTURE, schedule, 0.5), x_T.clone(), BatchNoise(1), **kwargs))
         assert z.abs().max() > 5, (sampler.__name__, z)
+
+
+def test_quickstart_and_grids_sample_with_dpmpp_2m_10_steps():
+    """The choice of benchmarks/sampler_nfe.py (README): DPM-Solver++(2M), 10 steps, for the quickstart and grids."""
+    from conftest import compose_cfg
+
+    cfg = compose_cfg(["experiment=digits"], tiny=False)
+    for sampler in (cfg.sampler, cfg.callbacks.samples.sampler):
+        assert sampler._target_ == "ddpm_lightning.samplers.dpmpp_2m" and sampler.steps == 10

@@ -37,7 +37,7 @@ def test_run_writes_checkpoint_config_and_png_grids(trained):
     assert img.size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)
     metrics = (run / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
     nfe = metrics[0].split(",").index("samples/nfe")
-    assert {row.split(",")[nfe] for row in metrics[1:]} >= {"10.0"}  # the grids' DDIM-10: 10 network evaluations
+    assert {row.split(",")[nfe] for row in metrics[1:]} >= {"10.0"}  # the grids: DPM-Solver++(2M), 10 steps: 10 network evaluations
 
 
 def test_resume_continues_step_optimizer_lr_and_ema(trained):
