@@ -95,6 +95,11 @@ def _checkpoint_data_config(ckpt_path: Path) -> DictConfig:
 
 def _datamodule(cfg: DictConfig, module: DiffusionModule):
     """The checkpoint's DataModule (its run's data config, or data=<name>), checked against the model."""
+    if not cfg.get("data") and not cfg.get("ckpt_path"):
+        raise ValueError(
+            f"init_from={cfg.init_from}: an imported model has no run config naming its dataset; choose it with "
+            "data=<name> (e.g. data=cifar10), or give reference.folder=<folder of images> or reference.stats=<.npz>"
+        )
     datamodule = build(cfg.get("data") or _checkpoint_data_config(Path(cfg.ckpt_path)))
     size = dict(getattr(datamodule, "hparams", {})).get("image_size")
     if size is not None and size != module.hparams.image_size:
@@ -170,6 +175,8 @@ def _output_dir(cfg: DictConfig, module: DiffusionModule, sampler_cfg: dict, ckp
     steps = sampler_cfg.get("steps", getattr(module.schedule, "T", ""))
     weights = "ema" if cfg.use_ema else "raw"
     folder = f"step{module.global_step_loaded}-{weights}-{name}{steps}-{ckpt_sha256[:8]}"
+    if not cfg.get("ckpt_path"):  # an imported diffusers model (init_from): outputs/imported/<folder name>/
+        return Path(cfg.paths.log_dir) / "imported" / Path(str(cfg.init_from)).name / f"{name}{steps}-{ckpt_sha256[:8]}"
     return Path(cfg.ckpt_path).resolve().parent.parent / "eval" / folder
 
 
@@ -206,9 +213,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     names = M.check_metric_names(cfg.metrics)
     _check(cfg, names)
+    if bool(cfg.get("ckpt_path")) == bool(cfg.get("init_from")):
+        raise ValueError("give ckpt_path=<checkpoint> or init_from=<diffusers folder or Hub id>, exactly one of them")
     check_overrides([f"+{k}" for k in MODEL_KEYS if cfg.get(k) is not None])
-    ckpt_path = Path(cfg.ckpt_path)
-    module = load_model(ckpt_path, use_ema=cfg.use_ema)
+    if cfg.get("init_from"):  # diffusers weights (README "Pretrained weights"); ckpt_path: their weights file
+        from ddpm_lightning.diffusers_io import load_module, weights_file
+
+        ckpt_path, module = weights_file(cfg.init_from), load_module(cfg.init_from)
+    else:
+        ckpt_path = Path(cfg.ckpt_path)
+        module = load_model(ckpt_path, use_ema=cfg.use_ema)
     sampler_cfg = _plain(cfg.get("sampler")) or module.hparams.sampler
     sampler = instantiate(sampler_cfg)
     check_compatible(sampler, module.schedule)  # e.g. sampler.steps beyond the schedule's T, before any work
