@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ddpm_lightning import guidance as guidance_lib
 from ddpm_lightning.images import save_grid, to_uint8
+from ddpm_lightning.module import count_nfe
 
 
 class EMA(EMAWeightAveraging):
@@ -93,8 +94,9 @@ def check_sampler(sampler: Any, pl_module: L.LightningModule, key: str) -> None:
 
 class SampleGrid(L.Callback):
     """Every `every_n_steps` and at the end of training, sample `num_samples` images with fixed seeds from the
-    EMA weights, save `samples/step_XXXXXXX.png` in the run directory and send it to the loggers. Points (toy
-    data) are drawn as a scatter plot over the training data instead of a grid.
+    EMA weights, save `samples/step_XXXXXXX.png` in the run directory and send it to the loggers, with the
+    network evaluations per image it took (`samples/nfe`). Points (toy data) are drawn as a scatter plot over the
+    training data instead of a grid.
 
     The seeds are split over the ranks and the images gathered, so the grid is made once, in parallel, and is
     the same whatever the number of processes.
@@ -123,6 +125,7 @@ class SampleGrid(L.Callback):
         self.labels, self.guidance = labels, guidance
         self._guidance = None
         self.last_path: Path | None = None
+        self.last_nfe: int | None = None
         self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -156,7 +159,12 @@ class SampleGrid(L.Callback):
         index = range(rank * per_rank, (rank + 1) * per_rank)
         seeds = [self.seed + i for i in index]
         cond = {} if labels is None else {"labels": [labels[i % n] for i in index], "guidance": self._guidance}
-        images = module.sample(seeds, sampler=self.sampler, **cond)
+        calls, handle = count_nfe(module)
+        try:
+            images = module.sample(seeds, sampler=self.sampler, **cond)
+        finally:
+            handle.remove()
+        self.last_nfe = calls[0]  # one batch per rank: the network evaluations per image
         if world > 1:
             images = pl_module.all_gather(images).flatten(0, 1)
         self._save(trainer, images[:n], self.nrow or per_row)
@@ -172,6 +180,8 @@ class SampleGrid(L.Callback):
         else:
             grid = save_grid(images, path, nrow=nrow, display_scale=self.display_scale)
         self.last_path = path
+        for logger in trainer.loggers:
+            logger.log_metrics({"samples/nfe": float(self.last_nfe)}, step=trainer.global_step)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("samples", grid, trainer.global_step)

@@ -25,7 +25,7 @@ from ddpm_lightning import control as control_lib
 from ddpm_lightning import guidance as guidance_lib
 from ddpm_lightning import metrics as M
 from ddpm_lightning.images import save_grid, to_model_range, to_uint8
-from ddpm_lightning.module import DiffusionModule, _plain
+from ddpm_lightning.module import DiffusionModule, _plain, count_nfe
 from ddpm_lightning.checkpointing import check_targets, file_sha256
 from ddpm_lightning.samplers import check_compatible
 from ddpm_lightning.tasks import build, load_model
@@ -40,13 +40,6 @@ def plan_shards(num_samples: int, shard_size: int, seed_offset: int = 0) -> list
 
 def shard_path(folder: Path, first: int, end: int) -> Path:
     return folder / f"seeds_{first:08d}-{end:08d}.npz"
-
-
-def count_nfe(module: DiffusionModule):
-    """A forward hook counting the network evaluations; returns (counter list, handle)."""
-    calls = [0]
-    handle = module.net.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    return calls, handle
 
 
 def sample_shard(

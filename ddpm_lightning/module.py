@@ -90,6 +90,13 @@ def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
                 state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
+def count_nfe(module: L.LightningModule):
+    """A forward hook counting the network evaluations; returns (counter list, handle)."""
+    calls = [0]
+    handle = module.net.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls, handle
+
+
 class DiffusionModule(ImageModule):
     """Trains an eps-network with L_simple (Ho et al. 2020 Algorithm 1) and samples from it.
 

@@ -66,6 +66,58 @@ def gaussian_logp(z: Tensor, std: float) -> Tensor:
     return -0.5 * z.flatten(1).double().pow(2).sum(1) / std**2 - d * (math.log(std) + 0.5 * math.log(2 * math.pi))
 
 
+def time_range(schedule) -> tuple[float, float]:
+    """(T, t_min): the first and last of the schedule's timesteps, where the samplers start and stop."""
+    ts = schedule.timesteps(None)
+    return float(ts[0]), float(ts[-1])
+
+
+SPACINGS = ("karras", "log_snr", "uniform")
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> Tensor:
+    """Karras et al. 2022 eq. 5: sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
+    i = 0 .. N - 1 (float64)."""
+    i = torch.linspace(0, 1, steps, dtype=torch.float64)
+    return (sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def log_snr_sigmas(sigma_min: float, sigma_max: float, steps: int) -> Tensor:
+    """Levels uniform in lambda = log(alpha / sigma) = -log(sigma / alpha) (Lu et al. 2022, DPM-Solver's
+    "logSNR" spacing): geometric from sigma_max to sigma_min."""
+    return torch.logspace(math.log10(sigma_max), math.log10(sigma_min), steps, dtype=torch.float64)
+
+
+def check_spacing(steps: int, spacing: str, rho: float) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"sampler.steps={steps!r} must be an integer >= 1")
+    if spacing not in SPACINGS:
+        raise ValueError(f"sampler.spacing={spacing!r} must be one of {SPACINGS}")
+    if not rho > 0:
+        raise ValueError(f"sampler.rho={rho} must be positive (Karras et al. use 7)")
+
+
+def noise_levels(schedule, steps: int, spacing: str = "karras", rho: float = 7.0) -> Tensor:
+    """The noise levels (sigma / alpha, float64) of a `steps`-step sampler: sigma_0 = sigma_max, ..., sigma_{N-1} =
+    sigma_min of the schedule (its noise_level at the first and last of its timesteps), then sigma_N = 0, the
+    data. spacing: "uniform" in the schedule's time t, "log_snr" uniform in lambda, or "karras" (rho)."""
+    check_spacing(steps, spacing, rho)
+    t_max, t_min = time_range(schedule)
+    device = next(schedule.buffers(), torch.empty(0)).device
+    ends = schedule.noise_level(torch.tensor([t_max, t_min], dtype=torch.float64, device=device)).double().cpu()
+    sigma_max, sigma_min = ends.tolist()
+    if steps == 1:
+        levels = ends[:1]
+    elif spacing == "karras":
+        levels = karras_sigmas(sigma_min, sigma_max, steps, rho)
+    elif spacing == "log_snr":
+        levels = log_snr_sigmas(sigma_min, sigma_max, steps)
+    else:
+        levels = schedule.noise_level(torch.linspace(t_max, t_min, steps, dtype=torch.float64, device=device)).double().cpu()
+    levels[0], levels[-1] = sigma_max, (sigma_min if steps > 1 else sigma_max)
+    return torch.cat([levels, levels.new_zeros(1)])
+
+
 def _check_T(T: int) -> None:
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise ValueError(f"schedule.T={T!r} must be a positive integer")
@@ -86,6 +138,23 @@ class Schedule(nn.Module):
     def prior_logp(self, z: Tensor) -> Tensor:
         """log p_T(z) of the prior, per example."""
         return gaussian_logp(z, self.prior_std())
+
+    def noise_level(self, t: Tensor) -> Tensor:
+        """Karras et al. 2022 (EDM) eq. 4 / Table 1: the noise level sigma(t) / alpha(t) of x_t / alpha(t) = x_0 +
+        (sigma / alpha) eps; DPM-Solver's lambda = log(alpha / sigma) is minus its log (Lu et al. 2022)."""
+        return self.sigma(t) / self.alpha(t)
+
+    def t_of_noise_level(self, level: Tensor) -> Tensor:
+        """The time (float64) whose noise_level is `level`, clamped to the sampled range; here by bisection
+        (noise_level increases with t), overridden in closed form where there is one."""
+        t_max, t_min = time_range(self)
+        level = torch.as_tensor(level, dtype=torch.float64)
+        lo, hi = torch.full_like(level, t_min), torch.full_like(level, t_max)
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            below = self.noise_level(mid).double() < level
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        return (lo + hi) / 2
 
 
 class DiscreteSchedule(Schedule):
@@ -147,6 +216,19 @@ class DiscreteSchedule(Schedule):
         w = (t - lo).double()
         return (1 - w) * log_abar[lo] + w * log_abar[hi]
 
+    def t_of_noise_level(self, level: Tensor) -> Tensor:
+        """The fractional step index whose interpolated log abar gives sigma / alpha = level (abar = 1 / (1 +
+        level^2)): the exact inverse of `_log_alphas_cumprod`, clamped to [0, T - 1]. Samplers on a noise-level
+        grid therefore feed the network fractional step labels, which its sinusoidal embedding takes as
+        readily as integers (rounding to the nearest trained step would change the grid they chose)."""
+        neg_log_abar = -self.alphas_cumprod.double().log()  # increasing in t
+        target = torch.log1p(torch.as_tensor(level, dtype=torch.float64, device=neg_log_abar.device) ** 2)
+        target = target.clamp(neg_log_abar[0], neg_log_abar[-1])
+        hi = torch.searchsorted(neg_log_abar, target).clamp(1, self.T - 1)
+        lo = hi - 1
+        w = (target - neg_log_abar[lo]) / (neg_log_abar[hi] - neg_log_abar[lo])
+        return lo.double() + w.clamp(0, 1)
+
     def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """The discrete VP process as an SDE in index time (Song et al. 2021 §3.4 / App. B): dx = -1/2 b(t) x dt
         + sqrt(b(t)) dw with b = -log(1 - beta_i) on (i - 1, i], so its marginals are exactly Ho et al.'s eq. 4
@@ -204,10 +286,21 @@ class NCSNSchedule(Schedule):
         self.register_buffer("sigmas", sigmas.float(), persistent=False)
 
     def alpha(self, t: Tensor) -> Tensor:
-        return torch.ones_like(self.sigmas[t])
+        return torch.ones_like(self.sigma(t))
 
     def sigma(self, t: Tensor) -> Tensor:
+        """sigma_i; a fractional level t (float tensor, used by the noise-level samplers) interpolates log sigma
+        linearly, i.e. continues the geometric sequence, as the network's label 999 t / (L - 1) does."""
+        if t.is_floating_point():
+            t = t.double().clamp(0, self.T - 1)
+            return self.sigma_min * (self.sigma_max / self.sigma_min) ** (t / (self.T - 1))
         return self.sigmas[t]
+
+    def t_of_noise_level(self, level: Tensor) -> Tensor:
+        """The fractional level t with sigma(t) = level (the inverse of the geometric interpolation)."""
+        level = torch.as_tensor(level, dtype=torch.float64)
+        t = (self.T - 1) * torch.log(level / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)
+        return t.clamp(0, self.T - 1)
 
     def net_label(self, t: Tensor) -> Tensor:
         """999 log(sigma / sigma_min) / log(sigma_max / sigma_min): the noise level, on the U-Net's usual range."""
@@ -301,6 +394,18 @@ class VPSDE(ContinuousSchedule):
         beta = self.beta(t)
         return -0.5 * expand_as(beta, x) * x, beta.sqrt()
 
+    def log_alpha_of_noise_level(self, level: Tensor) -> Tensor:
+        """log alpha where sigma / alpha = level: sigma^2 = 1 - alpha^2 gives alpha^2 = 1 / (1 + level^2)."""
+        return -0.5 * torch.log1p(level**2)
+
+    def t_of_noise_level(self, level: Tensor) -> Tensor:
+        """The root t >= 0 of 1/4 t^2 (beta_max - beta_min) + 1/2 t beta_min = -log alpha (exact), clamped to
+        [t_min, 1]."""
+        c = -self.log_alpha_of_noise_level(torch.as_tensor(level, dtype=torch.float64))
+        a, b = 0.25 * (self.beta_max - self.beta_min), 0.5 * self.beta_min
+        t = 2 * c / (b + (b * b + 4 * a * c).sqrt())  # (-b + sqrt(b^2 + 4ac)) / 2a, without cancellation
+        return t.clamp(self.t_min, 1.0)
+
     def extra_repr(self) -> str:
         return f"beta_min={self.beta_min:g}, beta_max={self.beta_max:g}"
 
@@ -315,6 +420,10 @@ class SubVPSDE(VPSDE):
     def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         beta = self.beta(t)
         return -0.5 * expand_as(beta, x) * x, (beta * -torch.expm1(4 * self.log_alpha(t))).sqrt()
+
+    def log_alpha_of_noise_level(self, level: Tensor) -> Tensor:
+        """log alpha where (1 - alpha^2) / alpha = level: the positive root alpha = (sqrt(level^2 + 4) - level) / 2."""
+        return torch.log(2 / ((level**2 + 4).sqrt() + level))
 
 
 class VESDE(ContinuousSchedule):
@@ -335,6 +444,11 @@ class VESDE(ContinuousSchedule):
 
     def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         return torch.zeros_like(x), self.sigma(t) * math.sqrt(2 * math.log(self.sigma_max / self.sigma_min))
+
+    def t_of_noise_level(self, level: Tensor) -> Tensor:
+        """t = log(level / sigma_min) / log(sigma_max / sigma_min), clamped to [t_min, 1]."""
+        level = torch.as_tensor(level, dtype=torch.float64)
+        return (torch.log(level / self.sigma_min) / math.log(self.sigma_max / self.sigma_min)).clamp(self.t_min, 1.0)
 
     def prior_std(self) -> float:
         return self.sigma_max

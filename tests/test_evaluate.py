@@ -130,6 +130,15 @@ def test_full_pipeline_offline_writes_samples_and_metrics(run, tmp_path):
     assert M.compute_metrics(["fid"], {"64": feats}, {"64": feats}, feature="64")["fid"] == pytest.approx(0, abs=1e-6)
 
 
+@pytest.mark.parametrize("sampler, steps, nfe", [("dpmpp_2m", 3, 3), ("heun", 3, 5), ("euler_ancestral", 2, 2)])
+def test_few_step_samplers_from_the_command_line_count_their_nfe(run, tmp_path, sampler, steps, nfe):
+    _, _, ckpt, *_ = run
+    result = evaluate(eval_cfg(ckpt, tmp_path / "e", f"sampler={sampler}", f"sampler.steps={steps}"))
+    assert (result["sampler"], result["steps"], result["nfe"]) == (sampler, steps, nfe)
+    samples = np.load(tmp_path / "e" / "samples.npz")["arr_0"]
+    assert samples.shape == (6, 8, 8, 1) and len(np.unique(samples.reshape(6, -1), axis=0)) == 6
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(run, tmp_path_factory):
     _, _, ckpt, *_ = run

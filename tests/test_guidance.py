@@ -9,7 +9,7 @@ from ddpm_lightning import schedules
 from ddpm_lightning.denoiser import Denoiser
 from ddpm_lightning.guidance import ClassifierFree, ClassifierGuidance, drop_labels, resolve_labels
 from ddpm_lightning.nets import EncoderClassifier, UNet
-from ddpm_lightning.samplers import PerSampleNoise, ald, ddim, ddpm, ode, pc
+from ddpm_lightning.samplers import PerSampleNoise, ald, ddim, ddpm, dpmpp_2m, euler_ancestral, heun, ode, pc
 from oracles import GaussianMixtureClassifier, GaussianMixtureEps
 
 # Every sampler must work with every guidance wrapper: add new samplers here.
@@ -19,6 +19,9 @@ SAMPLERS = [
     pytest.param(pc, {"steps": 250}, id="pc"),
     pytest.param(ode, {"method": "heun", "steps": 50}, id="ode"),
     pytest.param(ald, {"n_steps_each": 100, "step_lr": 2e-5}, id="ald"),  # on NCSN levels, see oracle()
+    pytest.param(dpmpp_2m, {"steps": 20}, id="dpmpp_2m"),
+    pytest.param(heun, {"steps": 20}, id="heun"),
+    pytest.param(euler_ancestral, {"steps": 100}, id="euler_ancestral"),
 ]
 
 # Three classes: components N(m_k, 0.5^2 I) in 4 dimensions, means on a circle in the first two.

@@ -35,7 +35,9 @@ def test_run_writes_checkpoint_config_and_png_grids(trained):
     img = Image.open(grids[-1])
     # 4 samples of 8x8 in a 2x2 grid with 2-pixel padding
     assert img.size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)
-    assert (run / "csv" / "version_0" / "metrics.csv").is_file()
+    metrics = (run / "csv" / "version_0" / "metrics.csv").read_text().splitlines()
+    nfe = metrics[0].split(",").index("samples/nfe")
+    assert {row.split(",")[nfe] for row in metrics[1:]} >= {"10.0"}  # the grids: DPM-Solver++(2M), 10 steps: 10 network evaluations
 
 
 def test_resume_continues_step_optimizer_lr_and_ema(trained):
