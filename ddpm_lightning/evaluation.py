@@ -25,6 +25,7 @@ from ddpm_lightning import guidance as guidance_lib
 from ddpm_lightning import metrics as M
 from ddpm_lightning.images import save_grid, to_model_range, to_uint8
 from ddpm_lightning.module import DiffusionModule, _plain
+from ddpm_lightning.summary import evaluate_next_steps
 from ddpm_lightning.tasks import build, load_model
 
 log = logging.getLogger(__name__)
@@ -326,4 +327,5 @@ def _summary(result: dict, out: Path) -> None:
     ]
     lines += [f"  {k:8s} {v:.4f}" for k, v in result["metrics"].items()]
     lines.append(f"  wall time {result['wall_time_s']['total']:.1f} s (sampling {result['wall_time_s']['sampling']:.1f} s); written to {out}")
+    lines += evaluate_next_steps(result, out)
     print("\n".join(lines), flush=True)

@@ -15,8 +15,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ddpm_lightning.benign_warnings import filter_benign_messages
 from ddpm_lightning.checkpointing import resume_checkpoint
+from ddpm_lightning.compose import fit_model_to_data
 from ddpm_lightning.module import DiffusionModule
+from ddpm_lightning.summary import cli_overrides, train_summary
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,8 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build data, model, callbacks, loggers and trainer from `cfg` and fit. Returns the final metrics."""
+    filter_benign_messages()
+    fit_model_to_data(cfg)
     OmegaConf.resolve(cfg)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -133,13 +138,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     log.info("Run directory: %s", out)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+    if trainer.is_global_zero:
+        print(train_summary(trainer, cfg, out, metrics, cli_overrides()), flush=True)
+    return metrics
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Sample a checkpoint and compute FID / IS / KID (see ddpm_lightning.evaluation)."""
     from ddpm_lightning.evaluation import evaluate as run
 
+    filter_benign_messages()
     if cfg.get("retain_freed_memory"):
         retain_freed_memory()
     return run(cfg)
