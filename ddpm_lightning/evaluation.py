@@ -275,7 +275,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         result["wall_time_s"] = {"sampling": sampling_s, "total": time.perf_counter() - start}
         result["world_size"] = fabric.world_size
         (out / "metrics.json").write_text(json.dumps(result, indent=2))
-        _summary(result, out)
+        _summary(result, out, module.schedule)
     if fabric.world_size > 1:
         result = fabric.broadcast(result)
     return result
@@ -319,7 +319,7 @@ def _finish(cfg, module, images, nfe, names, extractor, reference, ref_info, out
     }
 
 
-def _summary(result: dict, out: Path) -> None:
+def _summary(result: dict, out: Path, schedule: Any = None) -> None:
     lines = [
         f"Evaluated {result['num_samples']} samples (seeds {result['seeds']['first']}..{result['seeds']['last']}) of "
         f"{result['checkpoint']['path']} at step {result['checkpoint']['global_step']}",
@@ -327,5 +327,5 @@ def _summary(result: dict, out: Path) -> None:
     ]
     lines += [f"  {k:8s} {v:.4f}" for k, v in result["metrics"].items()]
     lines.append(f"  wall time {result['wall_time_s']['total']:.1f} s (sampling {result['wall_time_s']['sampling']:.1f} s); written to {out}")
-    lines += evaluate_next_steps(result, out)
+    lines += evaluate_next_steps(result, out, schedule)
     print("\n".join(lines), flush=True)

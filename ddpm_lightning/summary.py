@@ -33,14 +33,27 @@ def _keep(overrides: Sequence[str], drop: Sequence[str] = _RUN_KEYS) -> list[str
     return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in drop]
 
 
-def other_sampler(sampler_cfg: Mapping | None, schedule_cfg: Mapping | None = None) -> list[str]:
-    """Overrides choosing a sampler other than `sampler_cfg`: DDIM with 50 steps (any schedule), or, for a DDIM
-    run, ancestral DDPM sampling (discrete DDPM schedules) / predictor-corrector (the others)."""
-    target = str((sampler_cfg or {}).get("_target_", ""))
-    if not target.endswith(".ddim"):
-        return ["sampler=ddim", "sampler.steps=50"]
-    discrete = "DiscreteSchedule" in str((schedule_cfg or {}).get("_target_", ""))
-    return ["sampler=ddpm"] if discrete else ["sampler=pc"]
+_OTHER_SAMPLERS = (("ddim", ["sampler=ddim", "sampler.steps=50"]), ("ddpm", ["sampler=ddpm"]), ("pc", ["sampler=pc"]))
+
+
+def other_sampler(sampler_cfg: Mapping | None, schedule: Any = None) -> list[str]:
+    """Overrides choosing a sampler other than `sampler_cfg` that `schedule` accepts: DDIM with 50 steps, else
+    ancestral DDPM sampling (discrete DDPM schedules), else predictor-corrector."""
+    from hydra.utils import instantiate
+
+    from ddpm_lightning.samplers import check_compatible
+
+    current = str((sampler_cfg or {}).get("_target_", "")).rsplit(".", 1)[-1]
+    for name, overrides in _OTHER_SAMPLERS:
+        if name == current:
+            continue
+        try:
+            if schedule is not None:
+                check_compatible(instantiate({"_target_": f"ddpm_lightning.samplers.{name}", "_partial_": True}), schedule)
+        except ValueError:
+            continue
+        return overrides
+    return []
 
 
 def _metrics_line(metrics: Mapping[str, float]) -> str:
@@ -69,19 +82,18 @@ def train_summary(trainer: L.Trainer, cfg: Any, run_dir: Path, metrics: Mapping[
     if last is not None:
         own = _keep(overrides)
         ckpt = f"ckpt_path={last}"
-        sampler = cfg.get("module", {}).get("sampler") if hasattr(cfg, "get") else None
-        schedule = cfg.get("module", {}).get("schedule") if hasattr(cfg, "get") else None
-        is_diffusion = "DiffusionModule" in str(cfg.get("module", {}).get("_target_", ""))
+        module = trainer.lightning_module
+        is_diffusion = hasattr(module, "sample")
         lines.append("Next:")
         lines.append(f"  train further     {command('train.py', *own, ckpt, f'trainer.max_steps={2 * max(step, 1)}')}")
         if is_diffusion:
             lines.append(f"  evaluate (FID)    {command('evaluate.py', ckpt, 'num_samples=10000', 'metrics=[fid,isc,kid]')}")
-            other = other_sampler(sampler, schedule)
+            other = other_sampler(module.hparams.get("sampler"), module.schedule)
             lines.append(f"  other sampler     {command('evaluate.py', ckpt, *other, 'num_samples=64', 'metrics=[]')}")
     return "\n".join(lines)
 
 
-def evaluate_next_steps(result: Mapping[str, Any], out: Path) -> list[str]:
+def evaluate_next_steps(result: Mapping[str, Any], out: Path, schedule: Any = None) -> list[str]:
     """The follow-up commands printed after `evaluate.py`: more samples (the shards made are reused), another
     sampler, and where the samples are."""
     ckpt = f"ckpt_path={result['checkpoint']['path']}"
@@ -94,6 +106,6 @@ def evaluate_next_steps(result: Mapping[str, Any], out: Path) -> list[str]:
     same_sampler = [o for o in cli_overrides() if o.split("=", 1)[0] in ("sampler", "sampler.steps")]
     lines.append("Next:")
     lines.append(f"  more samples      {command('evaluate.py', ckpt, *same_sampler, *own, f'num_samples={max(2 * n, 1000)}')}")
-    other = other_sampler(result.get("sampler_config"))
+    other = other_sampler(result.get("sampler_config"), schedule)
     lines.append(f"  other sampler     {command('evaluate.py', ckpt, *other, *own)}")
     return lines

@@ -17,7 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from conftest import CONF, compose_cfg
+from conftest import CONF, TINY, compose_cfg
 from ddpm_lightning import tasks
 from ddpm_lightning.benign_warnings import LOG_RECORDS, WARNINGS, filter_benign_messages
 from ddpm_lightning.compose import fit_attention, fit_model_to_data
@@ -257,7 +257,7 @@ def _paths_and_commands(text: str) -> tuple[list[Path], list[tuple[str, list[str
 @pytest.mark.slow
 def test_train_and_evaluate_end_with_a_summary_of_existing_files_and_working_commands(tmp_path, capsys, monkeypatch):
     run = ["trainer.max_steps=2", "callbacks.checkpoint.every_n_train_steps=2"]
-    monkeypatch.setattr(tasks, "cli_overrides", lambda: list(run))  # what `python train.py <run>` would pass
+    monkeypatch.setattr(tasks, "cli_overrides", lambda: [*TINY, *run])  # what `python train.py <TINY> <run>` passes
     tasks.train(compose_cfg(run, tmp_path / "run"))
     text = capsys.readouterr().out
     summary = text[text.index("Finished at step 2."):]
@@ -281,7 +281,7 @@ def test_train_and_evaluate_end_with_a_summary_of_existing_files_and_working_com
 
     # evaluate.py ends the same way; the "other sampler" command of the training summary, run as written
     script, args = commands[2]
-    assert "sampler=ddim" in args
+    assert "sampler=ddpm" in args  # the run's is DDIM (TINY); its schedule is DDPM's
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name="evaluate", overrides=[*args, "num_samples=4", "batch_size=4", f"output_dir={tmp_path / 'eval'}"])
