@@ -127,7 +127,7 @@ def test_sbatch_evaluate_samples_a_checkpoint(slurm, tmp_path):
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     out = tmp_path / "eval"
     # metrics=[] samples and writes the set without Inception weights (which an offline test machine lacks)
-    job = _sbatch(slurm, tmp_path / "job.out", "slurm/evaluate.sbatch", f"ckpt_path={ckpt}", "num_samples=6",
+    job = _sbatch(slurm, tmp_path / "job.out", "--ntasks-per-node=1", "slurm/evaluate.sbatch", f"ckpt_path={ckpt}", "num_samples=6",
                   "batch_size=4", "shard_size=4", "metrics=[]", f"output_dir={out}")
     info = _wait(slurm, job)
     log = (tmp_path / "job.out").read_text()
