@@ -29,8 +29,13 @@ def command(script: str, *args: str) -> str:
     return " ".join(["python", script, *(shlex.quote(a) for a in args if a)])
 
 
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def _keep(overrides: Sequence[str], drop: Sequence[str] = _RUN_KEYS) -> list[str]:
-    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in drop]
+    """The overrides except those of the keys `drop` and their sub-keys."""
+    return [o for o in overrides if not any(_key(o) == d or _key(o).startswith(d + ".") for d in drop)]
 
 
 _OTHER_SAMPLERS = (("ddim", ["sampler=ddim", "sampler.steps=50"]), ("ddpm", ["sampler=ddpm"]), ("pc", ["sampler=pc"]))
@@ -97,15 +102,16 @@ def evaluate_next_steps(result: Mapping[str, Any], out: Path, schedule: Any = No
     """The follow-up commands printed after `evaluate.py`: more samples (the shards made are reused), another
     sampler, and where the samples are."""
     ckpt = f"ckpt_path={result['checkpoint']['path']}"
-    own = _keep(cli_overrides(), ("ckpt_path", "num_samples", "sampler", "sampler.steps", "output_dir"))
+    overrides = cli_overrides()
     n = int(result["num_samples"])
     lines = []
     files = [out / name for name in ("samples.npz", "grid.png", "metrics.json") if (out / name).is_file()]
     if files:
         lines.append("  files            " + ", ".join(str(f) for f in files))
-    same_sampler = [o for o in cli_overrides() if o.split("=", 1)[0] in ("sampler", "sampler.steps")]
     lines.append("Next:")
-    lines.append(f"  more samples      {command('evaluate.py', ckpt, *same_sampler, *own, f'num_samples={max(2 * n, 1000)}')}")
+    more = _keep(overrides, ("ckpt_path", "num_samples"))  # same sampler and output folder: its shards are reused
+    lines.append(f"  more samples      {command('evaluate.py', ckpt, *more, f'num_samples={max(2 * n, 1000)}')}")
     other = other_sampler(result.get("sampler_config"), schedule)
-    lines.append(f"  other sampler     {command('evaluate.py', ckpt, *other, *own)}")
+    own = _keep(overrides, ("ckpt_path", "num_samples", "sampler", "output_dir"))
+    lines.append(f"  other sampler     {command('evaluate.py', ckpt, *other, *own, f'num_samples={n}')}")
     return lines
