@@ -73,9 +73,15 @@ def test_cifar10_flip_cache_and_resize(tmp_path):
     assert dm.train_set.images.dtype == torch.float32
     x = dm.train_set.images[0]
     assert all(torch.equal(dm.train_set[0][0], x) for _ in range(5))
-    # the training loader flips each image with probability 1/2; the validation loader never does
-    collate = dm.train_dataloader().collate_fn
-    draws, _ = collate([dm.train_set[0]] * 40)
+    # training batches are flipped per image with probability 1/2 (on_before_batch_transfer, drawn per step: see
+    # tests/test_flip_resume.py); the loaders themselves and the validation batches never flip
+    draws = dm.on_before_batch_transfer([torch.stack([dm.train_set[0][0]] * 40), torch.zeros(40)], 0)[0]
+    assert torch.equal(draws, torch.stack([x] * 40))  # outside a training loop: unflipped
+    from types import SimpleNamespace
+
+    dm.trainer = SimpleNamespace(training=True, lightning_module=SimpleNamespace(hparams={"seed": None}), world_size=1, global_rank=0)
+    draws = dm.on_before_batch_transfer([torch.stack([dm.train_set[0][0]] * 40), torch.zeros(40)], 0)[0]
+    dm.trainer = None
     assert all(torch.equal(d, x) or torch.equal(d, x.flip(-1)) for d in draws)
     assert 5 < sum(torch.equal(d, x) for d in draws) < 35
     val = next(iter(dm.val_dataloader()))[0]
