@@ -66,7 +66,7 @@ def _metrics_line(metrics: Mapping[str, float]) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())) or "none logged"
 
 
-def train_summary(trainer: L.Trainer, cfg: Any, run_dir: Path, metrics: Mapping[str, float], overrides: Sequence[str] = ()) -> str:
+def train_summary(trainer: L.Trainer, run_dir: Path, metrics: Mapping[str, float], overrides: Sequence[str] = ()) -> str:
     """The end-of-run text of `train.py`: run directory, last / best checkpoint, latest sample grid, final
     metrics, and the commands to continue training, evaluate, and sample with another sampler."""
     from lightning.pytorch.callbacks import ModelCheckpoint

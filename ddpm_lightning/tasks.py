@@ -140,7 +140,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
     if trainer.is_global_zero:
-        print(train_summary(trainer, cfg, out, metrics, cli_overrides()), flush=True)
+        print(train_summary(trainer, out, metrics, cli_overrides()), flush=True)
     return metrics
 
 
