@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -91,26 +90,50 @@ def alternate(runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, li
 
 def timed(fn: Callable[[], None], n: int) -> float:
     """Seconds per call of fn over n calls (after the caller's warm-up)."""
+    sync()
     start = time.perf_counter()
     for _ in range(n):
         fn()
+    sync()
     return (time.perf_counter() - start) / n
 
 
+def device() -> str:
+    """The device benchmarks run on: the GPU where there is one, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def prepare_routes() -> None:
+    """Build the CPU kernels before timing (not in the background, as a first training run does), so that
+    the routes are measured with every candidate; the route decisions then land in the report."""
+    from ddpm_lightning.nets import routes
+
+    routes.configure(wait=True)
+    torch.backends.cudnn.benchmark = True  # as train.py and evaluate.py set it (conf cudnn_benchmark)
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work, so that a timer sees it done (nothing on a CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    from ddpm_lightning.nets import routes
+
+    cpu = routes.machine()
     return {
-        "cpu": cpu,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu["cpu"],
+        "cpu": cpu["cpu"],
+        "cpu_flags": cpu["flags"],  # of amx_bf16, amx_tile, avx512_bf16, avx512f, avx512_fp16, avx2, fma
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "amx": getattr(torch.cpu, "_is_amx_tile_supported", lambda: None)(),
         "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "kernels": routes.mode(),
+        "routes": routes.decisions(),  # (layer, input) -> the route it took, measured or from the route cache
         **_ALLOCATOR,
     }
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from ddpm_lightning.nets import conv, norm  # noqa: E402
+from ddpm_lightning.nets import conv, routes  # noqa: E402
 
 SHAPES = [(128, 128, 32), (256, 128, 32), (256, 256, 16), (512, 256, 16), (256, 256, 8), (256, 256, 4)]  # (in, out, side) of unet_cifar10
 
@@ -38,7 +38,7 @@ def main() -> None:
     common.allocator_option(p)
     args = p.parse_args()
     common.set_allocator(args)
-    if norm.kernel("winograd") is None:
+    if routes.kernel("winograd", wait=True) is None:
         sys.exit("the Winograd kernel could not be built here")
     rows = []
     cl = torch.channels_last

@@ -15,7 +15,7 @@ import torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from ddpm_lightning.nets import norm  # noqa: E402
+from ddpm_lightning.nets import norm, routes  # noqa: E402
 
 SHAPES = [(128, 32), (256, 32), (256, 16), (512, 16), (256, 8), (256, 4)]  # (channels, side) of unet_cifar10
 
@@ -39,7 +39,7 @@ def main() -> None:
     common.allocator_option(p)
     args = p.parse_args()
     common.set_allocator(args)
-    if norm.kernel() is None:
+    if routes.kernel(wait=True) is None:
         sys.exit("the fused kernel could not be built here")
     rows = []
     for precision in args.precision:
@@ -49,13 +49,13 @@ def main() -> None:
             dy = torch.randn_like(x)
             layer = norm.GroupNorm(32, channels, silu=True)
             cl = {"memory_format": torch.channels_last}
-            plain = norm.GroupNorm(32, channels, silu=True)
-            plain.fused = False
-            ms = {
-                "nchw": step_ms(plain, x.clone().requires_grad_(), dy, args.repeats),
-                "channels_last": step_ms(plain, x.contiguous(**cl).requires_grad_(), dy.contiguous(**cl), args.repeats),
-                "fused": step_ms(layer, x.contiguous(**cl).requires_grad_(), dy.contiguous(**cl), args.repeats),
-            }
+            with routes.forcing(group_norm="stock"):
+                ms = {
+                    "nchw": step_ms(layer, x.clone().requires_grad_(), dy, args.repeats),
+                    "channels_last": step_ms(layer, x.contiguous(**cl).requires_grad_(), dy.contiguous(**cl), args.repeats),
+                }
+            with routes.forcing(group_norm="fused"):
+                ms["fused"] = step_ms(layer, x.contiguous(**cl).requires_grad_(), dy.contiguous(**cl), args.repeats)
             rows.append({"precision": precision, "shape": f"{args.batch}x{channels}x{side}x{side}",
                          "nchw_ms": ms["nchw"], "channels_last_ms": ms["channels_last"], "fused_ms": ms["fused"],
                          "channels_last_over_fused": ms["channels_last"] / ms["fused"]})

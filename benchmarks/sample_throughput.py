@@ -38,6 +38,7 @@ def stop_after(net: torch.nn.Module, n: int):
 def time_loop(net: torch.nn.Module, loop, n: int) -> float:
     """Seconds per step of `loop()` over its first n network calls."""
     handle = stop_after(net, n)
+    common.sync()
     start = time.perf_counter()
     try:
         loop()
@@ -45,6 +46,7 @@ def time_loop(net: torch.nn.Module, loop, n: int) -> float:
         pass
     finally:
         handle.remove()
+    common.sync()
     return (time.perf_counter() - start) / n
 
 
@@ -91,7 +93,8 @@ def main() -> None:
     common.allocator_option(p)
     args = p.parse_args()
     common.set_allocator(args)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    common.prepare_routes()
+    device = common.device()
     shape = (args.channels, args.image_size, args.image_size)
     nets = {
         "ours": common.ours(args.model, args.image_size, args.channels).to(device, memory_format=torch.channels_last).eval(),

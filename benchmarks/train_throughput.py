@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import subprocess
 import sys
 
@@ -27,7 +28,9 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 OURS_ADAM = "fused"
-IMPLS = ("ours", "ours_nchw", "diffusers", "denoising_diffusion_pytorch")  # ours: channels_last, as configured
+# ours: channels_last, as configured, routes as measured (ddpm_lightning.nets.routes); ours_stock: the same with
+# PyTorch's operators everywhere (conf kernels=off), to show what the CPU kernels add
+IMPLS = ("ours", "ours_stock", "ours_nchw", "diffusers", "denoising_diffusion_pytorch")
 
 
 def autocast(precision: str):
@@ -51,7 +54,7 @@ class Run:
             from ddpm_lightning.denoiser import Denoiser
             from ddpm_lightning.schedules import linear
 
-            if impl == "ours":  # conf/module/diffusion.yaml channels_last: true; ours_nchw is the contiguous layout
+            if impl != "ours_nchw":  # conf/module/diffusion.yaml channels_last: true; ours_nchw is the contiguous layout
                 self.net = self.net.to(memory_format=torch.channels_last)
             self.denoiser = Denoiser(self.net, linear().to(device))
             self.ema, self.params = EMA(decay=0.9999, warmup=True), list(self.net.parameters())
@@ -80,7 +83,7 @@ class Run:
         if self.impl.startswith("ours"):
             from ddpm_lightning.losses import eps_mse
 
-            if self.impl == "ours":
+            if self.impl != "ours_nchw":
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             return eps_mse(self.denoiser, x0)[0].mean()
         if self.impl == "diffusers":
@@ -90,9 +93,13 @@ class Run:
         return self.diffusion((x0 + 1) / 2)  # it takes images in [0, 1]
 
     def step(self) -> None:
-        with autocast(self.precision):
-            loss = self.loss()
-        loss.backward()
+        from ddpm_lightning.nets import routes
+
+        stock = routes.forcing(conv3x3="onednn", group_norm="stock") if self.impl == "ours_stock" else contextlib.nullcontext()
+        with stock:
+            with autocast(self.precision):
+                loss = self.loss()
+            loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.impl.startswith("ours"):
@@ -153,6 +160,7 @@ def main() -> None:
     p.add_argument("--model", default="unet_cifar10")
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--arch", type=json.loads, default=None, help='U-Net settings over the model config, as JSON, e.g. \'{"ch_mult": [1, 2, 4]}\'')
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
@@ -164,9 +172,10 @@ def main() -> None:
     common.allocator_option(p)
     args = p.parse_args()
     common.set_allocator(args)
+    common.prepare_routes()
     global OURS_ADAM
     OURS_ADAM = args.ours_adam
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = common.device()
     if args.memory_of:
         import ddpm_lightning.callbacks  # noqa: F401  (imports are not the model's memory)
         import diffusers.training_utils  # noqa: F401
@@ -183,7 +192,7 @@ def main() -> None:
     for precision in args.precision:
         steps, params = {}, {}
         for impl in args.impls:
-            run = Run(impl, args.model, batch_of(args, device), precision)
+            run = Run(impl, args.model, batch_of(args, device), precision, args.arch)
             run.step()  # warm-up: allocator, autocast caches, lazy inits
             steps[impl], params[impl] = run.step, common.count(run.net)
         results = common.alternate({k: (lambda s=s: args.batch / common.timed(s, args.steps)) for k, s in steps.items()}, args.rounds)

@@ -46,10 +46,21 @@ class EMA(EMAWeightAveraging):
     def _ema_update(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
         """ema <- decay * ema + (1 - decay) * theta."""
         weight = 1 - self.decay_at(num_averaged.to(averaged[0].device))
-        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+        trainable = self._trainable()
+        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point() and a.data_ptr() in trainable]
         if floats:
             a, c = zip(*floats)
             torch._foreach_lerp_(list(a), list(c), weight.to(a[0].dtype))
+
+    def _trainable(self) -> set[int]:
+        """Storage of the averaged copy's trainable parameters and buffers: frozen parameters (a ControlNet's
+        locked base) are equal in both copies and stay out of the average."""
+        module = self._average_model.module
+        cached = getattr(self, "_trainable_ptrs", None)
+        if cached is None or cached[0] is not module:
+            ptrs = {p.data_ptr() for p in module.parameters() if p.requires_grad} | {b.data_ptr() for b in module.buffers()}
+            self._trainable_ptrs = cached = (module, ptrs)
+        return cached[1]
 
     def averaged_module(self) -> L.LightningModule | None:
         """The LightningModule holding the EMA weights (None before training set it up)."""
@@ -64,9 +75,26 @@ def ema_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningM
     return pl_module
 
 
+def check_sampler(sampler: Any, pl_module: L.LightningModule, key: str) -> None:
+    """A callback's own sampler (a config or the partial Hydra built from it), checked against the model's schedule
+    when training starts (e.g. its steps beyond the schedule's T) rather than when it first samples."""
+    if sampler:
+        from collections.abc import Mapping
+
+        from hydra.utils import instantiate
+
+        from ddpm_lightning.samplers import check_compatible
+
+        try:
+            check_compatible(instantiate(sampler) if isinstance(sampler, Mapping) else sampler, pl_module.schedule)
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+
+
 class SampleGrid(L.Callback):
     """Every `every_n_steps` and at the end of training, sample `num_samples` images with fixed seeds from the
-    EMA weights, save `samples/step_XXXXXXX.png` in the run directory and send it to the loggers.
+    EMA weights, save `samples/step_XXXXXXX.png` in the run directory and send it to the loggers. Points (toy
+    data) are drawn as a scatter plot over the training data instead of a grid.
 
     The seeds are split over the ranks and the images gathered, so the grid is made once, in parallel, and is
     the same whatever the number of processes.
@@ -98,6 +126,7 @@ class SampleGrid(L.Callback):
         self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        check_sampler(self.sampler, pl_module, "callbacks.samples.sampler")
         if not self.guidance and self.labels is None:
             return
         if self.guidance and self.labels is None:
@@ -135,7 +164,13 @@ class SampleGrid(L.Callback):
     @rank_zero_only
     def _save(self, trainer: L.Trainer, images: Tensor, nrow: int | None = None) -> None:
         path = Path(trainer.default_root_dir) / self.dirname / f"step_{trainer.global_step:07d}.png"
-        grid = save_grid(images, path, nrow=nrow, display_scale=self.display_scale)
+        if images.ndim == 2:  # points (toy data): a scatter plot of the samples over the training data
+            from ddpm_lightning.plots import save_scatter
+
+            data = getattr(trainer.datamodule, "train_points", None)
+            grid = save_scatter(images, path, data() if data else None, f"step {trainer.global_step}")
+        else:
+            grid = save_grid(images, path, nrow=nrow, display_scale=self.display_scale)
         self.last_path = path
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
@@ -185,6 +220,7 @@ class FID(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         from ddpm_lightning.metrics import resolve_inception_weights
 
+        check_sampler(self.sampler, pl_module, "callbacks.fid.sampler")
         if stage == "fit" and trainer.is_global_zero:
             self._weights = resolve_inception_weights(self.weights_path, "callbacks.fid.weights_path")
 

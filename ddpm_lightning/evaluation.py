@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ddpm_lightning import control as control_lib
 from ddpm_lightning import guidance as guidance_lib
 from ddpm_lightning import metrics as M
 from ddpm_lightning.images import save_grid, to_model_range, to_uint8
@@ -51,11 +52,12 @@ def count_nfe(module: DiffusionModule):
 
 def sample_shard(
     module: DiffusionModule, sampler: Any, first: int, end: int, batch_size: int, pbar=None,
-    labels: dict[int, int] | None = None, **cond,
+    labels: dict[int, int] | None = None, hints: Callable | None = None, **cond,
 ) -> tuple[np.ndarray, int]:
     """uint8 images [n, C, H, W] for seeds first..end-1, in batches of `batch_size` counted from `first` (so a
     shard is batched the same way whatever the number of processes), and the network evaluations per image.
-    `labels`: the class of each seed (class-conditional models, classifier guidance)."""
+    `labels`: the class of each seed (class-conditional models, classifier guidance); `hints`: seeds -> their
+    conditions (ControlNet models)."""
     calls, handle = count_nfe(module)
     out, nfe = [], 0
     try:
@@ -64,6 +66,8 @@ def sample_shard(
             calls[0] = 0
             if labels is not None:
                 cond["labels"] = [labels[s] for s in seeds]
+            if hints is not None:
+                cond["hint"] = hints(seeds).to(module.device)
             out.append(to_uint8(module.sample(seeds, sampler=sampler, **cond)).cpu())
             nfe = calls[0]
             if pbar is not None:
@@ -103,6 +107,11 @@ def _checkpoint_data_config(ckpt_path: Path) -> DictConfig:
 
 def _datamodule(cfg: DictConfig, module: DiffusionModule):
     """The checkpoint's DataModule (its run's data config, or data=<name>), checked against the model."""
+    if not cfg.get("data") and not cfg.get("ckpt_path"):
+        raise ValueError(
+            f"init_from={cfg.init_from}: an imported model has no run config naming its dataset; choose it with "
+            "data=<name> (e.g. data=cifar10), or give reference.folder=<folder of images> or reference.stats=<.npz>"
+        )
     datamodule = build(cfg.get("data") or _checkpoint_data_config(Path(cfg.ckpt_path)))
     size = dict(getattr(datamodule, "hparams", {})).get("image_size")
     if size is not None and size != module.hparams.image_size:
@@ -178,6 +187,8 @@ def _output_dir(cfg: DictConfig, module: DiffusionModule, sampler_cfg: dict, ckp
     steps = sampler_cfg.get("steps", getattr(module.schedule, "T", ""))
     weights = "ema" if cfg.use_ema else "raw"
     folder = f"step{module.global_step_loaded}-{weights}-{name}{steps}-{ckpt_sha256[:8]}"
+    if not cfg.get("ckpt_path"):  # an imported diffusers model (init_from): outputs/imported/<folder name>/
+        return Path(cfg.paths.log_dir) / "imported" / Path(str(cfg.init_from)).name / f"{name}{steps}-{ckpt_sha256[:8]}"
     return Path(cfg.ckpt_path).resolve().parent.parent / "eval" / folder
 
 
@@ -214,9 +225,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     names = M.check_metric_names(cfg.metrics)
     _check(cfg, names)
+    if bool(cfg.get("ckpt_path")) == bool(cfg.get("init_from")):
+        raise ValueError("give ckpt_path=<checkpoint> or init_from=<diffusers folder or Hub id>, exactly one of them")
     check_overrides([f"+{k}" for k in MODEL_KEYS if cfg.get(k) is not None])
-    ckpt_path = Path(cfg.ckpt_path)
-    module = load_model(ckpt_path, use_ema=cfg.use_ema)
+    if cfg.get("init_from"):  # diffusers weights (README "Pretrained weights"); ckpt_path: their weights file
+        from ddpm_lightning.diffusers_io import load_module, weights_file
+
+        ckpt_path, module = weights_file(cfg.init_from), load_module(cfg.init_from)
+    else:
+        ckpt_path = Path(cfg.ckpt_path)
+        module = load_model(ckpt_path, use_ema=cfg.use_ema)
+    if len(module.data_shape) != 3:  # a model of points (README "Toy data"): nothing here applies
+        raise ValueError(f"ckpt_path={ckpt_path} models points of shape {module.data_shape}, not images; evaluate.py scores images")
     sampler_cfg = _plain(cfg.get("sampler")) or module.hparams.sampler
     sampler = instantiate(sampler_cfg)
     check_compatible(sampler, module.schedule)  # e.g. sampler.steps beyond the schedule's T, before any work
@@ -230,6 +250,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     labels = None if label_list is None else {cfg.seed_offset + i: k for i, k in enumerate(label_list)}
     if guidance is not None and labels is None:
         raise ValueError("guidance needs labels (a list of classes or 'all')")
+
+    # ControlNet checkpoints: the condition of every image (README "ControlNet"), loaded before any sampling.
+    datamodule = functools.cache(lambda: _datamodule(cfg, module))  # built once, for the reference, nll, conditions
+    control = None
+    if control_lib.is_controlled(module):
+        control = control_lib.EvalConditions(_plain(cfg.get("control")) or {}, module, datamodule, cfg.seed_offset)
 
     fabric = L.Fabric(**cfg.trainer)  # strategy auto: DDP for several devices or nodes, torchrun / srun detected
     fabric.launch()
@@ -249,10 +275,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "guidance": guidance_cfg,
         "guidance_files": _files_sha256(guidance_cfg),
     }
+    if control is not None:
+        fingerprint["control"] = {**control.source, "scale": control.scale}
 
     # Everything that can fail is checked before the first image is sampled: weights, reference, output folder.
     extractor, reference, ref_info, nll_data = None, None, {}, None
-    datamodule = functools.cache(lambda: _datamodule(cfg, module))  # built once, for the reference and the nll
     error = None
     if fabric.global_rank == 0:
         try:
@@ -274,6 +301,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                     f"{out} holds samples of another model or sampler (see {fp_file}); choose another output_dir"
                 )
             fp_file.write_text(json.dumps(fingerprint, indent=2))
+            if cfg.get("process_strip"):  # the forward and reverse processes, README "From a random walk to DDPM"
+                from ddpm_lightning.plots import data_images, save_process_strips
+
+                log.info("Wrote %s", save_process_strips(module, data_images(datamodule(), 8), out, sampler, cfg.seed_offset))
         except Exception as e:  # noqa: BLE001 - re-raised on every rank below
             error = e
     if fabric.world_size > 1:
@@ -296,6 +327,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     with fabric.autocast():
         for first, end in mine:
             cond = {} if guidance is None else {"guidance": guidance}
+            if control is not None:
+                cond.update(hints=control, conditioning_scale=control.scale)
             images, nfe = sample_shard(module, sampler, first, end, cfg.batch_size, pbar, labels, **cond)
             save_shard(shard_path(shards_dir, first, end), images, first, end, nfe)
     pbar.close()
@@ -308,6 +341,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         images = np.concatenate([x for x, _ in loaded]) if loaded else np.zeros((0, *module.image_shape), np.uint8)
         nfe = loaded[0][1] if loaded else 0
         result = _finish(cfg, module, images, nfe, names, extractor, reference, ref_info, out, sampler_cfg, ckpt_path)
+        if control is not None and len(images):
+            _control_result(cfg, module, control, images, result, out)
         if nll_data is not None:  # rank 0 alone; the other ranks wait at the broadcast below
             t0 = time.perf_counter()
             result["metrics"].update(_nll(cfg, module, nll_data))
@@ -357,6 +392,19 @@ def _finish(cfg, module, images, nfe, names, extractor, reference, ref_info, out
         "feature_extractor": f"inception-v3-compat ({cfg.inception.feature})" if extractor is not None else None,
         "features_time_s": f_time,
     }
+
+
+def _control_result(cfg, module, control, images: np.ndarray, result: dict, out: Path) -> None:
+    """ControlNet: the adherence error of the samples to their conditions (next to the other metrics), and the
+    grid as condition | sample pairs."""
+    samples = to_model_range(torch.from_numpy(images))
+    seeds = list(range(cfg.seed_offset, cfg.seed_offset + len(images)))
+    result["metrics"]["adherence"] = control.adherence(samples, seeds)
+    result["control"] = {**control.source, "scale": control.scale, "condition": type(module.net.condition).__name__}
+    if cfg.grid_size:
+        n = min(cfg.grid_size, len(samples))
+        pairs = control_lib.condition_pairs(module, control(seeds[:n]), samples[:n])
+        save_grid(pairs.flatten(0, 1), out / "grid.png", nrow=2 * max(1, int(n**0.5)))
 
 
 def _summary(result: dict, out: Path, schedule: Any = None) -> None:

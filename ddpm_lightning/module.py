@@ -25,14 +25,23 @@ def _plain(cfg: Any) -> Any:
 
 
 class ImageModule(L.LightningModule):
-    """What the diffusion and classifier modules share: image shape and the optimiser with linear warm-up."""
+    """What the diffusion and classifier modules share: the shape of an example and the optimiser with linear
+    warm-up."""
 
     @property
-    def image_shape(self) -> tuple[int, int, int]:
+    def data_shape(self) -> tuple[int, ...]:
+        """The shape of one example: `data_shape` where set (points, e.g. (2,) for the toy data), else the image
+        shape (channels, image_size, image_size)."""
+        shape = self.hparams.get("data_shape")
+        if shape is not None:
+            return tuple(shape)
         return (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
 
+    image_shape = data_shape  # the name image code uses
+
     def configure_optimizers(self) -> dict:
-        optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())
+        # Only the parameters that train (a ControlNet's locked base is left out).
+        optimizer = instantiate(self.hparams.optimizer)(params=[p for p in self.parameters() if p.requires_grad])
         warmup = self.hparams.warmup_steps
         # Ho et al. App. B: linear learning-rate warm-up over the first 5000 steps, then constant.
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
@@ -54,6 +63,21 @@ class ImageModule(L.LightningModule):
         correct_epoch_after_resume(self.trainer)
         for optimizer in self.trainer.optimizers:
             match_state_layout(optimizer)
+
+
+def _check_data_shape(data_shape: Any, image_size: int | None, channels: int | None) -> list[int] | None:
+    """data_shape as a list of positive ints, or None for images, which then need image_size and channels."""
+    if data_shape is None:
+        if image_size is None or channels is None:
+            raise ValueError(
+                "module.image_size and module.channels (from data.image_size, data.channels) are needed for images; "
+                "for points set data.data_shape (e.g. data=toy2d, which sets [2])"
+            )
+        return None
+    shape = list(data_shape) if isinstance(data_shape, (list, tuple)) else None
+    if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+        raise ValueError(f"module.data_shape={data_shape!r} must be a list of positive integers, e.g. [2]")
+    return shape
 
 
 def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
@@ -80,17 +104,19 @@ class DiffusionModule(ImageModule):
         schedule: Mapping,
         sampler: Mapping,
         optimizer: Mapping,
-        image_size: int,
-        channels: int,
+        image_size: int | None,
+        channels: int | None,
         warmup_steps: int = 5000,
         parameterization: str = "eps",
         channels_last: bool = True,
         compile: bool = False,
         seed: int | None = None,
         p_uncond: float = 0.1,
+        data_shape: Sequence[int] | None = None,
     ):
         super().__init__()
-        net, schedule, sampler, optimizer = (_plain(c) for c in (net, schedule, sampler, optimizer))
+        net, schedule, sampler, optimizer, data_shape = (_plain(c) for c in (net, schedule, sampler, optimizer, data_shape))
+        data_shape = _check_data_shape(data_shape, image_size, channels)
         if warmup_steps < 0:
             raise ValueError(f"module.warmup_steps={warmup_steps} must be non-negative")
         if not 0.0 <= p_uncond <= 1.0:
@@ -109,6 +135,7 @@ class DiffusionModule(ImageModule):
                 "compile": compile,
                 "seed": seed,
                 "p_uncond": p_uncond,
+                "data_shape": data_shape,
             }
         )
         self.net = instantiate(net)
@@ -129,6 +156,15 @@ class DiffusionModule(ImageModule):
     def forward(self, x: Tensor, t: Tensor, **cond) -> Tensor:
         """eps_theta(x_t, t)."""
         return self.denoiser.eps(x, t, **cond)
+
+    def setup(self, stage: str) -> None:
+        """Refuse a data module whose examples have another shape than the model's (toy data declare theirs)."""
+        shape = getattr(getattr(self.trainer, "datamodule", None), "data_shape", None)
+        if shape is not None and tuple(shape) != self.data_shape:
+            raise ValueError(
+                f"the data's examples have shape {tuple(shape)} (data.data_shape) but the model is built for "
+                f"{self.data_shape} (module.data_shape, or data.channels and data.image_size for images)"
+            )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """With a `seed`, every training batch's randomness is a function of (seed, epoch, batch index): the
@@ -154,7 +190,7 @@ class DiffusionModule(ImageModule):
 
     def _loss(self, batch: Any) -> tuple[Tensor, Tensor]:
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
-        if self.hparams.channels_last:
+        if self.hparams.channels_last and x0.ndim == 4:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         cond = self._labels(batch, self.hparams.get("p_uncond", 0.0))
         if self._step_noise is None:
@@ -200,7 +236,8 @@ class DiffusionModule(ImageModule):
         guidance: Any = None,
         **cond,
     ) -> Tensor:
-        """Images in [-1, 1], one per seed; the image for a seed does not depend on the batch it is in.
+        """Samples in [-1, 1] (images, or points for data_shape), one per seed; the sample for a seed does not depend
+        on the batch it is in.
 
         `labels`: one class per seed (class-conditional models or classifier guidance). `guidance`: a callable
         wrapping the denoiser (see ddpm_lightning.guidance), its Hydra config, or a list of them."""
@@ -216,7 +253,7 @@ class DiffusionModule(ImageModule):
             guidance_lib.check_labels(y, guidance_lib.num_classes_of(denoiser))
             cond["y"] = y
         noise = PerSampleNoise(seeds, self.device)
-        x_T = noise.randn(self.image_shape) * self.schedule.prior_std()
+        x_T = noise.randn(self.data_shape) * self.schedule.prior_std()
         was_training = self.training
         self.eval()
         try:

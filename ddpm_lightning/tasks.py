@@ -74,6 +74,15 @@ def retain_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1))
 
 
+def speed_settings(cfg: DictConfig) -> None:
+    """Runtime settings that choose how, not what, the model computes: the CPU routes and kernels (conf `kernels`,
+    see ddpm_lightning.nets.routes) and cuDNN's per-shape algorithm search (conf `cudnn_benchmark`, GPUs)."""
+    from ddpm_lightning.nets import routes
+
+    routes.configure(cfg.get("kernels") or "auto")
+    torch.backends.cudnn.benchmark = bool(cfg.get("cudnn_benchmark", True))
+
+
 def _simple_types(hint: Any) -> tuple[type, ...] | None:
     """The isinstance() types a value annotated `hint` may have, for int / float / bool / str and their `| None`;
     None for any other annotation (not checked)."""
@@ -119,27 +128,51 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
         raise
 
 
+def _check_control(cfg: DictConfig) -> None:
+    """A ControlNet run needs module=controlnet (experiment=controlnet_*), control=... and base_ckpt=... together."""
+    controlnet = str(cfg.module.get("_target_", "")).endswith("ControlNetModule")
+    if (cfg.get("control") or cfg.get("base_ckpt")) and not controlnet:
+        raise ValueError("control=... and base_ckpt=... train a ControlNet: add experiment=controlnet_digits (or module=controlnet)")
+    if controlnet and not cfg.get("base_ckpt"):
+        raise ValueError("a ControlNet trains on top of a trained model: set base_ckpt=<its checkpoints/last.ckpt>")
+    if controlnet and not cfg.get("control"):
+        raise ValueError("module=controlnet needs a condition: control=lowres, edges or mask")
+    if controlnet and not Path(cfg.base_ckpt).is_file():
+        raise FileNotFoundError(f"base_ckpt={cfg.base_ckpt}: no such file (the checkpoint of the trained model to control)")
+    if controlnet and Path(cfg.base_ckpt).resolve().is_relative_to(Path(cfg.paths.output_dir).resolve()):
+        raise ValueError(f"base_ckpt={cfg.base_ckpt} lies in this run's directory (paths.output_dir) and could be overwritten: write the ControlNet run elsewhere")
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build data, model, callbacks, loggers and trainer from `cfg` and fit. Returns the final metrics."""
     filter_benign_messages()
+    init_state = None
+    if cfg.get("init_from"):  # fine-tune diffusers weights: the model config comes from the import
+        from ddpm_lightning.diffusers_io import init_train_config
+
+        init_state = init_train_config(cfg)
     fit_model_to_data(cfg)
     OmegaConf.resolve(cfg)
     out = Path(cfg.paths.output_dir)
+    _check_control(cfg)
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out):
-        return _train(cfg, out)
+        return _train(cfg, out, init_state)
 
 
-def _train(cfg: DictConfig, out: Path) -> dict[str, float]:
+def _train(cfg: DictConfig, out: Path, init_state: dict | None = None) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
     if cfg.get("retain_freed_memory"):
         retain_freed_memory()
+    speed_settings(cfg)
 
     datamodule = build(cfg.data)
     module: DiffusionModule = build(cfg.module)
+    if init_state is not None:
+        module.net.load_state_dict(init_state)  # names and shapes checked by init_train_config
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     ckpt_path, found_in = cfg.get("ckpt_path"), None
@@ -178,4 +211,5 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     filter_benign_messages()
     if cfg.get("retain_freed_memory"):
         retain_freed_memory()
+    speed_settings(cfg)
     return run(cfg)

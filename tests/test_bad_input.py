@@ -76,3 +76,11 @@ def test_config_values_of_the_wrong_type_name_the_key(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build(cfg.data)
         build(cfg.module)
+
+
+def test_grid_sampler_steps_beyond_T_fail_at_setup(tmp_path):
+    cfg = compose_cfg(["callbacks.samples.sampler={_target_:ddpm_lightning.samplers.ddim,_partial_:true,steps:5000}",
+                       "logger=none"], tmp_path)
+    with pytest.raises(ValueError, match=r"callbacks.samples.sampler: sampler.steps=5000 must lie in \[1, schedule.T=1000\]"):
+        train(cfg)
+    assert not (tmp_path / "checkpoints").exists()

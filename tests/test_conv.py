@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddpm_lightning.nets import conv, norm
+from ddpm_lightning.nets import conv, routes
 from ddpm_lightning.nets.conv import Conv2d
 
-needs_compiler = pytest.mark.skipif(norm.kernel("winograd") is None, reason="no C++ compiler for the kernel")
+needs_compiler = pytest.mark.skipif(routes.kernel("winograd", wait=True) is None, reason="no C++ compiler for the kernel")
 
 
 def grads(f, x, w, b, dy):
@@ -32,37 +32,28 @@ def test_weight_gradient_by_matrix_product_equals_autograd_in_float64(shape):
     assert got[1].is_contiguous(memory_format=cl)
 
 
-def test_conv2d_takes_the_matrix_product_only_for_small_bf16_channels_last_training(monkeypatch):
-    calls = []
-    original = conv._Conv3x3.apply
-    monkeypatch.setattr(conv._Conv3x3, "apply", lambda *a: calls.append(1) or original(*a))
-    torch.manual_seed(0)
+def candidates_of(layer, x, monkeypatch):
+    """The routes Conv2d offers routes.choose for input x (under the caller's autocast and grad mode)."""
+    seen = []
+    monkeypatch.setattr(routes, "choose", lambda key, candidates, bench, pending=False: seen.append(candidates) or "onednn")
+    layer(x)
+    monkeypatch.undo()
+    return seen[0] if seen else None
+
+
+def test_conv2d_offers_the_matrix_product_weight_gradient_only_in_training(monkeypatch):
     layer = Conv2d(16, 8, 3, padding=1).to(memory_format=torch.channels_last)
     plain = torch.nn.Conv2d(16, 8, 3, padding=1).to(memory_format=torch.channels_last)
     plain.load_state_dict(layer.state_dict())  # the same parameters and state dict as nn.Conv2d
-    x = torch.randn(4, 16, 8, 8).contiguous(memory_format=torch.channels_last).requires_grad_()
-    dy = torch.randn(4, 8, 8, 8).contiguous(memory_format=torch.channels_last)
-
-    def run(m):
-        x.grad = None
-        m.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = m(x)
-        y.backward(dy.to(y.dtype))
-        return [y.float(), x.grad, m.weight.grad, m.bias.grad]
-
-    got, want = run(layer), run(plain)
-    assert calls == [1]
-    assert got[2].dtype == torch.float32  # gradients reach the fp32 parameters through the autocast-style casts
-    for g, w in zip(got, want):  # both bf16: rounding differs, not the sums
-        assert ((g.float() - w.float()).abs().max() / w.float().abs().max()) < 2e-2
+    x = torch.randn(4, 16, 8, 8).contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        layer(torch.randn(4, 16, 16, 16).contiguous(memory_format=torch.channels_last))  # above SMALL_IMAGE
-        layer(torch.randn(4, 16, 8, 8))  # not channels-last
+        assert candidates_of(layer, x, monkeypatch) == ["onednn", "gemm_weight_grad"]
         with torch.no_grad():
-            layer(x)  # sampling: the forward is the same either way
-    layer(x)  # fp32
-    assert calls == [1]
+            assert candidates_of(layer, x, monkeypatch) == ["onednn"]  # sampling: the forward is the same either way
+    assert candidates_of(layer, torch.randn(4, 16, 8, 8), monkeypatch) is None  # not channels-last: nn.Conv2d
+    assert candidates_of(Conv2d(16, 8, 3, padding=1, stride=2), x, monkeypatch) is None
+    with torch.no_grad():
+        assert torch.equal(layer(x), plain(x))
 
 
 @needs_compiler
@@ -98,38 +89,20 @@ def test_winograd_kernel_refuses_channel_counts_it_does_not_block():
 
 
 @needs_compiler
-def test_conv2d_takes_winograd_only_for_fp32_channels_last_images_it_fits(monkeypatch):
-    calls = []
-    original = conv.winograd_conv3x3
-    monkeypatch.setattr(conv, "winograd_conv3x3", lambda *a: calls.append(1) or original(*a))
-    torch.manual_seed(0)
+def test_conv2d_offers_winograd_for_fp32_weights_and_channel_counts_it_blocks(monkeypatch):
     cl = torch.channels_last
     layer = Conv2d(16, 32, 3, padding=1)
     x = torch.randn(2, 16, 8, 8).contiguous(memory_format=cl)
-    assert torch.allclose(layer(x), F.conv2d(x, layer.weight, layer.bias, 1, 1), atol=1e-5)
     with torch.no_grad():
-        layer(x)  # sampling too
-    assert calls == [1, 1]
-    monkeypatch.setattr(conv, "amx", lambda: True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        layer(x)  # bf16 on AMX: oneDNN's convolution (Winograd's transforms in bf16 would lose its few digits)
-    layer(torch.randn(2, 16, 4, 4).contiguous(memory_format=cl))  # below WINOGRAD_IMAGE
-    layer(torch.randn(2, 16, 8, 8))  # contiguous
-    layer.double()(x.double())  # float64
-    Conv2d(8, 16, 3, padding=1)(torch.randn(2, 8, 8, 8).contiguous(memory_format=cl))  # 8 input channels
-    Conv2d(16, 16, 3, padding=1, stride=2)(x)
-    layer.float().winograd = False
-    layer(x)
-    assert calls == [1, 1]
-    layer.winograd = True
-    monkeypatch.setattr(conv, "amx", lambda: False)
-    xb = x.bfloat16().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = layer(xb)  # bf16 without AMX: fp32 Winograd of the bf16 input, the output in autocast's bf16
-    assert calls == [1, 1, 1] and y.dtype == torch.bfloat16
+        assert candidates_of(layer, x, monkeypatch) == ["onednn", "winograd"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert candidates_of(layer, x, monkeypatch) == ["onednn", "winograd"]  # fp32 Winograd of the bf16 input
+        assert candidates_of(layer, torch.randn(2, 16, 1, 3).contiguous(memory_format=cl), monkeypatch) == ["onednn", "winograd"]
+        assert candidates_of(Conv2d(8, 16, 3, padding=1), torch.randn(2, 8, 8, 8).contiguous(memory_format=cl), monkeypatch) == ["onednn"]
+        assert candidates_of(layer.double(), x.double(), monkeypatch) == ["onednn"]
+    with routes.forcing(conv3x3="winograd"), torch.autocast("cpu", dtype=torch.bfloat16):
+        xb = x.bfloat16().requires_grad_()
+        y = layer.float()(xb)  # the output in autocast's bf16
+    assert y.dtype == torch.bfloat16
     y.float().square().sum().backward()
-    xf = xb.detach().float().requires_grad_()
-    want = F.conv2d(xf, layer.weight.detach(), layer.bias.detach(), 1, 1)
-    want.square().sum().backward()
-    assert torch.allclose(y.float(), want, atol=1e-2, rtol=1e-2)
-    assert xb.grad.dtype == torch.bfloat16 and torch.allclose(xb.grad.float(), xf.grad, atol=5e-2, rtol=2e-2)
+    assert xb.grad.dtype == torch.bfloat16 and layer.weight.grad.dtype == torch.float32

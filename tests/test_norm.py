@@ -6,10 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddpm_lightning.nets import norm
+from ddpm_lightning.nets import norm, routes
 from ddpm_lightning.nets.norm import GroupNorm
 
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernel")
+
+
+def fused():
+    """The kernel route, wherever it is a candidate (channels-last fp32 / bf16 CPU tensors)."""
+    return routes.forcing(group_norm="fused")
 
 
 def reference(x, layer, dy):
@@ -31,7 +36,7 @@ def relative_errors(got, want):
 @pytest.mark.parametrize("shape, groups", [((4, 64, 8, 8), 32), ((1, 96, 5, 3), 32), ((3, 32, 1, 2), 8)])
 @pytest.mark.parametrize("silu", [True, False])
 def test_fused_group_norm_matches_the_formula_forward_and_backward(dtype, shape, groups, silu):
-    assert norm.kernel() is not None, "the kernel failed to build where a compiler is present"
+    assert routes.kernel(wait=True) is not None, "the kernel failed to build where a compiler is present"
     torch.manual_seed(0)
     layer = GroupNorm(groups, shape[1], silu=silu)
     torch.nn.init.normal_(layer.weight, 1, 0.5), torch.nn.init.normal_(layer.bias, 0, 0.5)
@@ -40,7 +45,8 @@ def test_fused_group_norm_matches_the_formula_forward_and_backward(dtype, shape,
     x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
     dy = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
     assert norm._fusable(x) or shape[2] * shape[3] == 1
-    y = layer(x)
+    with fused():
+        y = layer(x)
     y.backward(dy)
     assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
     assert x.grad.dtype == dtype and x.grad.is_contiguous(memory_format=torch.channels_last)
@@ -58,13 +64,14 @@ def test_fused_group_norm_runs_the_kernel_only_on_channels_last_cpu_tensors(monk
     monkeypatch.setattr(norm._GroupNormSiLU, "apply", lambda *a: calls.append(1) or original(*a))
     layer = GroupNorm(8, 16, silu=True)
     x = torch.randn(2, 16, 4, 4)
-    layer(x)
-    GroupNorm(8, 16).double()(x.double().contiguous(memory_format=torch.channels_last))
-    assert calls == []
-    layer(x.contiguous(memory_format=torch.channels_last))
-    assert calls == [1]
-    layer.fused = False
-    layer(x.contiguous(memory_format=torch.channels_last))
+    with fused():
+        layer(x)
+        GroupNorm(8, 16).double()(x.double().contiguous(memory_format=torch.channels_last))
+        assert calls == []
+        layer(x.contiguous(memory_format=torch.channels_last))
+        assert calls == [1]
+    with routes.forcing(group_norm="stock"):
+        layer(x.contiguous(memory_format=torch.channels_last))
     assert calls == [1]
 
 
@@ -74,8 +81,9 @@ def test_group_norm_keeps_nn_group_norm_state_dict_and_falls_back_without_a_comp
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no compiler")
 
-    monkeypatch.setattr(norm, "_kernels", {})
+    monkeypatch.setattr(routes, "_kernels", {})
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    monkeypatch.setitem(routes._settings, "wait", True)  # built here (and failing), not in a background process
     layer = GroupNorm(4, 8, silu=True)
     plain = torch.nn.GroupNorm(4, 8)
     plain.load_state_dict(layer.state_dict())
@@ -83,7 +91,7 @@ def test_group_norm_keeps_nn_group_norm_state_dict_and_falls_back_without_a_comp
     with pytest.warns(UserWarning, match="group_norm.cpp unavailable"):
         y = layer(x)
     assert torch.equal(y, F.silu(plain(x)))
-    assert norm.kernel() is None  # one failed build, not one per call
+    assert routes.kernel() is None  # one failed build, not one per call
 
 
 @needs_compiler
@@ -98,7 +106,8 @@ def test_fused_dropout_keeps_elements_with_probability_1_minus_p_and_its_gradien
     x = torch.randn(16, 128, 16, 16).contiguous(memory_format=torch.channels_last).requires_grad_()
     dy = torch.randn(x.shape).contiguous(memory_format=torch.channels_last)
     torch.manual_seed(1)
-    y = layer(x, drop)
+    with fused():
+        y = layer(x, drop)
     y.backward(dy)
     plain, *_ = reference(x, layer, dy)
     kept = y != 0
@@ -116,10 +125,11 @@ def test_fused_dropout_keeps_elements_with_probability_1_minus_p_and_its_gradien
     assert all(e < 1e-5 for e in relative_errors([x.grad, layer.weight.grad, layer.bias.grad], want[1:]))
     # the global generator decides (seeded runs repeat); a second call draws another mask
     torch.manual_seed(1)
-    again = layer(x.detach(), drop)
-    assert torch.equal(again, y.detach())
-    assert not torch.equal(layer(x.detach(), drop) != 0, kept)
-    assert torch.equal(layer(x.detach(), drop.eval()), layer(x.detach()))  # eval: no dropout
+    with fused():
+        again = layer(x.detach(), drop)
+        assert torch.equal(again, y.detach())
+        assert not torch.equal(layer(x.detach(), drop) != 0, kept)
+        assert torch.equal(layer(x.detach(), drop.eval()), layer(x.detach()))  # eval: no dropout
 
 
 @needs_compiler
@@ -133,7 +143,8 @@ def test_fused_group_norm_of_a_shifted_input_matches_the_formula(dtype, silu):
     x = (torch.randn(4, 64, 6, 5) * 0.5 + 2).to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
     t = (torch.randn(4, 64) * 3).to(dtype).requires_grad_()  # a shift larger than the spread: it moves the statistics
     dy = torch.randn(x.shape).to(dtype).contiguous(memory_format=torch.channels_last)
-    y = layer(x, shift=t)
+    with fused():
+        y = layer(x, shift=t)
     y.backward(dy)
     assert t.grad.dtype == dtype
     x64, t64 = x.detach().double().requires_grad_(), t.detach().double().requires_grad_()
@@ -144,5 +155,5 @@ def test_fused_group_norm_of_a_shifted_input_matches_the_formula(dtype, silu):
     errors = relative_errors([y, x.grad, t.grad, layer.weight.grad, layer.bias.grad], [want, x64.grad, t64.grad, w64.grad, b64.grad])
     tol = [1e-2, 2e-2, 2e-2, 1e-4, 1e-4] if dtype == torch.bfloat16 else [1e-5] * 5
     assert all(e < tol_ for e, tol_ in zip(errors, tol)), errors
-    layer.fused = False  # the plain path adds the shift itself
-    assert relative_errors([layer(x, shift=t)], [want])[0] < tol[0]
+    with routes.forcing(group_norm="stock"):  # the plain path adds the shift itself
+        assert relative_errors([layer(x, shift=t)], [want])[0] < tol[0]

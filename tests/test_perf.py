@@ -7,7 +7,7 @@ import torch
 
 from ddpm_lightning.denoiser import Denoiser
 from ddpm_lightning.losses import eps_mse
-from ddpm_lightning.nets import UNet
+from ddpm_lightning.nets import UNet, routes
 from ddpm_lightning.samplers import PerSampleNoise, ddim
 from ddpm_lightning.schedules import linear
 
@@ -48,32 +48,27 @@ def test_bf16_autocast_loss_within_bf16_tolerance():
 
 
 def test_fused_group_norm_gives_the_plain_loss_and_gradients_in_bf16():
-    """channels_last runs the fused GroupNorm kernel (tests/test_norm.py); fused=False is the plain F.group_norm."""
+    """The fused GroupNorm kernel route (tests/test_norm.py) against the plain F.group_norm route."""
     net, x0 = small_unet(), torch.rand(4, 3, 8, 8) * 2 - 1
-    plain_net = copy.deepcopy(net)
-    for m in plain_net.modules():
-        if hasattr(m, "fused"):
-            m.fused = False
-    loss, grads = loss_and_grads(plain_net, x0, channels_last=True, bf16=True)
-    loss_f, grads_f = loss_and_grads(copy.deepcopy(net), x0, channels_last=True, bf16=True)
+    with routes.forcing(group_norm="stock"):
+        loss, grads = loss_and_grads(copy.deepcopy(net), x0, channels_last=True, bf16=True)
+    with routes.forcing(group_norm="fused"):
+        loss_f, grads_f = loss_and_grads(copy.deepcopy(net), x0, channels_last=True, bf16=True)
     assert torch.allclose(loss, loss_f, rtol=1e-2)
     assert torch.nn.functional.cosine_similarity(grads, grads_f, dim=0) > 0.999
 
 
 def test_winograd_convolutions_give_the_direct_loss_and_gradients_in_fp32():
-    """channels_last fp32 runs the 8x8 convolutions by Winograd F(4x4, 3x3); UNet(winograd=False) by oneDNN."""
+    """The Winograd F(4x4, 3x3) route for the 3x3 convolutions against oneDNN's."""
     torch.manual_seed(0)
     net, x0 = small_unet(), torch.rand(4, 3, 8, 8) * 2 - 1
-    direct = copy.deepcopy(net)
-    for m in direct.modules():
-        if hasattr(m, "winograd"):
-            m.winograd = False
-    loss, grads = loss_and_grads(direct, x0, channels_last=True)
-    loss_w, grads_w = loss_and_grads(copy.deepcopy(net), x0, channels_last=True)
+    with routes.forcing(conv3x3="onednn"):
+        loss, grads = loss_and_grads(copy.deepcopy(net), x0, channels_last=True)
+    with routes.forcing(conv3x3="winograd"):
+        loss_w, grads_w = loss_and_grads(copy.deepcopy(net), x0, channels_last=True)
     assert not torch.equal(grads, grads_w)  # the other algorithm ran: other roundings
     assert torch.allclose(loss, loss_w, rtol=1e-5)
     assert torch.allclose(grads, grads_w, rtol=1e-4, atol=1e-6)
-    assert UNet(ch=32, ch_mult=(1,), attn_resolutions=(), image_size=8, winograd=False).down[1][0].conv1.winograd is False
 
 
 def test_channels_last_sampling_matches():
@@ -186,11 +181,14 @@ def test_fused_adam_trains_with_gradient_clipping(precision, tmp_path):
     assert max(norms["at_step"]) == pytest.approx(clip, rel=1e-3)
 
 
-def test_training_start_re_lays_out_restored_optimizer_states():
+def test_training_start_re_lays_out_restored_optimizer_states(monkeypatch):
     # ImageModule.on_train_start runs match_state_layout on every optimiser of the trainer
     from types import SimpleNamespace
 
+    import ddpm_lightning.module
     from ddpm_lightning.module import ImageModule
+
+    monkeypatch.setattr(ddpm_lightning.module, "correct_epoch_after_resume", lambda trainer: None)  # no fit loop here
 
     p = torch.nn.Parameter(torch.randn(4, 3, 3, 3).contiguous(memory_format=torch.channels_last))
     opt = torch.optim.Adam([p], fused=True)

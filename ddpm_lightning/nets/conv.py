@@ -6,27 +6,28 @@ Winograd's minimal filtering F(4x4, 3x3) (Lavin & Gray 2016, "Fast Algorithms fo
 Networks") computes each 4x4 output tile from a 6x6 input patch with 36 multiplications per channel pair instead
 of 144: 36 matrix products over channels between transforms of the input and output tiles
 (`kernels/winograd.cpp`). Its rounding error is about 10x the direct convolution's: 1e-5 of the output's largest
-value at 128 channels, against 1e-6. Under bf16 autocast it is taken (in fp32) on CPUs without AMX, where it is
-faster than oneDNN's bf16 convolution.
+value at 128 channels, against 1e-6. Under bf16 autocast it computes in fp32 from the bf16 input: on CPUs without
+AMX that can be faster than oneDNN's bf16 convolution.
 
 bf16: oneDNN's bf16 weight-gradient kernel runs at a fraction of its forward speed when the image is small (the
 U-Net's 8x8 and 4x4 levels: 3-5x the forward's time, where a matrix product over the same numbers takes about
 one forward). There `Conv2d` computes dL/dW as [O, N H W] @ [N H W, 9 I] over the nine shifted copies of the
 zero-padded input (im2col), and dL/dx and dL/db as oneDNN would: the same sums, in another order.
+
+Which route a layer takes for a given input (oneDNN, always a candidate, Winograd, or the matrix-product weight
+gradient) is measured on first use, not decided by rules about the CPU: see `nets.routes`.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .norm import channels_last_cpu, kernel
+from . import routes
+from .norm import channels_last_cpu
 
-WINOGRAD_IMAGE = 64  # pixels (H W) from which F(4x4, 3x3) is faster (fp32, 2-core AVX-512 CPU, batch 16: 1.6x at 8x8, 0.9x at 4x4)
-SMALL_IMAGE = 64  # pixels (H W) up to which the matrix product is faster (bf16, 2-core AMX CPU, batch 16)
+IM2COL_BYTES = 2**28  # the matrix-product weight gradient is a candidate while its [N H W, 9 I] copy fits in this
 
 
 def weight_grad_3x3(x: Tensor, dy: Tensor) -> Tensor:
@@ -68,7 +69,7 @@ class _Winograd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        k, (N, _, H, W) = kernel("winograd"), x.shape
+        k, (N, _, H, W) = routes.kernel("winograd", wait=True), x.shape
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         V = k.input_transform(x.float())
@@ -77,7 +78,7 @@ class _Winograd(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: Tensor):
-        k, (x, weight) = kernel("winograd"), ctx.saved_tensors
+        k, (x, weight) = routes.kernel("winograd", wait=True), ctx.saved_tensors
         N, _, H, W = x.shape
         dy = dy.float().contiguous(memory_format=torch.channels_last)
         dM = k.output_adjoint(dy)  # [36, P, O]
@@ -121,47 +122,59 @@ class _Conv3x3(torch.autograd.Function):
         return dx, dw, db
 
 
-@functools.cache
-def amx() -> bool:
-    """Whether the CPU has AMX tile units (bf16 matrix products at about 3x the fp32 rate). Without them oneDNN's
-    bf16 convolution runs no faster than its fp32 one (0.3 TFLOP/s each on 2 AVX-512 cores with avx512_bf16), so
-    fp32 Winograd, with a quarter of the multiplications, is faster than either; Conv2d takes it under bf16
-    autocast there (1.9x the training step's speed on that CPU)."""
-    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: True)()
+def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """oneDNN's convolution, in autocast's dtype where it is on (nn.Conv2d's own forward)."""
+    return F.conv2d(x, weight, bias, 1, 1)
+
+
+def _winograd(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """winograd_conv3x3 in fp32 (of a bf16 input as it comes), the output in `dtype`."""
+    with torch.autocast("cpu", enabled=False):
+        return winograd_conv3x3(x, weight, bias).to(dtype)
+
+
+def _gemm_weight_grad(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """oneDNN's forward and input gradient, the weight gradient as one matrix product (`_Conv3x3`), in `dtype`."""
+    with torch.autocast("cpu", enabled=False):
+        return _Conv3x3.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+
+
+ROUTES = {"onednn": _onednn, "winograd": _winograd, "gemm_weight_grad": _gemm_weight_grad}
 
 
 class Conv2d(nn.Conv2d):
     """`nn.Conv2d` (same parameters and state dict) that, for 3x3, stride-1, padding-1 convolutions of channels-last
-    CPU images, takes `winograd_conv3x3` in fp32 (images of at least WINOGRAD_IMAGE pixels, channel counts that are
-    multiples of 16, while `self.winograd` is true: `UNet(winograd=...)`; also under bf16 autocast on CPUs without
-    AMX, returning bf16), and `_Conv3x3`'s backward in bf16 (or bf16 autocast) on images of at most SMALL_IMAGE
-    pixels in training."""
-
-    winograd = True
+    CPU images, takes the fastest of ROUTES as measured on first use (`nets.routes`): oneDNN's convolution,
+    `winograd_conv3x3` (fp32 weights, channel counts that are multiples of 16) and, in training, `_Conv3x3`'s
+    matrix-product weight gradient. Anything else is `nn.Conv2d`."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._3x3(x):
             return super().forward(x)
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        if (dtype == torch.float32 or (dtype == torch.bfloat16 and not amx())) and self._winograd_fits(x):
-            with torch.autocast("cpu", enabled=False):
-                return winograd_conv3x3(x, self.weight, self.bias).to(dtype)
-        if not (x.shape[-2] * x.shape[-1] <= SMALL_IMAGE and dtype == torch.bfloat16 and torch.is_grad_enabled()):
-            return super().forward(x)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        with torch.autocast("cpu", enabled=False):
-            return _Conv3x3.apply(x.to(dtype), self.weight.to(dtype), bias)
+        return ROUTES[self.route(x, dtype)](x, self.weight, self.bias, dtype)
 
-    def _winograd_fits(self, x: Tensor) -> bool:
-        return (
-            self.winograd
-            and x.dtype in (torch.float32, torch.bfloat16)
-            and self.weight.dtype == torch.float32
-            and x.shape[-2] * x.shape[-1] >= WINOGRAD_IMAGE
-            and self.in_channels % 16 == 0
-            and self.out_channels % 16 == 0
-            and kernel("winograd") is not None
-        )
+    def route(self, x: Tensor, dtype: torch.dtype) -> str:
+        """The route name for this channels-last CPU input and compute dtype (routes.choose)."""
+        train = routes.training(x, self.weight, self.bias)
+        candidates = ["onednn"]
+        same = torch.is_autocast_enabled("cpu") or x.dtype == self.weight.dtype  # else F.conv2d's own error
+        if same and dtype in (torch.float32, torch.bfloat16) and x.dtype in (torch.float32, torch.bfloat16):
+            if self._winograd_fits() and routes.kernel("winograd") is not None:
+                candidates.append("winograd")
+            if train and x.numel() * 9 * dtype.itemsize <= IM2COL_BYTES:
+                candidates.append("gemm_weight_grad")
+        key = routes.layer_key("conv3x3", x, dtype, train, f"{self.in_channels}to{self.out_channels}", f"dx{int(x.requires_grad)}")
+
+        def bench(route: str):
+            leaves = routes.copies(x, self.weight, self.bias)
+            return routes.runner(lambda: ROUTES[route](*leaves, dtype), train, leaves)
+
+        pending = self._winograd_fits() and routes.building("winograd")
+        return routes.choose(key, candidates, bench, pending=pending)
+
+    def _winograd_fits(self) -> bool:
+        return self.weight.dtype == torch.float32 and self.in_channels % 16 == 0 and self.out_channels % 16 == 0
 
     def _3x3(self, x: Tensor) -> bool:
         return (

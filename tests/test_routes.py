@@ -1,0 +1,247 @@
+"""Routes chosen by measurement (ddpm_lightning.nets.routes): every route computes the same convolution and
+GroupNorm, decisions follow the cache file, bad cache files are replaced, and the U-Net trains without the
+kernels and never touches them on other devices."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddpm_lightning.denoiser import Denoiser
+from ddpm_lightning.losses import eps_mse
+from ddpm_lightning.nets import UNet, conv, norm, routes
+from ddpm_lightning.nets.conv import Conv2d
+from ddpm_lightning.nets.norm import GroupNorm
+from ddpm_lightning.schedules import linear
+
+CL = torch.channels_last
+needs_kernels = pytest.mark.skipif(routes.kernel("winograd", wait=True) is None or routes.kernel("group_norm", wait=True) is None, reason="no C++ compiler for the kernels")
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A fresh route cache in tmp_path; the decisions of the rest of the session are restored afterwards."""
+    monkeypatch.setenv("DDPM_LIGHTNING_CACHE", str(tmp_path))
+    saved = dict(routes._decisions), dict(routes._used), dict(routes._file)
+    routes.reset()
+    yield routes.cache_path()
+    routes.reset()
+    routes._decisions.update(saved[0]), routes._used.update(saved[1]), routes._file.update(saved[2])
+
+
+def relative_errors(got, want):
+    return [((g.double() - w).abs().max() / w.abs().max()).item() for g, w in zip(got, want)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("route", list(conv.ROUTES))
+@pytest.mark.parametrize("bf16", [False, True])
+def test_every_convolution_route_gives_conv2ds_output_and_gradients(route, bf16):
+    """Forced route, fp32 or bf16 autocast, against F.conv2d in float64 (tolerances of tests/test_conv.py: 3e-5 of
+    the largest entry in fp32, 2e-2 in bf16)."""
+    torch.manual_seed(0)
+    layer = Conv2d(32, 16, 3, padding=1).to(memory_format=CL)
+    x = torch.randn(3, 32, 8, 8).contiguous(memory_format=CL).requires_grad_()
+    dy = torch.randn(3, 16, 8, 8).contiguous(memory_format=CL)
+    with routes.forcing(conv3x3=route), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        assert layer.route(x, torch.bfloat16 if bf16 else torch.float32) == route
+        y = layer(x)
+    y.backward(dy.to(y.dtype))
+    assert y.dtype == (torch.bfloat16 if bf16 else torch.float32) and y.is_contiguous(memory_format=CL)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, layer.weight, layer.bias))
+    want = F.conv2d(x64, w64, b64, 1, 1)
+    want.backward(dy.double())
+    errors = relative_errors([y, x.grad, layer.weight.grad, layer.bias.grad], [want, x64.grad, w64.grad, b64.grad])
+    assert layer.weight.grad.dtype == torch.float32
+    assert max(errors) < (2e-2 if bf16 else 3e-5), errors
+
+
+@needs_kernels
+@pytest.mark.parametrize("route", list(norm.ROUTES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_group_norm_route_gives_the_formulas_output_and_gradients(route, dtype):
+    """GroupNorm of x + shift, SiLU: forced route against F.group_norm in float64 (tolerances of tests/test_norm.py;
+    2e-2 for bf16 parameter gradients, which the stock route reduces from bf16 products)."""
+    torch.manual_seed(0)
+    layer = GroupNorm(8, 64, silu=True)
+    torch.nn.init.normal_(layer.weight, 1, 0.5), torch.nn.init.normal_(layer.bias, 0, 0.5)
+    x = (torch.randn(4, 64, 6, 5) * 0.5 + 2).to(dtype).contiguous(memory_format=CL).requires_grad_()
+    t = torch.randn(4, 64).to(dtype).requires_grad_()
+    dy = torch.randn(x.shape).to(dtype).contiguous(memory_format=CL)
+    with routes.forcing(group_norm=route):
+        assert layer.route(x, None, t) == route
+        y = layer(x, shift=t)
+    y.backward(dy)
+    x64, t64, w64, b64 = (v.detach().double().requires_grad_() for v in (x, t, layer.weight, layer.bias))
+    want = F.silu(F.group_norm(x64 + t64[:, :, None, None], 8, w64, b64, layer.eps))
+    want.backward(dy.double())
+    errors = relative_errors([y, x.grad, t.grad, layer.weight.grad, layer.bias.grad], [want, x64.grad, t64.grad, w64.grad, b64.grad])
+    assert y.dtype == dtype
+    assert max(errors) < (2e-2 if dtype == torch.bfloat16 else 1e-5), errors
+
+
+def train_call(layer, x):
+    y = layer(x)
+    y.float().square().sum().backward()
+    return y.detach()
+
+
+def test_route_decisions_are_measured_once_and_then_follow_the_cache_file(cache, monkeypatch):
+    torch.manual_seed(0)
+    layer = Conv2d(16, 16, 3, padding=1).to(memory_format=CL)
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=CL).requires_grad_()
+    train_call(layer, x)  # measures its candidates and writes the file
+    key, = routes.decisions()
+    assert key.startswith("conv3x3|16to16|") and "|train|" in key
+    data = json.loads(cache.read_text())
+    assert data["machine"] == routes.machine() and set(data["routes"][key]["ms"]) >= {"onednn", "gemm_weight_grad"}
+    assert data["routes"][key]["route"] == routes.decisions()[key]
+
+    # another process with this file: no timing, the file's route (here edited to one it would not pick itself)
+    def no_timing(bench):
+        raise AssertionError("a decision in the cache file was measured again")
+
+    monkeypatch.setattr(routes, "time_routes", no_timing)
+    for route in ("gemm_weight_grad", "onednn"):
+        data["routes"][key]["route"] = route
+        cache.write_text(json.dumps(data))
+        routes.reset()
+        taken = []
+        monkeypatch.setitem(conv.ROUTES, route, lambda *a, f=conv.ROUTES[route]: taken.append(route) or f(*a))
+        first, again = train_call(layer, x), train_call(layer, x)
+        assert taken == [route, route] and routes.decisions() == {key: route}
+        assert torch.equal(first, again)
+
+
+@needs_kernels
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"format": 1, "machine": {"cpu": "another CPU"}, "routes": {}}), "[]"])
+def test_a_corrupt_or_foreign_cache_file_is_ignored_with_a_notice_and_rebuilt(cache, content):
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(content)
+    layer = GroupNorm(4, 16, silu=True)
+    x = torch.randn(2, 16, 4, 4).contiguous(memory_format=CL)
+    with pytest.warns(UserWarning, match="ignoring the route cache"):
+        layer(x)
+    data = json.loads(cache.read_text())  # written afresh: this machine's, with the new decision
+    assert data["machine"] == routes.machine() and list(data["routes"]) == list(routes.decisions())
+
+
+def test_a_speed_path_is_taken_only_when_clearly_faster_than_pytorchs_operator():
+    pick = routes.pick
+    assert pick({"onednn": [1.0] * 5, "winograd": [0.97] * 5}, "onednn") == "onednn"  # within the noise margin
+    assert pick({"onednn": [1.0] * 5, "winograd": [1.0] * 5}, "onednn") == "onednn"  # ties go to PyTorch's operator
+    assert pick({"onednn": [1.0] * 5, "winograd": [0.8] * 5, "gemm_weight_grad": [0.9] * 5}, "onednn") == "winograd"
+    # a lower median from rounds that lost to the default in most pairs (a burst of load mid-measurement): no
+    assert pick({"onednn": [0.1, 0.1, 1.0, 1.0, 1.0], "winograd": [0.2, 0.2, 0.5, 0.5, 2.0]}, "onednn") == "onednn"
+    times = routes.time_routes({"a": lambda: torch.randn(3), "b": lambda: None})
+    assert set(times) == {"a", "b"} and all(len(t) == routes.ROUNDS and min(t) >= 0 for t in times.values())
+
+
+@needs_kernels
+def test_timing_leaves_the_global_random_state_alone(cache):
+    """Measuring a dropout route on first use must not shift the seeded run's random numbers."""
+    from ddpm_lightning.nets.unet import Dropout
+
+    layer, drop = GroupNorm(4, 16, silu=True).train(), Dropout(0.5).train()
+    x = torch.randn(2, 16, 4, 4).contiguous(memory_format=CL)
+    torch.manual_seed(3)
+    layer(x, drop)  # measured here
+    after_first = torch.randn(4)
+    torch.manual_seed(3)
+    with routes.forcing(group_norm=routes.decisions()[next(iter(routes.decisions()))]):
+        layer(x, drop)
+    assert torch.equal(torch.randn(4), after_first)
+
+
+def test_a_pending_build_takes_pytorchs_operator_without_deciding(cache, monkeypatch):
+    monkeypatch.setattr(routes, "building", lambda name: True)
+    layer = Conv2d(16, 16, 3, padding=1).to(memory_format=CL)
+    assert layer.route(torch.randn(2, 16, 8, 8).contiguous(memory_format=CL), torch.float32) == "onednn"
+    assert routes.decisions() == {}
+
+
+def small_unet():
+    torch.manual_seed(0)
+    return UNet(in_channels=3, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1, image_size=8).to(memory_format=CL)
+
+
+def test_without_a_compiler_the_unet_trains_on_pytorchs_operators(cache, monkeypatch):
+    monkeypatch.setattr(routes, "_kernels", {})
+    monkeypatch.setattr(routes.shutil, "which", lambda name: None)
+    monkeypatch.setattr(routes, "_load", lambda name: pytest.fail("tried to build a kernel without a compiler"))
+    net = small_unet()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x0 = (torch.rand(8, 3, 8, 8) * 2 - 1).contiguous(memory_format=CL)
+    losses = []
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler") as notices:
+        for _ in range(8):
+            loss = eps_mse(Denoiser(net, linear()), x0, generator=torch.Generator().manual_seed(0))[0].mean()
+            loss.backward()
+            opt.step(), opt.zero_grad()
+            losses.append(loss.item())
+    assert len(notices) == 2  # one line per kernel, not one per call
+    assert losses[-1] < 0.8 * losses[0]  # it learns: same batch, same noise
+    assert all(v in ("onednn", "stock", "gemm_weight_grad") for v in routes.decisions().values())
+
+
+def test_kernels_off_takes_pytorchs_operators_and_builds_nothing(monkeypatch):
+    monkeypatch.setattr(routes, "_kernels", {})
+    monkeypatch.setattr(routes, "_start_build", lambda name: pytest.fail("built a kernel with kernels=off"))
+    monkeypatch.setitem(routes._settings, "mode", "off")
+    taken = []
+    monkeypatch.setitem(conv.ROUTES, "onednn", lambda *a, f=conv.ROUTES["onednn"]: taken.append(1) or f(*a))
+    net = small_unet()
+    net(torch.randn(2, 3, 8, 8).contiguous(memory_format=CL), torch.zeros(2)).sum().backward()
+    assert taken and routes.kernel("winograd") is None
+    with pytest.raises(ValueError, match="kernels='fast' must be one of auto, off"):
+        routes.configure("fast")
+
+
+def test_on_another_device_the_cpu_routes_and_kernels_are_never_touched(monkeypatch):
+    """A CUDA model takes nn.Conv2d / F.group_norm; the 'meta' device stands in for it here."""
+    def touched(*args, **kwargs):
+        raise AssertionError("a CPU route or kernel was touched for a non-CPU tensor")
+
+    for name in ("kernel", "choose", "building", "_load"):
+        monkeypatch.setattr(routes, name, touched)
+    net = small_unet().to("meta")
+    x = torch.randn(2, 3, 8, 8, device="meta").contiguous(memory_format=CL)
+    y = net(x, torch.zeros(2, device="meta"))
+    y.sum().backward()
+    assert y.shape == x.shape and y.device.type == "meta"
+
+
+def test_the_build_folder_is_named_by_the_kernel_source_and_its_checkout(tmp_path, monkeypatch):
+    name = routes._extension_name("winograd")
+    assert routes.source_hash("winograd") in name and name.startswith("ddpm_lightning_winograd_")
+    source = (routes._KERNELS / "winograd.cpp").read_text()
+    for i, text in enumerate([source, source + "\n// changed\n"]):  # another checkout: the same source, or another
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "winograd.cpp").write_text(text)
+        monkeypatch.setattr(routes, "_KERNELS", tmp_path / str(i))
+        assert routes._extension_name("winograd") != name
+
+
+def test_old_kernel_switches_in_a_model_config_are_accepted():
+    """Checkpoints from before `kernels` hold model.fused_norm / model.winograd: they still build the same U-Net."""
+    UNet(ch=32, ch_mult=(1,), attn_resolutions=(), image_size=8, fused_norm=True, winograd=True)
+    with pytest.warns(UserWarning, match="kernels=off"):
+        UNet(ch=32, ch_mult=(1,), attn_resolutions=(), image_size=8, winograd=False)
+
+
+def test_the_run_setting_kernels_reaches_the_routes(monkeypatch):
+    """conf `kernels` (train.yaml / evaluate.yaml, default $DDPM_LIGHTNING_KERNELS or auto) is applied by tasks."""
+    from conftest import compose_cfg
+    from ddpm_lightning.tasks import speed_settings
+
+    monkeypatch.setitem(routes._settings, "mode", "auto")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    cfg = compose_cfg(["kernels=off"])
+    assert "fused_norm" not in cfg.model and "winograd" not in cfg.model  # not a model setting
+    speed_settings(cfg)
+    assert routes.mode() == "off" and torch.backends.cudnn.benchmark
+    monkeypatch.setenv("DDPM_LIGHTNING_KERNELS", "off")
+    assert compose_cfg().kernels == "off"
+    with pytest.raises(ValueError, match="kernels='fast'"):
+        speed_settings(compose_cfg(["kernels=fast"]))
