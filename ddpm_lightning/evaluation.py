@@ -28,6 +28,7 @@ from ddpm_lightning.images import save_grid, to_model_range, to_uint8
 from ddpm_lightning.module import DiffusionModule, _plain, count_nfe
 from ddpm_lightning.checkpointing import check_targets, file_sha256
 from ddpm_lightning.samplers import check_compatible
+from ddpm_lightning.summary import evaluate_next_steps
 from ddpm_lightning.tasks import build, load_model
 
 log = logging.getLogger(__name__)
@@ -342,7 +343,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         result["wall_time_s"] = {"sampling": sampling_s, "total": time.perf_counter() - start}
         result["world_size"] = fabric.world_size
         (out / "metrics.json").write_text(json.dumps(result, indent=2))
-        _summary(result, out)
+        _summary(result, out, module.schedule)
     if fabric.world_size > 1:
         result = fabric.broadcast(result)
     return result
@@ -399,7 +400,7 @@ def _control_result(cfg, module, control, images: np.ndarray, result: dict, out:
         save_grid(pairs.flatten(0, 1), out / "grid.png", nrow=2 * max(1, int(n**0.5)))
 
 
-def _summary(result: dict, out: Path) -> None:
+def _summary(result: dict, out: Path, schedule: Any = None) -> None:
     lines = [
         f"Evaluated {result['num_samples']} samples (seeds {result['seeds']['first']}..{result['seeds']['last']}) of "
         f"{result['checkpoint']['path']} at step {result['checkpoint']['global_step']}",
@@ -407,4 +408,5 @@ def _summary(result: dict, out: Path) -> None:
     ]
     lines += [f"  {k:8s} {v:.4f}" for k, v in result["metrics"].items()]
     lines.append(f"  wall time {result['wall_time_s']['total']:.1f} s (sampling {result['wall_time_s']['sampling']:.1f} s); written to {out}")
+    lines += evaluate_next_steps(result, out, schedule)
     print("\n".join(lines), flush=True)

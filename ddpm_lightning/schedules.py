@@ -1,7 +1,7 @@
 """Noise schedules: the forward process x_t = alpha(t) x_0 + sigma(t) eps.
 
 Every method in the package (DDPM, NCSN, score SDEs) is a schedule of this form
-(see DESIGN.md). A schedule is immutable: samplers pick time steps from it but
+(Song et al. 2021, score SDEs, §3.4: VP for DDPM, VE for NCSN; README "Score-based models"). A schedule is immutable: samplers pick time steps from it but
 never change it. Its tensors are non-persistent buffers, so they follow the
 module's device and never enter a checkpoint.
 
@@ -124,7 +124,7 @@ def _check_T(T: int) -> None:
 
 
 class Schedule(nn.Module):
-    """The forward process x_t = alpha(t) x_0 + sigma(t) eps shared by every method (DESIGN.md); a subclass
+    """The forward process x_t = alpha(t) x_0 + sigma(t) eps shared by every method (Song et al. 2021 §3.4); a subclass
     gives alpha, sigma, net_label, sample_t, timesteps and, where it has one, the prior's scale."""
 
     def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:

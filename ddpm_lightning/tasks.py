@@ -16,8 +16,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ddpm_lightning.benign_warnings import filter_benign_messages
 from ddpm_lightning.checkpointing import RunLock, hpc_checkpoint, last_checkpoint, load_model, read_checkpoint, resume_checkpoint
+from ddpm_lightning.compose import fit_model_to_data
 from ddpm_lightning.module import DiffusionModule
+from ddpm_lightning.summary import cli_overrides, train_summary
 
 log = logging.getLogger(__name__)
 _read_checkpoint = read_checkpoint  # the one checkpoint reader lives in ddpm_lightning.checkpointing
@@ -142,11 +145,13 @@ def _check_control(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build data, model, callbacks, loggers and trainer from `cfg` and fit. Returns the final metrics."""
+    filter_benign_messages()
     init_state = None
     if cfg.get("init_from"):  # fine-tune diffusers weights: the model config comes from the import
         from ddpm_lightning.diffusers_io import init_train_config
 
         init_state = init_train_config(cfg)
+    fit_model_to_data(cfg)
     OmegaConf.resolve(cfg)
     out = Path(cfg.paths.output_dir)
     _check_control(cfg)
@@ -193,13 +198,17 @@ def _train(cfg: DictConfig, out: Path, init_state: dict | None = None) -> dict[s
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     log.info("Run directory: %s", out)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+    if trainer.is_global_zero:
+        print(train_summary(trainer, out, metrics, cli_overrides()), flush=True)
+    return metrics
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Sample a checkpoint and compute FID / IS / KID (see ddpm_lightning.evaluation)."""
     from ddpm_lightning.evaluation import evaluate as run
 
+    filter_benign_messages()
     if cfg.get("retain_freed_memory"):
         retain_freed_memory()
     speed_settings(cfg)

@@ -16,7 +16,7 @@ from torchvision.datasets import CIFAR10
 from conftest import compose_cfg
 from fake_datasets import CELEBA_INSIDE, make_celeba, make_cifar10, make_image_folder
 from ddpm_lightning.data import CelebADataModule, CIFAR10DataModule, ImageFolderDataModule
-from ddpm_lightning.data.base import BadImage, random_flip_collate
+from ddpm_lightning.data.base import BadImage
 from ddpm_lightning.images import to_model_range
 from ddpm_lightning.tasks import train
 
@@ -73,9 +73,15 @@ def test_cifar10_flip_cache_and_resize(tmp_path):
     assert dm.train_set.images.dtype == torch.float32
     x = dm.train_set.images[0]
     assert all(torch.equal(dm.train_set[0][0], x) for _ in range(5))
-    # the training loader flips each image with probability 1/2; the validation loader never does
-    collate = dm.train_dataloader().collate_fn
-    draws, _ = collate([dm.train_set[0]] * 40)
+    # training batches are flipped per image with probability 1/2 (on_before_batch_transfer, drawn per step: see
+    # tests/test_flip_resume.py); the loaders themselves and the validation batches never flip
+    draws = dm.on_before_batch_transfer([torch.stack([dm.train_set[0][0]] * 40), torch.zeros(40)], 0)[0]
+    assert torch.equal(draws, torch.stack([x] * 40))  # outside a training loop: unflipped
+    from types import SimpleNamespace
+
+    dm.trainer = SimpleNamespace(training=True, lightning_module=SimpleNamespace(hparams={"seed": None}), world_size=1, global_rank=0)
+    draws = dm.on_before_batch_transfer([torch.stack([dm.train_set[0][0]] * 40), torch.zeros(40)], 0)[0]
+    dm.trainer = None
     assert all(torch.equal(d, x) or torch.equal(d, x.flip(-1)) for d in draws)
     assert 5 < sum(torch.equal(d, x) for d in draws) < 35
     val = next(iter(dm.val_dataloader()))[0]
@@ -125,8 +131,7 @@ def test_celeba_layout_splits_and_ddim_crop(tmp_path, no_network):
     # the fabricated faces are CELEBA_INSIDE exactly on the 128x128 crop: a crop one pixel off would
     # bring in the outside value at the border
     assert (x - (CELEBA_INSIDE / 127.5 - 1)).abs().max() < 2 / 127.5
-    assert dm.train_dataloader().collate_fn is random_flip_collate
-    assert dm.val_dataloader().collate_fn is not random_flip_collate
+    assert dm.random_flip  # done per step in on_before_batch_transfer (tests/test_quickstart.py), not by the loader
     valid = CelebADataModule(root=str(tmp_path), download=False, batch_size=2, num_workers=0, val_split="valid", image_size=16, cache="none")
     valid.setup()
     assert len(valid.val_set) == 2 and valid.val_set[0][0].shape == (3, 16, 16)

@@ -117,3 +117,20 @@ def test_hydra_multirun_sweep_on_slurm_runs_every_job(slurm, tmp_path):
         assert f"_target_: ddpm_lightning.schedules." in (run / "config.yaml").read_text()
         assert (run / ".hydra" / "overrides.yaml").read_text().count(f"schedule={schedule}") == 1
     assert len(list((sweep / ".submitit").iterdir())) >= 2  # one submitit folder per SLURM job
+
+
+def test_sbatch_evaluate_samples_a_checkpoint(slurm, tmp_path):
+    from conftest import compose_cfg
+    from ddpm_lightning.tasks import train
+
+    train(compose_cfg(["trainer.max_steps=2", "callbacks.samples.every_n_steps=0"], tmp_path / "run"))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    out = tmp_path / "eval"
+    # metrics=[] samples and writes the set without Inception weights (which an offline test machine lacks)
+    job = _sbatch(slurm, tmp_path / "job.out", "--ntasks-per-node=1", "slurm/evaluate.sbatch", f"ckpt_path={ckpt}", "num_samples=6",
+                  "batch_size=4", "shard_size=4", "metrics=[]", f"output_dir={out}")
+    info = _wait(slurm, job)
+    log = (tmp_path / "job.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "Evaluated 6 samples" in log and (out / "grid.png").is_file() and (out / "metrics.json").is_file()
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["seeds_00000000-00000004.npz", "seeds_00000004-00000006.npz"]

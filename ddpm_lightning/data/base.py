@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -20,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from ddpm_lightning.checkpointing import step_seed
 from ddpm_lightning.images import to_model_range
 
 log = logging.getLogger(__name__)
@@ -133,12 +135,12 @@ class FileImages(Dataset):
         raise BadImage(f"none of the {n} images could be decoded")
 
 
-def random_flip_collate(batch: list) -> list[Tensor]:
-    """Stack a batch and mirror each image left-right with probability 1/2 (Ho et al. 2020 App. B).
-    The flip lives in the training loader, so `train_set[i]` stays the unflipped image (e.g. for FID)."""
-    x, y = default_collate(batch)
-    flip = torch.rand(x.shape[0]) < 0.5
-    return [torch.where(flip[:, None, None, None], x.flip(-1), x), y]
+def random_flip(x: Tensor, generator: torch.Generator | None = None, world: int = 1, rank: int = 0) -> Tensor:
+    """Mirror each image of [B, C, H, W] left-right with probability 1/2 (Ho et al. 2020 App. B). The coin flips
+    are drawn for the global batch of `world` ranks and this rank takes its slice, as the training noise is."""
+    n = x.shape[0]
+    flip = (torch.rand(world * n, generator=generator) < 0.5)[rank * n : (rank + 1) * n]
+    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
 
 
 def resize_uint8(images: Tensor, size: int) -> Tensor:
@@ -283,8 +285,25 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
-            collate_fn=random_flip_collate if train and self.random_flip else None,
         )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """The random flip of training batches (`random_flip`), done here rather than in the loader so that it is
+        a function of the step: with the module's `seed`, the coin flips of a batch come from a generator seeded
+        with (seed, epoch, batch index), the key of the training noise (DiffusionModule.on_train_batch_start), so
+        a resumed run flips exactly as the uninterrupted one; without a seed, from the global RNG. `train_set[i]`
+        and the validation batches stay unflipped (e.g. for FID references)."""
+        trainer = getattr(self, "trainer", None)
+        if not self.random_flip or trainer is None or not trainer.training:
+            return batch
+        seed = getattr(trainer.lightning_module, "hparams", {}).get("seed")
+        generator = None
+        if seed is not None:
+            # the batch index the loop is about to give on_train_batch_start; stream 0 (the ranks' RNGs are 1..world)
+            batch_idx = trainer.fit_loop.epoch_loop.batch_idx + 1
+            generator = torch.Generator().manual_seed(step_seed(seed, trainer.current_epoch, batch_idx, 0))
+        x, *rest = batch
+        return [random_flip(x, generator, trainer.world_size, trainer.global_rank), *rest]
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
