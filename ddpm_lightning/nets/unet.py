@@ -137,7 +137,8 @@ class TimestepSequential(nn.Sequential):
 
 class UNet(nn.Module):
     """The DDPM U-Net. `forward(x, t, y=None, control=None)` returns a tensor shaped like x
-    (or with `out_channels` channels)."""
+    (or with `out_channels` channels; twice as many with `learn_sigma`, the second half being the reverse
+    process's variance interpolation v of Nichol & Dhariwal 2021 eq. 15)."""
 
     def __init__(
         self,
@@ -153,12 +154,13 @@ class UNet(nn.Module):
         norm_groups: int = 32,
         fused_norm: bool = True,
         winograd: bool = True,
+        learn_sigma: bool = False,
     ):
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
         _validate(ch, ch_mult, num_res_blocks, attn_resolutions, dropout, image_size, norm_groups, num_classes)
         self.in_channels, self.image_size, self.ch = in_channels, image_size, ch
-        self.num_classes = num_classes
+        self.num_classes, self.learn_sigma = num_classes, bool(learn_sigma)
         temb_ch = 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
         # Class labels 0..num_classes-1; index num_classes is the null label (classifier-free guidance).
@@ -196,8 +198,9 @@ class UNet(nn.Module):
                     layers.append(Upsample(cur))
                     resolution *= 2
                 self.up.append(TimestepSequential(*layers))
+        out_ch = (out_channels or in_channels) * (2 if learn_sigma else 1)
         self.out = nn.Sequential(
-            GroupNorm(norm_groups, cur), nn.SiLU(), zero_init(nn.Conv2d(cur, out_channels or in_channels, 3, padding=1))
+            GroupNorm(norm_groups, cur), nn.SiLU(), zero_init(nn.Conv2d(cur, out_ch, 3, padding=1))
         )
         for m in self.modules():
             if isinstance(m, GroupNorm):
