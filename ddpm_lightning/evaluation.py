@@ -25,6 +25,7 @@ from ddpm_lightning import guidance as guidance_lib
 from ddpm_lightning import metrics as M
 from ddpm_lightning.images import save_grid, to_model_range, to_uint8
 from ddpm_lightning.module import DiffusionModule, _plain
+from ddpm_lightning.samplers import check_compatible
 from ddpm_lightning.tasks import build, load_model
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ def _output_dir(cfg: DictConfig, module: DiffusionModule, sampler_cfg: dict) -> 
     if cfg.get("output_dir"):
         return Path(cfg.output_dir)
     name = sampler_cfg.get("_target_", "sampler").rsplit(".", 1)[-1]
-    steps = sampler_cfg.get("steps", getattr(module.schedule, "T", ""))
+    steps = sampler_cfg.get("steps") or getattr(module.schedule, "T", "")
     weights = "ema" if cfg.use_ema else "raw"
     return Path(cfg.ckpt_path).resolve().parent.parent / "eval" / f"step{module.global_step_loaded}-{weights}-{name}{steps}"
 
@@ -182,6 +183,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     module = load_model(ckpt_path, use_ema=cfg.use_ema)
     sampler_cfg = _plain(cfg.get("sampler")) or module.hparams.sampler
     sampler = instantiate(sampler_cfg)
+    check_compatible(sampler, module.schedule, module.denoiser.learn_sigma)  # e.g. variance=learned, fixed model
     # Labels and guidance (README "Guidance"): image i has class labels[i]; checked here, before any sampling.
     guidance_cfg = _plain(cfg.get("guidance"))
     guidance = guidance_lib.build(guidance_cfg)
