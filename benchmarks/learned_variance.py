@@ -113,6 +113,8 @@ def main() -> None:
     if any(proc.wait() for proc in procs):
         raise RuntimeError("an evaluation failed")
     rows = [json.loads((args.runs / name / "eval.json").read_text()) for name in OBJECTIVES]
+    for row in rows:  # written by train_runs once every run had finished
+        row["train_seconds"] = float((args.runs / row["objective"] / "train_seconds.txt").read_text())
     x_train, y_train, x_val = digits()
     reference = DigitJudge(x_train, y_train).frechet(x_train, x_val)
     print(f"digits 8x8, {args.steps} steps each, batch 128; FD-digits of {args.samples} samples against the 180 "
