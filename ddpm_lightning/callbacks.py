@@ -64,6 +64,23 @@ def ema_module(trainer: L.Trainer, pl_module: L.LightningModule) -> L.LightningM
     return pl_module
 
 
+def check_sampler(sampler: Any, pl_module: L.LightningModule, key: str) -> None:
+    """A callback's own sampler (a config or the partial Hydra built from it), checked against the model's schedule
+    when training starts (e.g. its steps beyond the schedule's T) rather than when it first samples."""
+    if sampler:
+        from collections.abc import Mapping
+
+        from hydra.utils import instantiate
+
+        from ddpm_lightning.samplers import check_compatible
+
+        try:
+            check_compatible(instantiate(sampler) if isinstance(sampler, Mapping) else sampler, pl_module.schedule,
+                             pl_module.denoiser.learn_sigma)
+        except ValueError as e:
+            raise ValueError(f"{key}: {e}") from None
+
+
 class SampleGrid(L.Callback):
     """Every `every_n_steps` and at the end of training, sample `num_samples` images with fixed seeds from the
     EMA weights, save `samples/step_XXXXXXX.png` in the run directory and send it to the loggers.
@@ -98,6 +115,7 @@ class SampleGrid(L.Callback):
         self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        check_sampler(self.sampler, pl_module, "callbacks.samples.sampler")
         if not self.guidance and self.labels is None:
             return
         if self.guidance and self.labels is None:
@@ -185,6 +203,7 @@ class FID(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         from ddpm_lightning.metrics import resolve_inception_weights
 
+        check_sampler(self.sampler, pl_module, "callbacks.fid.sampler")
         if stage == "fit" and trainer.is_global_zero:
             self._weights = resolve_inception_weights(self.weights_path, "callbacks.fid.weights_path")
 

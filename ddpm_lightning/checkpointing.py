@@ -1,15 +1,143 @@
-"""Reliability: crash-safe checkpoint files, the checkpoint a run directory resumes from, per-step seeds."""
+"""Checkpoints and weight files: the one place that reads them (as data: `weights_only` loading and an allow-list
+of the `_target_`s a stored config may name), crash-safe writing, the checkpoint a run directory resumes from,
+per-step seeds."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import inspect
+import json
 import os
+import pickle
+import signal
+import socket
+import threading
+import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+# Third-party `_target_`s a stored config may name (conf/module/*.yaml: the optimiser). Everything else must be a
+# public class or function defined in this package (see `allowed_target`).
+THIRD_PARTY_TARGETS = frozenset(
+    f"torch.optim.{name}" for name in ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam")
+)
+# Package modules whose functions act on files and jobs (training, evaluation, checkpoint I/O): never a stored target.
+_ENTRY_POINT_MODULES = ("ddpm_lightning.tasks", "ddpm_lightning.evaluation", "ddpm_lightning.checkpointing")
+
+
+def allowed_target(target: Any) -> bool:
+    """Whether a config may instantiate `target`: one of THIRD_PARTY_TARGETS, or `ddpm_lightning.<module>.<name>`
+    where <module> is a real module of this package and <name> a public class or function defined in this package
+    (so `ddpm_lightning.tasks.os.system` or `ddpm_lightning.module.torch.load`, reached through an import, are not)."""
+    if not isinstance(target, str):
+        return False
+    if target in THIRD_PARTY_TARGETS:
+        return True
+    module_name, _, name = target.rpartition(".")
+    if not module_name.startswith("ddpm_lightning") or not name.isidentifier() or name.startswith("_"):
+        return False
+    if module_name.split(".")[0] != "ddpm_lightning" or module_name in _ENTRY_POINT_MODULES:
+        return False
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return False
+    if module.__name__ != module_name:
+        return False
+    obj = getattr(module, name, None)
+    defined_here = (getattr(obj, "__module__", None) or "").split(".")[0] == "ddpm_lightning"
+    return (inspect.isclass(obj) or inspect.isfunction(obj)) and defined_here and obj.__module__ not in _ENTRY_POINT_MODULES
+
+
+def _targets(tree: Any):
+    """Every `_target_` value anywhere in nested dicts / lists."""
+    if isinstance(tree, dict):
+        if "_target_" in tree:
+            yield tree["_target_"]
+        for v in tree.values():
+            yield from _targets(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _targets(v)
+
+
+def check_targets(tree: Any, source: str) -> None:
+    """Refuse a stored config (from a checkpoint or a run's config.yaml) naming a `_target_` outside the allow-list,
+    before anything is instantiated from it."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(tree):
+        tree = OmegaConf.to_container(tree, resolve=False)
+    for target in _targets(tree):
+        if not allowed_target(target):
+            raise ValueError(
+                f"{source} names _target_ {target!r}, which is not allowed: a stored config may only build this "
+                f"package's classes and functions and {sorted(THIRD_PARTY_TARGETS)}. Nothing was built from it."
+            )
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file's content, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_file(path: str | Path, key: str, map_location: Any = "cpu", what: str = "checkpoint") -> Any:
+    """torch.load(weights_only=True): tensors and plain containers only, so a file whose pickle would run code or
+    build arbitrary objects is refused. `key` is the config key that named the file (for the error messages)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path} (check {key})")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = str(e).split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0].strip()
+        if "global" not in detail.lower():  # not a pickle at all (a truncated or foreign file)
+            raise ValueError(f"{path} ({key}) is not a readable PyTorch {what} ({detail.splitlines()[0]})") from None
+        raise ValueError(
+            f"{path} ({key}) is not a plain {what}: it holds Python objects other than tensors and containers, "
+            f"which could run code when loaded, so it was not loaded ({detail.splitlines()[0].split('. Please')[0]})"
+        ) from None
+    except Exception as e:  # a truncated, corrupt or foreign file
+        raise ValueError(f"{path} ({key}) is not a readable PyTorch {what} ({type(e).__name__}: {e})") from None
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu", key: str = "ckpt_path") -> dict:
+    """A ddpm-lightning checkpoint as data: loaded weights_only, with every stored `_target_` checked."""
+    ckpt = load_file(path, key, map_location)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("hyper_parameters"), dict) or "net" not in ckpt["hyper_parameters"]:
+        raise ValueError(f"{path} is not a ddpm-lightning checkpoint (no hyper_parameters.net; check {key})")
+    check_targets({k: v for k, v in ckpt.items() if k != "state_dict"}, f"checkpoint {path} ({key})")
+    return ckpt
+
+
+def load_model(ckpt_path: str | Path, use_ema: bool = True, map_location: Any = "cpu"):
+    """Rebuild a trained DiffusionModule from a checkpoint alone, in eval mode, with the EMA weights by default."""
+    from ddpm_lightning.module import DiffusionModule
+
+    ckpt = read_checkpoint(ckpt_path, map_location)
+    module = DiffusionModule(**ckpt["hyper_parameters"])
+    has_ema = "current_model_state" in ckpt
+    if use_ema and not has_ema:
+        warnings.warn(f"{ckpt_path} holds no EMA weights; loading the raw weights", stacklevel=2)
+    state = ckpt["state_dict"] if use_ema or not has_ema else ckpt["current_model_state"]
+    module.load_state_dict(state)
+    module.global_step_loaded = ckpt.get("global_step", 0)
+    return module.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -20,7 +148,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     that directory is on another file system than the run directory (node-local /tmp, shared run directory:
     the usual cluster layout) the move is a copy into the target, which a kill leaves truncated.
     Paths with a protocol (s3://, gs://, ...) go through Lightning's writer.
+
+    Reading (resume) goes through `read_checkpoint`: weights_only, stored `_target_`s checked.
     """
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        return read_checkpoint(path, map_location)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):
@@ -59,3 +194,160 @@ def step_seed(*keys: int) -> int:
     """A 63-bit seed mixing integer keys (e.g. run seed, epoch, batch index, rank) through numpy's SeedSequence,
     so nearby keys give unrelated streams."""
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def last_checkpoint(checkpoint_dirs: Iterable[str | Path]) -> Path | None:
+    """The file `ckpt_path=last` resumes from, as Lightning picks it: the newest `last*.ckpt` in the ModelCheckpoint
+    directories; None when there is none (Lightning then starts afresh)."""
+    candidates = [p for d in checkpoint_dirs for p in Path(d).glob("last*.ckpt") if p.is_file()]
+    return max(candidates, key=lambda c: c.stat().st_mtime_ns) if candidates else None
+
+
+def hpc_checkpoint(run_dir: str | Path) -> Path | None:
+    """The file `ckpt_path=hpc` resumes from, as Lightning picks it: `hpc_ckpt_<highest n>.ckpt` in the run directory."""
+    found = [(int(p.stem.rsplit("_", 1)[1]), p) for p in Path(run_dir).glob("hpc_ckpt_*.ckpt") if p.stem.rsplit("_", 1)[1].isdigit()]
+    return max(found)[1] if found else None
+
+
+def correct_epoch_after_resume(trainer: Any) -> None:
+    """Undo Lightning's double count of the epoch when a run resumes from a checkpoint written on the last batch of
+    an epoch (ModelCheckpoint's every_n_train_steps, or an interrupt): its fit loop marks that epoch finished when
+    restoring and again once the empty remainder of the epoch has run, so the resumed run would continue at
+    epoch e + 2, its per-step seeds (seed, epoch, batch index) and a DistributedSampler's shuffling then differing
+    from the uninterrupted run's. Call when training starts (after the loops were restored)."""
+    fit_loop = trainer.fit_loop
+    epoch_loop = fit_loop.epoch_loop
+    if not (fit_loop.restarted_mid_epoch and epoch_loop.restarted_on_train_batch_end and epoch_loop.batch_progress.is_last_batch):
+        return
+    for progress in (fit_loop.epoch_progress.total, fit_loop.epoch_progress.current):
+        progress.processed -= 1
+        progress.completed -= 1
+
+
+class InterruptCheckpoint(Callback):
+    """On Ctrl-C (SIGINT) or SIGTERM, finish the training step under way, save `last.ckpt` (through the trainer's
+    checkpoint IO: atomically) as ModelCheckpoint would at that step, and stop, so the run resumes exactly. A second
+    Ctrl-C stops at once, without saving. (SIGTERM is Lightning's: it stops after the step with a SIGTERMException,
+    on which the checkpoint is saved here.) Also saves the final step of a run whose max_steps is not a multiple of
+    the checkpoint interval: ModelCheckpoint would write it only when training ends, in a state Lightning resumes
+    one epoch too far."""
+
+    def __init__(self) -> None:
+        self._interrupted = False
+        self._previous: Any = None
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage == "fit" and threading.current_thread() is threading.main_thread():
+            self._interrupted = False
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._interrupted:  # the second Ctrl-C
+            raise KeyboardInterrupt
+        self._interrupted = True
+
+    def _save(self, trainer: Any, why: str, hint: str = "; run again to resume") -> None:
+        callback = trainer.checkpoint_callback
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath and callback.save_last:
+            path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+            # ModelCheckpoint's own record of its last file (restored on resume), so that the resumed run writes
+            # last.ckpt again rather than a new last-v1.ckpt next to it
+            callback.last_model_path = str(path)
+            trainer.save_checkpoint(path)
+            # and of having written it, so that its on_train_end does not overwrite it with the state after the
+            # epoch's end (which Lightning resumes one epoch too far)
+            callback._last_checkpoint_saved = str(path)
+            rank_zero_info(f"{why}: saved {path} at step {trainer.global_step}{hint}")
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        if self._interrupted:
+            self._interrupted = False
+            self._save(trainer, "Interrupted (Ctrl-C)")
+            raise KeyboardInterrupt  # Lightning's graceful shutdown
+        callback, step = trainer.checkpoint_callback, trainer.global_step
+        every = getattr(callback, "_every_n_train_steps", 0)
+        if 0 < trainer.max_steps <= step and not (every and step % every == 0):
+            self._save(trainer, "Training ended", "")
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and trainer.training:
+            self._save(trainer, "Interrupted (SIGTERM)")
+
+
+class RunLock:
+    """An exclusive lock on a run directory (`<run>/run.lock`, created with O_EXCL, holding pid, host, start time and
+    SLURM job id), so two trainings cannot interleave its checkpoints, grids and config.yaml. A lock whose process is
+    gone (same host) is stale and taken over, as is one of the same SLURM job (a requeued job). Taken by global
+    rank 0 only (other DDP ranks and nodes run in the lock of their rank 0)."""
+
+    NAME = "run.lock"
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / self.NAME
+        self.held = False
+
+    @staticmethod
+    def is_global_zero() -> bool:
+        return all(int(os.environ.get(k) or 0) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"))
+
+    def _mine(self) -> dict:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+
+    def _stale(self, holder: dict) -> bool:
+        if holder.get("slurm_job_id") and holder["slurm_job_id"] == os.environ.get("SLURM_JOB_ID"):
+            return True  # this job, requeued (its earlier process is gone, maybe on another node)
+        if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+            return False
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
+
+    def acquire(self) -> RunLock:
+        if not self.is_global_zero():
+            return self
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text() or "{}")
+                except (OSError, ValueError):
+                    holder = {}  # being written right now, or garbage: treated as held
+                if holder and self._stale(holder):
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise RuntimeError(
+                    f"paths.output_dir={self.path.parent} is in use by another training (pid {holder.get('pid', '?')} "
+                    f"on {holder.get('host', '?')}, started {holder.get('started', '?')}; lock file {self.path}). "
+                    f"Wait for it to end, choose another paths.output_dir, or delete {self.path} if that process is gone."
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._mine(), f)
+            self.held = True
+            return self
+        raise RuntimeError(f"could not take the lock {self.path} (another process keeps replacing it)")
+
+    def release(self) -> None:
+        if self.held:
+            try:
+                if json.loads(self.path.read_text()).get("pid") == os.getpid():
+                    self.path.unlink()
+            except (OSError, ValueError):
+                pass
+            self.held = False
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()

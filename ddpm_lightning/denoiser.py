@@ -49,11 +49,18 @@ class Denoiser:
         alpha, sigma = expand_as(self.schedule.alpha(t), x), expand_as(self.schedule.sigma(t), x)
         if self.parameterization == "x0":
             return (x - alpha * out) / sigma, v
-        return sigma * x + alpha * out, v  # v = alpha eps - sigma x_0 with alpha^2 + sigma^2 = 1
+        return self.eps_from_v(x, alpha, sigma, out), v
 
     def eps(self, x: Tensor, t: Tensor, **cond) -> Tensor:
         """The noise estimate eps_theta(x_t, t)."""
         return self.eps_and_v(x, t, **cond)[0]
+
+    @staticmethod
+    def eps_from_v(x: Tensor, alpha: Tensor, sigma: Tensor, v: Tensor) -> Tensor:
+        """eps = (sigma x_t + alpha v) / (alpha^2 + sigma^2) for v = alpha eps - sigma x_0 (Salimans & Ho 2022 §4,
+        eq. of Appendix D, written for any schedule: alpha^2 + sigma^2 is 1 only for variance-preserving ones; VE,
+        NCSN and sub-VP have alpha^2 + sigma^2 > 1)."""
+        return (sigma * x + alpha * v) / (alpha**2 + sigma**2)
 
     def x0(self, x: Tensor, t: Tensor, **cond) -> Tensor:
         """Tweedie's estimate x_0 = (x_t - sigma eps) / alpha."""

@@ -25,6 +25,7 @@ from ddpm_lightning import guidance as guidance_lib
 from ddpm_lightning import metrics as M
 from ddpm_lightning.images import save_grid, to_model_range, to_uint8
 from ddpm_lightning.module import DiffusionModule, _plain
+from ddpm_lightning.checkpointing import check_targets, file_sha256
 from ddpm_lightning.samplers import check_compatible
 from ddpm_lightning.tasks import build, load_model
 
@@ -94,11 +95,18 @@ def _checkpoint_data_config(ckpt_path: Path) -> DictConfig:
             "is unknown. Choose it with data=<name> (e.g. data=digits), or give reference.folder=<folder of images> "
             "or reference.stats=<.npz with mu and sigma>."
         )
-    return OmegaConf.load(run_cfg).data
+    data = OmegaConf.load(run_cfg).data
+    check_targets(data, f"the checkpoint's run config {run_cfg} (data)")
+    return data
 
 
 def _datamodule(cfg: DictConfig, module: DiffusionModule):
     """The checkpoint's DataModule (its run's data config, or data=<name>), checked against the model."""
+    if not cfg.get("data") and not cfg.get("ckpt_path"):
+        raise ValueError(
+            f"init_from={cfg.init_from}: an imported model has no run config naming its dataset; choose it with "
+            "data=<name> (e.g. data=cifar10), or give reference.folder=<folder of images> or reference.stats=<.npz>"
+        )
     datamodule = build(cfg.get("data") or _checkpoint_data_config(Path(cfg.ckpt_path)))
     size = dict(getattr(datamodule, "hparams", {})).get("image_size")
     if size is not None and size != module.hparams.image_size:
@@ -165,13 +173,46 @@ def _check(cfg: DictConfig, names: list[str]) -> None:
         raise ValueError(f"num_samples={n} is below kid_subset_size={cfg.kid_subset_size}; lower kid_subset_size")
 
 
-def _output_dir(cfg: DictConfig, module: DiffusionModule, sampler_cfg: dict) -> Path:
+def _output_dir(cfg: DictConfig, module: DiffusionModule, sampler_cfg: dict, ckpt_sha256: str) -> Path:
+    """output_dir, or <run>/eval/step<step>-<ema|raw>-<sampler><steps>-<first 8 hex digits of the checkpoint's
+    sha256>: a checkpoint replaced by another (same name, same step) gets a folder of its own."""
     if cfg.get("output_dir"):
         return Path(cfg.output_dir)
     name = sampler_cfg.get("_target_", "sampler").rsplit(".", 1)[-1]
     steps = sampler_cfg.get("steps") or getattr(module.schedule, "T", "")
     weights = "ema" if cfg.use_ema else "raw"
-    return Path(cfg.ckpt_path).resolve().parent.parent / "eval" / f"step{module.global_step_loaded}-{weights}-{name}{steps}"
+    folder = f"step{module.global_step_loaded}-{weights}-{name}{steps}-{ckpt_sha256[:8]}"
+    if not cfg.get("ckpt_path"):  # an imported diffusers model (init_from): outputs/imported/<folder name>/
+        return Path(cfg.paths.log_dir) / "imported" / Path(str(cfg.init_from)).name / f"{name}{steps}-{ckpt_sha256[:8]}"
+    return Path(cfg.ckpt_path).resolve().parent.parent / "eval" / folder
+
+
+# Config keys that describe the model, which evaluation takes from the checkpoint.
+MODEL_KEYS = ("model", "schedule", "module")
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Refuse command-line overrides of the model (`model.ch=64`, `+schedule=cosine`, ...) with the reason, before
+    Hydra composes the config (where they would fail with a hint to add them with `+`, and then be ignored)."""
+    for arg in overrides:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if not arg.startswith("-") and key.split(".", 1)[0].split("@", 1)[0] in MODEL_KEYS:
+            raise ValueError(
+                f"evaluate.py {arg}: the model ({', '.join(k + '.*' for k in MODEL_KEYS)}) comes from the checkpoint "
+                "(ckpt_path) and cannot be changed here; what evaluation can choose is sampler=..., sampler.*, "
+                "guidance, labels, use_ema and the metrics options (conf/evaluate.yaml)"
+            )
+
+
+def _files_sha256(tree: Any) -> dict[str, str]:
+    """sha256 of every existing file a config names (e.g. a guidance classifier checkpoint)."""
+    if isinstance(tree, dict):
+        return {k: v for value in tree.values() for k, v in _files_sha256(value).items()}
+    if isinstance(tree, list):
+        return {k: v for value in tree for k, v in _files_sha256(value).items()}
+    if isinstance(tree, str) and len(tree) < 4096 and Path(tree).is_file():
+        return {str(Path(tree).resolve()): file_sha256(tree)}
+    return {}
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -179,11 +220,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     names = M.check_metric_names(cfg.metrics)
     _check(cfg, names)
-    ckpt_path = Path(cfg.ckpt_path)
-    module = load_model(ckpt_path, use_ema=cfg.use_ema)
+    if bool(cfg.get("ckpt_path")) == bool(cfg.get("init_from")):
+        raise ValueError("give ckpt_path=<checkpoint> or init_from=<diffusers folder or Hub id>, exactly one of them")
+    check_overrides([f"+{k}" for k in MODEL_KEYS if cfg.get(k) is not None])
+    if cfg.get("init_from"):  # diffusers weights (README "Pretrained weights"); ckpt_path: their weights file
+        from ddpm_lightning.diffusers_io import load_module, weights_file
+
+        ckpt_path, module = weights_file(cfg.init_from), load_module(cfg.init_from)
+    else:
+        ckpt_path = Path(cfg.ckpt_path)
+        module = load_model(ckpt_path, use_ema=cfg.use_ema)
     sampler_cfg = _plain(cfg.get("sampler")) or module.hparams.sampler
     sampler = instantiate(sampler_cfg)
-    check_compatible(sampler, module.schedule, module.denoiser.learn_sigma)  # e.g. variance=learned, fixed model
+    # e.g. sampler.steps beyond the schedule's T, or variance=learned for a fixed-variance model, before any work
+    check_compatible(sampler, module.schedule, module.denoiser.learn_sigma)
     # Labels and guidance (README "Guidance"): image i has class labels[i]; checked here, before any sampling.
     guidance_cfg = _plain(cfg.get("guidance"))
     guidance = guidance_lib.build(guidance_cfg)
@@ -198,10 +248,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     fabric = L.Fabric(**cfg.trainer)  # strategy auto: DDP for several devices or nodes, torchrun / srun detected
     fabric.launch()
     module = module.to(fabric.device)
-    out = _output_dir(cfg, module, sampler_cfg)
+    ckpt_sha256 = file_sha256(ckpt_path)
+    out = _output_dir(cfg, module, sampler_cfg, ckpt_sha256)
     shards_dir = out / "shards"
     fingerprint = {
         "ckpt_path": str(ckpt_path.resolve()),
+        "ckpt_sha256": ckpt_sha256,
         "global_step": module.global_step_loaded,
         "use_ema": bool(cfg.use_ema),
         "sampler": sampler_cfg,
@@ -209,6 +261,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "precision": str(cfg.trainer.get("precision")),
         "labels": _plain(cfg.get("labels")),
         "guidance": guidance_cfg,
+        "guidance_files": _files_sha256(guidance_cfg),
     }
 
     # Everything that can fail is checked before the first image is sampled: weights, reference, output folder.

@@ -190,9 +190,9 @@ def _same_schedule(a: nn.Module, b: nn.Module) -> bool:
 @functools.lru_cache(maxsize=4)
 def _load_classifier(path: str, mtime_ns: int) -> nn.Module:
     from ddpm_lightning.classifier_module import NoisyClassifierModule
-    from ddpm_lightning.tasks import _read_checkpoint
+    from ddpm_lightning.checkpointing import read_checkpoint
 
-    ckpt = _read_checkpoint(path)
+    ckpt = read_checkpoint(path, key="guidance.classifier")
     hp = ckpt["hyper_parameters"]
     if "sampler" in hp or "optimizer" not in hp:
         raise ValueError(f"{path} is a diffusion model checkpoint, not a classifier (train one with experiment=classifier_digits)")

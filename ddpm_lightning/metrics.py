@@ -8,6 +8,7 @@ checks that its weights are there before any compute is spent, and keys the refe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -78,15 +79,15 @@ def resolve_inception_weights(weights_path: str | None, key: str = "weights_path
         path = Path(weights_path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"Inception weights not found: {path} ({key}). {hint}.")
-        return str(path)
+        return check_inception_weights(path, key, hint)
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
     if cached.is_file():
-        return str(cached)
+        return check_inception_weights(cached, key, hint + f", or delete {cached} to download it again")
     if download:
         try:
             cached.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(url, str(cached), progress=True)
-            return str(cached)
+            return check_inception_weights(cached, key, hint)
         except Exception as e:  # offline node, proxy, ...
             cached.unlink(missing_ok=True)
             raise FileNotFoundError(
@@ -94,6 +95,27 @@ def resolve_inception_weights(weights_path: str | None, key: str = "weights_path
                 f"({type(e).__name__}: {e}). {hint}."
             ) from None
     raise FileNotFoundError(f"Inception weights are missing: {cached}. {hint}.")
+
+
+def check_inception_weights(path: Path, key: str, hint: str = "") -> str:
+    """The weights file as a path, after checking that it is a plain state dict of tensors (torch-fidelity then
+    loads it itself, with weights_only=False): a corrupt file or one whose pickle would run code is refused here,
+    naming the file and the config key."""
+    stat = path.stat()
+    _check_state_dict_file(str(path.resolve()), stat.st_size, stat.st_mtime_ns, key, hint)
+    return str(path)
+
+
+@functools.lru_cache(maxsize=4)
+def _check_state_dict_file(path: str, size: int, mtime_ns: int, key: str, hint: str) -> None:
+    from ddpm_lightning.checkpointing import load_file
+
+    try:
+        state = load_file(path, key, what="Inception weights file")
+    except ValueError as e:
+        raise ValueError(f"{e}. {hint}.") from None
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{path} ({key}) is not an Inception weights file (expected a state dict of tensors). {hint}.")
 
 
 def feature_extractor(weights_path: str, features: Sequence[str], device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -214,8 +236,10 @@ def cache_key(description: Mapping[str, Any], extractor: str = "inception-v3-com
 def cached_features(path: Path, compute) -> dict[str, Tensor]:
     """Load features from `path`, or compute and save them there atomically (a crash leaves no partial file)."""
     if path.is_file():
+        from ddpm_lightning.checkpointing import load_file
+
         log.info("Reference features from cache %s", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_file(path, "reference.cache_dir", what="reference feature cache")
     features = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -236,7 +260,9 @@ def load_stats_file(path: str | Path) -> dict[str, Any]:
             if not {"mu", "sigma"} <= set(f.files):
                 raise ValueError(f"{path} holds {f.files}, expected 'mu' and 'sigma' (reference.stats)")
             return {"mu": f["mu"].astype(np.float64), "sigma": f["sigma"].astype(np.float64)}
-    data = torch.load(path, map_location="cpu", weights_only=False)
+    from ddpm_lightning.checkpointing import load_file
+
+    data = load_file(path, "reference.stats", what="reference statistics file")
     if not isinstance(data, dict) or not (set(FEATURES) & set(data) or {"mu", "sigma"} <= set(data)):
         raise ValueError(f"{path} holds neither features (one of {list(FEATURES)}) nor 'mu' / 'sigma' (reference.stats)")
     return data

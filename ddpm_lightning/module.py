@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from ddpm_lightning import guidance as guidance_lib
-from ddpm_lightning.checkpointing import step_seed
+from ddpm_lightning.checkpointing import correct_epoch_after_resume, step_seed
 from ddpm_lightning.denoiser import Denoiser
 from ddpm_lightning.losses import LOSSES, LossAwareTimesteps, diffusion_losses, eps_mse
 from ddpm_lightning.samplers import PerSampleNoise, check_compatible
@@ -51,6 +51,7 @@ class ImageModule(L.LightningModule):
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val, foreach=True)
 
     def on_train_start(self) -> None:
+        correct_epoch_after_resume(self.trainer)
         for optimizer in self.trainer.optimizers:
             match_state_layout(optimizer)
 

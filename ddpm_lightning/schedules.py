@@ -191,6 +191,12 @@ def cosine(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Discrete
     return DiscreteSchedule(cosine_betas(T, s, max_beta))
 
 
+def scaled_linear(T: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012) -> DiscreteSchedule:
+    """sqrt(beta_t) increasing linearly from sqrt(beta_1) to sqrt(beta_T) (Rombach et al. 2022's latent diffusion;
+    diffusers' beta_schedule="scaled_linear")."""
+    return DiscreteSchedule(linear_betas(T, beta_start**0.5, beta_end**0.5) ** 2)
+
+
 class NCSNSchedule(Schedule):
     """NCSN's noise levels (Song & Ermon 2019 §4.2): x_i = x_0 + sigma_i eps, sigma geometric from sigma_1 =
     sigma_max down to sigma_L = sigma_min. Index i = 0 is the smallest level (as DDPM's index 0 is the least

@@ -5,33 +5,22 @@ from __future__ import annotations
 import ctypes
 import logging
 import platform
-import warnings
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm_lightning.checkpointing import resume_checkpoint
+from ddpm_lightning.checkpointing import RunLock, hpc_checkpoint, last_checkpoint, load_model, read_checkpoint, resume_checkpoint
 from ddpm_lightning.module import DiffusionModule
 
 log = logging.getLogger(__name__)
-
-
-def _read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path} (check ckpt_path)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(ckpt, dict) or "net" not in (ckpt.get("hyper_parameters") or {}):
-        raise ValueError(f"{path} is not a ddpm-lightning checkpoint (no hyper_parameters.net)")
-    return ckpt
+_read_checkpoint = read_checkpoint  # the one checkpoint reader lives in ddpm_lightning.checkpointing
 
 
 def _diff(a: Any, b: Any, prefix: str) -> list[str]:
@@ -44,8 +33,9 @@ def _diff(a: Any, b: Any, prefix: str) -> list[str]:
 _KERNEL_SWITCHES = ("fused_norm", "winograd")  # UNet options that choose how it computes, not what
 
 
-def check_resumable(ckpt_path: str | Path, module: DiffusionModule) -> None:
-    """Refuse to resume from a checkpoint of another model, before any compute is spent."""
+def check_resumable(ckpt_path: str | Path, module: DiffusionModule, found_in: Path | None = None) -> None:
+    """Refuse to resume from a checkpoint of another model, before any compute is spent. `found_in`: the run
+    directory the checkpoint was found in (no ckpt_path given), for the hint."""
     hp = _read_checkpoint(ckpt_path)["hyper_parameters"]
     diffs = []
     for key, cfg_key in (("net", "model"), ("schedule", "schedule"), ("image_size", "data.image_size"), ("channels", "data.channels"), ("parameterization", "module.parameterization")):
@@ -54,24 +44,16 @@ def check_resumable(ckpt_path: str | Path, module: DiffusionModule) -> None:
             a, b = ({k: v for k, v in (d or {}).items() if k not in _KERNEL_SWITCHES} for d in (a, b))
         diffs += _diff(a, b, cfg_key)
     if diffs:
+        if found_in is None:
+            what, fix = f"ckpt_path={ckpt_path}", "start without ckpt_path"
+        else:
+            what = f"the run directory paths.output_dir={found_in} holds {ckpt_path}, which"
+            fix = "choose another paths.output_dir for a new run"
         raise ValueError(
-            f"ckpt_path={ckpt_path} was trained with another model; these config keys differ:\n  "
+            f"{what} was trained with another model; these config keys differ:\n  "
             + "\n  ".join(diffs)
-            + "\nSet them as in the checkpoint (see its run's config.yaml) or start without ckpt_path."
+            + f"\nSet them as in the checkpoint (see its run's config.yaml) or {fix}."
         )
-
-
-def load_model(ckpt_path: str | Path, use_ema: bool = True, map_location: Any = "cpu") -> DiffusionModule:
-    """Rebuild a trained model from a checkpoint alone, in eval mode, with the EMA weights by default."""
-    ckpt = _read_checkpoint(ckpt_path, map_location)
-    module = DiffusionModule(**ckpt["hyper_parameters"])
-    has_ema = "current_model_state" in ckpt
-    if use_ema and not has_ema:
-        warnings.warn(f"{ckpt_path} holds no EMA weights; loading the raw weights", stacklevel=2)
-    state = ckpt["state_dict"] if use_ema or not has_ema else ckpt["current_model_state"]
-    module.load_state_dict(state)
-    module.global_step_loaded = ckpt.get("global_step", 0)
-    return module.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
 
 
 def retain_freed_memory() -> bool:
@@ -89,8 +71,40 @@ def retain_freed_memory() -> bool:
     return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1))
 
 
+def _simple_types(hint: Any) -> tuple[type, ...] | None:
+    """The isinstance() types a value annotated `hint` may have, for int / float / bool / str and their `| None`;
+    None for any other annotation (not checked)."""
+    if hint in (int, float, bool, str):
+        return {int: (int,), float: (int, float), bool: (bool,), str: (str,)}[hint]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        parts = [_simple_types(a) if a is not type(None) else (type(None),) for a in typing.get_args(hint)]
+        return None if any(p is None for p in parts) else tuple(t for p in parts for t in p)
+    return None
+
+
+def check_types(node: DictConfig) -> None:
+    """Refuse a config value whose type contradicts its parameter's annotation (e.g. data.batch_size=abc, which
+    would fail later as a bare TypeError), naming the key and the expected type."""
+    try:
+        target = get_object(node["_target_"])
+        hints = typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
+    except Exception:  # noqa: BLE001 - an unresolvable target or annotation: instantiate reports it
+        return
+    prefix = node._get_full_key(None) or "config"
+    for key, value in node.items():
+        allowed = _simple_types(hints.get(key))
+        if allowed is None or isinstance(key, str) and key.startswith("_"):
+            continue
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise ValueError(f"{prefix}.{key}={value!r} must be {names}")
+
+
 def build(node: DictConfig, **kwargs: Any) -> Any:
-    """hydra.utils.instantiate, re-raising a config error (ValueError) as itself rather than wrapped."""
+    """hydra.utils.instantiate, re-raising a config error (ValueError) as itself rather than wrapped; values of the
+    wrong type for the target's annotated parameters are refused first, naming the key."""
+    if OmegaConf.is_dict(node) and "_target_" in node:
+        check_types(node)
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
@@ -104,10 +118,19 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build data, model, callbacks, loggers and trainer from `cfg` and fit. Returns the final metrics."""
+    init_state = None
+    if cfg.get("init_from"):  # fine-tune diffusers weights: the model config comes from the import
+        from ddpm_lightning.diffusers_io import init_train_config
+
+        init_state = init_train_config(cfg)
     OmegaConf.resolve(cfg)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out / "config.yaml")
+    with RunLock(out):
+        return _train(cfg, out, init_state)
+
+
+def _train(cfg: DictConfig, out: Path, init_state: dict | None = None) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     if cfg.get("matmul_precision"):
@@ -117,17 +140,28 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = build(cfg.data)
     module: DiffusionModule = build(cfg.module)
+    if init_state is not None:
+        module.net.load_state_dict(init_state)  # names and shapes checked by init_train_config
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    ckpt_path = cfg.get("ckpt_path")
+    ckpt_path, found_in = cfg.get("ckpt_path"), None
+    dirs = [c.dirpath for c in callbacks if isinstance(c, L.pytorch.callbacks.ModelCheckpoint) and c.dirpath]
+    root = cfg.trainer.get("default_root_dir") or out
     if ckpt_path is None:  # a requeued or restarted job: continue from the run directory's own checkpoint
-        dirs = [c.dirpath for c in callbacks if isinstance(c, L.pytorch.callbacks.ModelCheckpoint) and c.dirpath]
-        found = resume_checkpoint(cfg.trainer.get("default_root_dir") or out, dirs)
+        found = resume_checkpoint(root, dirs)
         if found is not None:
             log.info("Resuming from %s (found in the run directory)", found)
-            ckpt_path = str(found)
-    if ckpt_path and ckpt_path not in ("last", "hpc"):
-        check_resumable(ckpt_path, module)
+            ckpt_path, found_in = str(found), out
+    elif ckpt_path in ("last", "hpc"):  # the file Lightning would pick, so that it gets the same checks
+        found = last_checkpoint(dirs) if ckpt_path == "last" else hpc_checkpoint(root)
+        if found is None and ckpt_path == "hpc":
+            raise FileNotFoundError(f"ckpt_path=hpc: no hpc_ckpt_*.ckpt in {root}")
+        if found is None:
+            log.warning("ckpt_path=last: no last*.ckpt in %s; starting afresh", ", ".join(map(str, dirs)) or "(no checkpoint directory)")
+        ckpt_path = None if found is None else str(found)
+    if ckpt_path:
+        check_resumable(ckpt_path, module, found_in)
+    OmegaConf.save(cfg, out / "config.yaml")  # only now: a refused resume leaves the run's config as it was
     if not loggers:  # nothing to log the learning rate to
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

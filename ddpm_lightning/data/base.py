@@ -98,17 +98,39 @@ class InMemoryImages(Dataset):
 
 
 class FileImages(Dataset):
-    """Images decoded from their files at every access (no cache) -> (float image, label)."""
+    """Images decoded from their files at every access (no cache) -> (float image, label).
 
-    def __init__(self, files: ImageFiles):
-        self.files = files
+    A file that fails to decode (e.g. truncated after a readable header) is reported then, by the data module's
+    policy: `skip_key` None raises BadImage naming the file; with `skip_key` (the config key that chose "skip") the
+    next readable image takes its place, with a warning and a count (`skipped`, per process), so batches keep
+    their size and training goes on."""
+
+    def __init__(self, files: ImageFiles, skip_key: str | None = None, error_hint: str = ""):
+        self.files, self.skip_key, self.error_hint = files, skip_key, error_hint
         self.labels = torch.tensor(files.labels, dtype=torch.long)
+        self.bad: set[int] = set()
+
+    @property
+    def skipped(self) -> int:
+        return len(self.bad)
 
     def __len__(self) -> int:
         return len(self.files.paths)
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        return to_model_range(self.files.decode(i)), self.labels[i]
+        n = len(self)
+        for j in (i + k for k in range(n)):
+            j %= n
+            if j in self.bad:
+                continue
+            try:
+                return to_model_range(self.files.decode(j)), self.labels[j]
+            except BadImage as e:
+                if self.skip_key is None:
+                    raise BadImage(f"{e}{self.error_hint}") from None
+                self.bad.add(j)
+                warn_skipped([str(e)], self.skip_key, total=len(self.bad))
+        raise BadImage(f"none of the {n} images could be decoded")
 
 
 def random_flip_collate(batch: list) -> list[Tensor]:
@@ -178,6 +200,10 @@ class ImageDataModule(L.LightningDataModule):
         """Drop or report unusable files before training when no cache decodes them all (override)."""
         return files
 
+    def file_images(self, files: ImageFiles) -> FileImages:
+        """The uncached dataset of `files`, with this module's bad-image policy (override): an error by default."""
+        return FileImages(files)
+
     def on_bad_images(self, errors: list[str]) -> None:
         """Bad images found while decoding: an error naming them (override to warn and skip instead)."""
         raise BadImage(f"{len(errors)} unusable image(s):\n  " + "\n  ".join(errors[:20]))
@@ -220,7 +246,7 @@ class ImageDataModule(L.LightningDataModule):
         mode = self._cache_mode(n)
         if isinstance(source, ImageFiles):
             if mode == "none":
-                return FileImages(self.check_files(source))
+                return self.file_images(self.check_files(source))
             images, labels = self._decode_all(source)
         else:
             images, labels = source
@@ -291,7 +317,8 @@ def missing_files(folder: Path, names: Sequence[str]) -> list[str]:
     return [n for n in names if not (folder / n).exists()]
 
 
-def warn_skipped(errors: list[str], key: str) -> None:
+def warn_skipped(errors: list[str], key: str, total: int | None = None) -> None:
+    so_far = "" if total is None else f", {total} so far in this process"
     warnings.warn(
-        f"skipped {len(errors)} unusable image(s) ({key}=skip):\n  " + "\n  ".join(errors[:20]), stacklevel=3
+        f"skipped {len(errors)} unusable image(s) ({key}=skip{so_far}):\n  " + "\n  ".join(errors[:20]), stacklevel=3
     )

@@ -12,7 +12,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from ddpm_lightning.data.base import BadImage, ImageDataModule, ImageFiles, warn_skipped
+from ddpm_lightning.data.base import BadImage, FileImages, ImageDataModule, ImageFiles, warn_skipped
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 BAD_IMAGE_POLICIES = ("error", "skip")
@@ -109,6 +109,12 @@ class ImageFolderDataModule(ImageDataModule):
             f"{len(errors)} unusable image(s) under data.path={self.path} (fix or remove them, or set "
             f"data.on_bad_image=skip):\n  " + "\n  ".join(errors[:20])
         )
+
+    def file_images(self, files: ImageFiles) -> FileImages:
+        """Without a cache, files that break only when decoded (a truncated PNG) meet the same policy mid-training."""
+        if self.hparams.on_bad_image == "skip":
+            return FileImages(files, skip_key="data.on_bad_image")
+        return FileImages(files, error_hint=f" (under data.path={self.path}; fix or remove it, or set data.on_bad_image=skip)")
 
     def check_files(self, files: ImageFiles) -> ImageFiles:
         """Without a cache: open every file's header (cheap) so that unreadable and too-small images are

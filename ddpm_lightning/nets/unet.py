@@ -69,12 +69,12 @@ class Dropout(nn.Dropout):
 class ResBlock(nn.Module):
     """Wide-ResNet block with the time embedding added after the first convolution."""
 
-    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, groups: int):
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, groups: int, eps: float = 1e-5):
         super().__init__()
-        self.norm1 = GroupNorm(groups, in_ch, silu=True)
+        self.norm1 = GroupNorm(groups, in_ch, eps, silu=True)
         self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_ch, out_ch)
-        self.norm2 = GroupNorm(groups, out_ch, silu=True)
+        self.norm2 = GroupNorm(groups, out_ch, eps, silu=True)
         self.dropout = Dropout(dropout)
         self.conv2 = zero_init(Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -89,9 +89,9 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention with a residual connection (Ho et al. App. B)."""
 
-    def __init__(self, ch: int, groups: int):
+    def __init__(self, ch: int, groups: int, eps: float = 1e-5):
         super().__init__()
-        self.norm = GroupNorm(groups, ch)
+        self.norm = GroupNorm(groups, ch, eps)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = zero_init(nn.Conv2d(ch, ch, 1))
 
@@ -104,15 +104,21 @@ class AttnBlock(nn.Module):
         return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
 
 
-class Downsample(nn.Module):
-    """3x3 convolution with stride 2."""
+DOWNSAMPLE_PADDINGS = ("symmetric", "tf_same")
 
-    def __init__(self, ch: int):
+
+class Downsample(nn.Module):
+    """3x3 convolution with stride 2. padding "symmetric": one zero row / column on every side; "tf_same":
+    (left, right, top, bottom) = (0, 1, 0, 1), TensorFlow's "SAME" padding for an even size and stride 2, as in
+    Ho et al.'s original code (diffusers' `downsample_padding=0`)."""
+
+    def __init__(self, ch: int, padding: str = "symmetric"):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.tf_same = padding == "tf_same"
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if self.tf_same else 1)
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.tf_same else x)
 
 
 class Upsample(nn.Module):
@@ -138,7 +144,10 @@ class TimestepSequential(nn.Sequential):
 class UNet(nn.Module):
     """The DDPM U-Net. `forward(x, t, y=None, control=None)` returns a tensor shaped like x
     (or with `out_channels` channels; twice as many with `learn_sigma`, the second half being the reverse
-    process's variance interpolation v of Nichol & Dhariwal 2021 eq. 15)."""
+    process's variance interpolation v of Nichol & Dhariwal 2021 eq. 15).
+
+    `norm_eps` (GroupNorm's epsilon) and `downsample_padding` express the numerical choices other implementations
+    of the same network make: diffusers' google/ddpm-* models use 1e-6 and "tf_same" (see diffusers_io.py)."""
 
     def __init__(
         self,
@@ -155,10 +164,16 @@ class UNet(nn.Module):
         fused_norm: bool = True,
         winograd: bool = True,
         learn_sigma: bool = False,
+        norm_eps: float = 1e-5,
+        downsample_padding: str = "symmetric",
     ):
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
         _validate(ch, ch_mult, num_res_blocks, attn_resolutions, dropout, image_size, norm_groups, num_classes)
+        if downsample_padding not in DOWNSAMPLE_PADDINGS:
+            raise ValueError(f"model.downsample_padding={downsample_padding!r} must be one of {DOWNSAMPLE_PADDINGS}")
+        if not norm_eps > 0:
+            raise ValueError(f"model.norm_eps={norm_eps} must be positive (GroupNorm's epsilon)")
         self.in_channels, self.image_size, self.ch = in_channels, image_size, ch
         self.num_classes, self.learn_sigma = num_classes, bool(learn_sigma)
         temb_ch = 4 * ch
@@ -167,8 +182,8 @@ class UNet(nn.Module):
         self.label_emb = nn.Embedding(num_classes + 1, temb_ch) if num_classes else None
 
         def res(i: int, o: int, resolution: int) -> list[nn.Module]:
-            block = [ResBlock(i, o, temb_ch, dropout, norm_groups)]
-            return block + [AttnBlock(o, norm_groups)] if resolution in attn_resolutions else block
+            block = [ResBlock(i, o, temb_ch, dropout, norm_groups, norm_eps)]
+            return block + [AttnBlock(o, norm_groups, norm_eps)] if resolution in attn_resolutions else block
 
         # Encoder: every unit's output is a skip connection.
         self.down = nn.ModuleList([TimestepSequential(_Conv(in_channels, ch))])
@@ -179,14 +194,14 @@ class UNet(nn.Module):
                 cur = ch * mult
                 skip_ch.append(cur)
             if level != len(ch_mult) - 1:
-                self.down.append(TimestepSequential(Downsample(cur)))
+                self.down.append(TimestepSequential(Downsample(cur, downsample_padding)))
                 skip_ch.append(cur)
                 resolution //= 2
         self.skip_channels = tuple(skip_ch)
         self.mid = TimestepSequential(
-            ResBlock(cur, cur, temb_ch, dropout, norm_groups),
-            AttnBlock(cur, norm_groups),
-            ResBlock(cur, cur, temb_ch, dropout, norm_groups),
+            ResBlock(cur, cur, temb_ch, dropout, norm_groups, norm_eps),
+            AttnBlock(cur, norm_groups, norm_eps),
+            ResBlock(cur, cur, temb_ch, dropout, norm_groups, norm_eps),
         )
         # Decoder: every unit consumes one skip connection.
         self.up = nn.ModuleList()
@@ -200,7 +215,7 @@ class UNet(nn.Module):
                 self.up.append(TimestepSequential(*layers))
         out_ch = (out_channels or in_channels) * (2 if learn_sigma else 1)
         self.out = nn.Sequential(
-            GroupNorm(norm_groups, cur), nn.SiLU(), zero_init(nn.Conv2d(cur, out_ch, 3, padding=1))
+            GroupNorm(norm_groups, cur, norm_eps), nn.SiLU(), zero_init(nn.Conv2d(cur, out_ch, 3, padding=1))
         )
         for m in self.modules():
             if isinstance(m, GroupNorm):

@@ -1,0 +1,209 @@
+"""Files from users are data, never code: checkpoints, classifier checkpoints, feature caches, statistics and
+Inception weights load with weights_only=True, and a stored config may only name allow-listed `_target_`s. Also:
+a refused resume leaves the run's config.yaml alone, and evaluation keys its samples by the checkpoint's content."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from conftest import CONF, compose_cfg
+from ddpm_lightning import metrics as M
+from ddpm_lightning.checkpointing import THIRD_PARTY_TARGETS, AtomicCheckpointIO, allowed_target, read_checkpoint
+from ddpm_lightning.evaluation import check_overrides
+from ddpm_lightning.guidance import load_classifier
+from ddpm_lightning.tasks import _read_checkpoint, evaluate, load_model, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+RUN = ["trainer.max_steps=2", "callbacks.samples.every_n_steps=0", "logger=none"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-step tiny run (its run directory and last.ckpt)."""
+    root = tmp_path_factory.mktemp("safety")
+    torch.set_num_threads(1)
+    train(compose_cfg(RUN, root / "run"))
+    return root / "run", root / "run" / "checkpoints" / "last.ckpt"
+
+
+def _copy_run(trained, dest: Path) -> tuple[Path, Path]:
+    shutil.copytree(trained[0], dest)
+    return dest, dest / "checkpoints" / "last.ckpt"
+
+
+class Payload:
+    """Unpickling this creates `marker`: a pickle that runs code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def _with_payload(ckpt: Path, dest: Path, marker: Path) -> Path:
+    c = torch.load(ckpt, weights_only=True)
+    c["callbacks"] = {"innocent": Payload(marker)}
+    torch.save(c, dest)
+    return dest
+
+
+def _with_target(ckpt: Path, dest: Path, where: str, target: str, marker: Path) -> Path:
+    c = torch.load(ckpt, weights_only=True)
+    node = {"_target_": target}
+    node.update({"os.system": {"command": f"touch {marker}"}, "builtins.eval": {"_args_": [f"open({str(marker)!r}, 'w')"]}}.get(target, {}))
+    if where == "sampler":
+        c["hyper_parameters"]["sampler"] = {**node, "_partial_": False}
+    else:
+        c["hyper_parameters"][where]["extra"] = node  # nested deep inside the net config
+    torch.save(c, dest)
+    return dest
+
+
+def eval_cfg(ckpt, *overrides, out=None):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        base = [f"ckpt_path={ckpt}", "sampler=ddim", "sampler.steps=2", "num_samples=2", "shard_size=2", "batch_size=2",
+                "metrics=[]", "grid_size=2", "trainer.accelerator=cpu", f"output_dir={out}" if out else "output_dir=null"]
+        return compose(config_name="evaluate", overrides=base + list(overrides))
+
+
+def test_allow_list():
+    for ok in ("ddpm_lightning.nets.UNet", "ddpm_lightning.schedules.linear", "ddpm_lightning.samplers.ddim",
+               "ddpm_lightning.guidance.ClassifierFree", "ddpm_lightning.data.DigitsDataModule", "torch.optim.Adam"):
+        assert allowed_target(ok), ok
+    for bad in ("os.system", "builtins.eval", "ddpm_lightning.tasks.os.system", "ddpm_lightning.module.torch.load",
+                "ddpm_lightning.module.instantiate", "ddpm_lightning.tasks.train", "ddpm_lightning.nets.torch",
+                "ddpm_lightning.module._plain", "ddpm_lightning_x.y", "torch.load", "subprocess.run", 3):
+        assert not allowed_target(bad), bad
+    assert "torch.optim.Adam" in THIRD_PARTY_TARGETS and "torch.optim.AdamW" in THIRD_PARTY_TARGETS
+    # every _target_ of the shipped module configs is allowed (the optimiser is the only third-party one)
+    for path in Path(CONF).rglob("*.yaml"):
+        for line in path.read_text().splitlines():
+            target = line.split("_target_:", 1)[1].split(",")[0].strip() if "_target_:" in line else ""
+            if path.parent.name in ("model", "schedule", "sampler", "module", "guidance", "data") and target:
+                assert allowed_target(target), (path, target)
+
+
+def test_our_checkpoint_loads_weights_only(trained):
+    _, ckpt = trained
+    assert read_checkpoint(ckpt)["global_step"] == 2
+    assert _read_checkpoint is read_checkpoint
+    assert load_model(ckpt).global_step_loaded == 2
+
+
+def test_pickle_payload_is_refused_everywhere_without_running(trained, tmp_path):
+    _, ckpt = trained
+    marker = tmp_path / "pwned"
+    bad = _with_payload(ckpt, tmp_path / "bad.ckpt", marker)
+    torch.save(Payload(marker), tmp_path / "bad.pt")
+    attempts = {
+        "load_model": lambda: load_model(bad),
+        "resume": lambda: train(compose_cfg([*RUN, f"ckpt_path={bad}"], tmp_path / "resume")),
+        "evaluate": lambda: evaluate(eval_cfg(bad, out=tmp_path / "eval")),
+        "lightning resume": lambda: AtomicCheckpointIO().load_checkpoint(bad),
+        "classifier": lambda: load_classifier(bad),
+        "feature cache": lambda: M.cached_features(tmp_path / "bad.pt", lambda: {}),
+        "stats": lambda: M.load_stats_file(tmp_path / "bad.pt"),
+        "inception": lambda: M.resolve_inception_weights(str(tmp_path / "bad.pt"), "inception.weights_path"),
+    }
+    for name, attempt in attempts.items():
+        with pytest.raises(ValueError, match="could run code") as e:
+            attempt()
+        assert "bad." in str(e.value), name
+        assert not marker.exists(), f"{name} ran the pickle's code"
+    assert not (tmp_path / "resume" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("target", ["os.system", "builtins.eval", "ddpm_lightning.tasks.os.system"])
+def test_foreign_target_is_refused_before_anything_is_built(trained, tmp_path, target):
+    run, ckpt = _copy_run(trained, tmp_path / "run")
+    marker = tmp_path / "pwned"
+    for where in ("net", "sampler"):
+        bad = _with_target(ckpt, tmp_path / f"{where}.ckpt", where, target, marker)
+        with pytest.raises(ValueError, match=rf"names _target_ '{target}', which is not allowed") as e:
+            load_model(bad)
+        assert str(bad) in str(e.value) and not marker.exists()
+    before = (run / "config.yaml").read_bytes()
+    bad.replace(ckpt)  # the run directory's own last.ckpt: found automatically on resume
+    with pytest.raises(ValueError, match="not allowed"):
+        train(compose_cfg(RUN, run))
+    with pytest.raises(ValueError, match="not allowed"):
+        train(compose_cfg([*RUN, "ckpt_path=last"], run))
+    with pytest.raises(ValueError, match="not allowed"):
+        evaluate(eval_cfg(ckpt))
+    assert not marker.exists() and (run / "config.yaml").read_bytes() == before
+    assert not (run / "eval").exists() and not (run / "run.lock").exists()
+
+
+def test_run_config_data_target_is_checked(trained, tmp_path):
+    run, ckpt = _copy_run(trained, tmp_path / "run")
+    text = (run / "config.yaml").read_text().replace("_target_: ddpm_lightning.data.DigitsDataModule", "_target_: os.system")
+    (run / "config.yaml").write_text(text)
+    from ddpm_lightning.evaluation import _checkpoint_data_config
+
+    with pytest.raises(ValueError, match=r"config.yaml \(data\) names _target_ 'os.system'"):
+        _checkpoint_data_config(ckpt)
+
+
+def test_corrupt_inception_weights_name_the_file_and_key(tmp_path):
+    corrupt = tmp_path / "inception.pth"
+    corrupt.write_bytes(b"PK\x03\x04 truncated download")
+    with pytest.raises(ValueError, match=rf"{corrupt} \(inception.weights_path\) is not a readable PyTorch Inception weights file"):
+        M.resolve_inception_weights(str(corrupt), "inception.weights_path")
+    torch.save({"not": "tensors"}, corrupt)
+    with pytest.raises(ValueError, match="expected a state dict of tensors"):
+        M.resolve_inception_weights(str(corrupt), "inception.weights_path")
+    torch.save({"w": torch.zeros(2)}, corrupt)
+    assert M.resolve_inception_weights(str(corrupt), "inception.weights_path") == str(corrupt)
+
+
+def test_refused_resume_keeps_config_and_names_the_run_directory(trained, tmp_path):
+    run, ckpt = _copy_run(trained, tmp_path / "run")
+    before = (run / "config.yaml").read_bytes()
+    with pytest.raises(ValueError) as e:  # found automatically: the hint is about paths.output_dir, not ckpt_path
+        train(compose_cfg([*RUN, "model.ch=64"], run))
+    msg = str(e.value)
+    assert f"paths.output_dir={run}" in msg and "model.ch: checkpoint has 32, config has 64" in msg
+    assert "choose another paths.output_dir" in msg and "without ckpt_path" not in msg
+    with pytest.raises(ValueError, match=r"(?s)ckpt_path=.*last.ckpt was trained with another model.*without ckpt_path"):
+        train(compose_cfg([*RUN, "model.ch=64", "ckpt_path=last"], run))  # `last` gets the same check
+    assert (run / "config.yaml").read_bytes() == before and not (run / "run.lock").exists()
+
+
+def test_replaced_checkpoint_is_resampled(trained, tmp_path):
+    run, ckpt = _copy_run(trained, tmp_path / "run")
+    evaluate(eval_cfg(ckpt))
+    (first,) = (run / "eval").iterdir()
+    old = np.load(next((first / "shards").iterdir()))["images"]
+    c = torch.load(ckpt, weights_only=True)  # same step, other weights
+    c["state_dict"] = {k: v + 0.05 if v.is_floating_point() else v for k, v in c["state_dict"].items()}
+    torch.save(c, ckpt)
+    evaluate(eval_cfg(ckpt))
+    second = next(d for d in (run / "eval").iterdir() if d != first)
+    assert first.name.rsplit("-", 1)[0] == second.name.rsplit("-", 1)[0]  # same step, weights, sampler
+    new = np.load(next((second / "shards").iterdir()))["images"]
+    assert not np.array_equal(old, new)  # sampled again, from the new weights
+    with pytest.raises(ValueError, match="holds samples of another model"):  # an explicit folder is not mixed
+        evaluate(eval_cfg(ckpt, out=first))
+
+
+def test_evaluate_refuses_model_overrides_and_bad_steps(trained):
+    _, ckpt = trained
+    for arg in ("model.ch=64", "+model.ch=64", "schedule=cosine", "module.parameterization=v"):
+        with pytest.raises(ValueError, match="comes from the checkpoint"):
+            check_overrides(["sampler=ddim", arg])
+    check_overrides(["sampler.steps=10", "hydra.run.dir=.", "--multirun", "data=digits"])
+    with pytest.raises(ValueError, match="comes from the checkpoint"):
+        evaluate(eval_cfg(ckpt, "+model.ch=64"))
+    with pytest.raises(ValueError, match=r"sampler.steps=5000 must lie in \[1, schedule.T=1000\]"):
+        evaluate(eval_cfg(ckpt, "sampler.steps=5000", "metrics=[fid]", "inception.weights_path=/nonexistent.pth"))

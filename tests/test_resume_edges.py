@@ -1,0 +1,127 @@
+"""Nothing lost: exact resume from a checkpoint written on the last batch of an epoch, a checkpoint on Ctrl-C /
+SIGTERM that resumes exactly, and one training per run directory (a lock)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, compose_cfg
+from ddpm_lightning.checkpointing import RunLock
+from ddpm_lightning.tasks import train
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+# 1617 training digits in batches of 128: 12 batches an epoch (drop_last); a checkpoint every 2 steps.
+EPOCH = ["data.batch_size=128", "trainer.deterministic=true", "callbacks.samples.every_n_steps=0", "logger=none",
+         "trainer.val_check_interval=100", "callbacks.checkpoint.every_n_train_steps=2"]
+
+
+def _states(ckpt: Path) -> dict:
+    c = torch.load(ckpt, weights_only=True)
+    return {"step": c["global_step"], "epoch": c["epoch"], "ema": c["state_dict"], "raw": c["current_model_state"],
+            "adam": c["optimizer_states"][0]["state"]}
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"]
+    for part in ("raw", "ema"):
+        for k, v in a[part].items():
+            assert torch.equal(b[part][k], v), f"{part} {k} differs after resume"
+    for i, s in a["adam"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(b["adam"][i][k], s[k]), f"Adam {k} of parameter {i} differs"
+
+
+@pytest.mark.slow
+def test_resume_from_the_last_batch_of_an_epoch_is_exact(tmp_path):
+    torch.set_num_threads(1)
+    train(compose_cfg([*EPOCH, "trainer.max_steps=14"], tmp_path / "straight"))
+    train(compose_cfg([*EPOCH, "trainer.max_steps=12"], tmp_path / "resumed"))  # stops on epoch 0's last batch
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+    train(compose_cfg([*EPOCH, "trainer.max_steps=14"], tmp_path / "resumed"))  # finds last.ckpt itself
+    straight, resumed = (_states(tmp_path / d / "checkpoints" / "last.ckpt") for d in ("straight", "resumed"))
+    assert straight["epoch"] == 1  # steps 13 and 14 are epoch 1's first two batches
+    _assert_same(straight, resumed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_interrupt_saves_a_checkpoint_that_resumes_exactly(tmp_path, signum):
+    torch.set_num_threads(1)
+    run = ["trainer.deterministic=true", "callbacks.samples.every_n_steps=0", "logger=none",
+           "callbacks.checkpoint.every_n_train_steps=100"]
+    out = tmp_path / "interrupted"
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, *run, "trainer.max_steps=-1", f"paths.output_dir={out}",
+           f"hydra.run.dir={out}", "+callbacks.signal._target_=signal_helpers.SignalAt", "+callbacks.signal.step=3",
+           f"+callbacks.signal.signum={signum}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert f"Interrupted ({'Ctrl-C' if signum == 'SIGINT' else signum}): saved" in proc.stderr, proc.stderr[-3000:]
+    assert proc.returncode == (1 if signum == "SIGINT" else 0)  # Lightning's exits: KeyboardInterrupt, SIGTERM
+    saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] in (3, 4)  # the step under way when the signal came, completed
+    assert not (out / "run.lock").exists()
+
+    train(compose_cfg([*run, "trainer.max_steps=6"], out))
+    train(compose_cfg([*run, "trainer.max_steps=6"], tmp_path / "straight"))
+    _assert_same(*(_states(d / "checkpoints" / "last.ckpt") for d in (tmp_path / "straight", out)))
+
+
+def _lock(run: Path, **holder) -> Path:
+    run.mkdir(parents=True, exist_ok=True)
+    (run / RunLock.NAME).write_text(json.dumps({"host": socket.gethostname(), "started": "earlier", **holder}))
+    return run / RunLock.NAME
+
+
+def test_a_second_training_in_a_run_directory_is_refused(tmp_path):
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        lock = _lock(tmp_path / "run", pid=other.pid)
+        with pytest.raises(RuntimeError, match=rf"in use by another training \(pid {other.pid} on {socket.gethostname()}"):
+            train(compose_cfg(["trainer.max_steps=1"], tmp_path / "run"))
+        assert lock.is_file() and not (tmp_path / "run" / "config.yaml").exists()
+        with pytest.raises(RuntimeError, match=f"delete {lock}"):
+            RunLock(tmp_path / "run").acquire()
+    finally:
+        other.kill()
+        other.wait()
+    # that process is gone now: its lock is stale and taken over, and released at the end
+    with RunLock(tmp_path / "run") as held:
+        assert json.loads(lock.read_text())["pid"] == os.getpid() and held.held
+    assert not lock.exists()
+
+
+def test_lock_other_host_requeued_job_and_other_ranks(tmp_path, monkeypatch):
+    lock = _lock(tmp_path / "run", pid=1, host="another-node", slurm_job_id="4242")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(RuntimeError, match="pid 1 on another-node"):  # cannot tell: refused
+        RunLock(tmp_path / "run").acquire()
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")  # the same job, requeued (maybe on another node): takes over
+    with RunLock(tmp_path / "run"):
+        assert json.loads(lock.read_text())["slurm_job_id"] == "4242"
+    _lock(tmp_path / "run", pid=1, host="another-node", slurm_job_id="1")
+    for key in ("LOCAL_RANK", "SLURM_PROCID", "NODE_RANK"):  # DDP ranks > 0 run inside rank 0's lock
+        monkeypatch.setenv(key, "1")
+        assert not RunLock(tmp_path / "run").acquire().held
+        monkeypatch.delenv(key)
+    assert json.loads(lock.read_text())["slurm_job_id"] == "1"
+
+
+@pytest.mark.slow
+def test_final_steps_after_the_last_periodic_checkpoint_are_saved(tmp_path):
+    torch.set_num_threads(1)
+    run = ["trainer.deterministic=true", "callbacks.samples.every_n_steps=0", "logger=none"]  # a checkpoint every 2
+    train(compose_cfg([*run, "trainer.max_steps=5"], tmp_path / "resumed"))
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+    train(compose_cfg([*run, "trainer.max_steps=7"], tmp_path / "resumed"))
+    train(compose_cfg([*run, "trainer.max_steps=7"], tmp_path / "straight"))
+    _assert_same(*(_states(d / "checkpoints" / "last.ckpt") for d in (tmp_path / "straight", tmp_path / "resumed")))
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["last.ckpt"]
