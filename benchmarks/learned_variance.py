@@ -51,10 +51,15 @@ def train_runs(out: Path, steps: int, threads: int) -> None:
         run.mkdir(parents=True, exist_ok=True)
         log = open(run / "stdout.log", "w")
         procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), time.perf_counter())
-    for name, (proc, start) in procs.items():
-        if proc.wait() != 0:
-            raise RuntimeError(f"training {name} failed: see {out / name / 'stdout.log'}")
-        (out / name / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+    while procs:  # each run's time ends when it ends, whatever the order
+        for name, (proc, start) in list(procs.items()):
+            if proc.poll() is None:
+                continue
+            if proc.returncode != 0:
+                raise RuntimeError(f"training {name} failed: see {out / name / 'stdout.log'}")
+            (out / name / "train_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+            del procs[name]
+        time.sleep(1)
 
 
 SAMPLERS = {  # name: (sampler options, objectives it applies to)

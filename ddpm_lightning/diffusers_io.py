@@ -150,6 +150,7 @@ def net_config_from_diffusers(config: dict) -> dict:
         "_target_": UNET_TARGET,
         "in_channels": c["in_channels"],
         "out_channels": c["out_channels"] if c["out_channels"] != c["in_channels"] else None,
+        "learn_sigma": False,
         "ch": ch,
         "ch_mult": [x // ch for x in channels],
         "num_res_blocks": c["layers_per_block"],
