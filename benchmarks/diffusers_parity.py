@@ -64,7 +64,7 @@ def scheduler_rows() -> list[dict]:
                 raise StopIteration
 
         try:
-            ddpm(Denoiser(T._Fixed(out), ours, parameterization), x, T._Noise(z), variance, True, keep)
+            ddpm(Denoiser(T._Fixed(out), ours, parameterization), x, T._Noise(z), variance, True, callback=keep)
         except StopIteration:
             pass
         worst, x_t = 0.0, x

@@ -87,7 +87,8 @@ def check_sampler(sampler: Any, pl_module: L.LightningModule, key: str) -> None:
         from ddpm_lightning.samplers import check_compatible
 
         try:
-            check_compatible(instantiate(sampler) if isinstance(sampler, Mapping) else sampler, pl_module.schedule)
+            check_compatible(instantiate(sampler) if isinstance(sampler, Mapping) else sampler, pl_module.schedule,
+                             pl_module.denoiser.learn_sigma)
         except ValueError as e:
             raise ValueError(f"{key}: {e}") from None
 

@@ -150,6 +150,7 @@ def net_config_from_diffusers(config: dict) -> dict:
         "_target_": UNET_TARGET,
         "in_channels": c["in_channels"],
         "out_channels": c["out_channels"] if c["out_channels"] != c["in_channels"] else None,
+        "learn_sigma": False,
         "ch": ch,
         "ch_mult": [x // ch for x in channels],
         "num_res_blocks": c["layers_per_block"],
@@ -178,6 +179,8 @@ def _net_args(net: dict) -> dict:
 def diffusers_unet_config(net: dict) -> dict:
     """The UNet2DModel config computing the same function as our model config `net`."""
     a = _net_args(net)
+    if a.get("learn_sigma"):
+        raise UnsupportedConfig("this U-Net cannot be written as a UNet2DModel", ["model.learn_sigma=true: learned variances are not exported"])
     n, size, attn = len(a["ch_mult"]), a["image_size"], set(a["attn_resolutions"])
     has_attn = [size // 2**level in attn for level in range(n)]
     return {
@@ -583,7 +586,7 @@ def init_train_config(cfg) -> dict:
         conflicts.append(f"data.channels={data_ch}: the imported model takes {hp['channels']} channels")
     if conflicts:
         raise ValueError(f"init_from={source} defines the model; these settings contradict it:\n  " + "\n  ".join(conflicts)
-                         + "\nDrop them (the model and schedule come from the import); model.dropout, model.fused_norm and model.winograd may be set.")
+                         + "\nDrop them (the model and schedule come from the import); model.dropout and the sampler may be set.")
     state = import_net_state(source, hp["net"], unet_dir, hp["flip_sin_to_cos"])
     with torch.device("meta"):  # shapes only, no memory
         check_state(_build_net(hp["net"]).state_dict(), state, f"init_from={source}")

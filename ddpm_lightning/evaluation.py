@@ -177,7 +177,7 @@ def _output_dir(cfg: DictConfig, module: DiffusionModule, sampler_cfg: dict, ckp
     if cfg.get("output_dir"):
         return Path(cfg.output_dir)
     name = sampler_cfg.get("_target_", "sampler").rsplit(".", 1)[-1]
-    steps = sampler_cfg.get("steps", getattr(module.schedule, "T", ""))
+    steps = sampler_cfg.get("steps") or getattr(module.schedule, "T", "")
     weights = "ema" if cfg.use_ema else "raw"
     folder = f"step{module.global_step_loaded}-{weights}-{name}{steps}-{ckpt_sha256[:8]}"
     if not cfg.get("ckpt_path"):  # an imported diffusers model (init_from): outputs/imported/<folder name>/
@@ -232,7 +232,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"ckpt_path={ckpt_path} models points of shape {module.data_shape}, not images; evaluate.py scores images")
     sampler_cfg = _plain(cfg.get("sampler")) or module.hparams.sampler
     sampler = instantiate(sampler_cfg)
-    check_compatible(sampler, module.schedule)  # e.g. sampler.steps beyond the schedule's T, before any work
+    # e.g. sampler.steps beyond the schedule's T, or variance=learned for a fixed-variance model, before any work
+    check_compatible(sampler, module.schedule, module.denoiser.learn_sigma)
     # Labels and guidance (README "Guidance"): image i has class labels[i]; checked here, before any sampling.
     guidance_cfg = _plain(cfg.get("guidance"))
     guidance = guidance_lib.build(guidance_cfg)

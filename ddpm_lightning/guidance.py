@@ -1,6 +1,7 @@
 """Guidance: wrappers that take a denoiser and return one with the same interface
-(`eps`, `x0`, `x0_from_eps`, `score`, `schedule`), so that every sampler can use them unchanged.
-They stack: the denoiser a wrapper takes may itself be a wrapper.
+(`eps_and_v`, `eps`, `x0`, `x0_from_eps`, `score`, `schedule`), so that every sampler can use them unchanged.
+They stack: the denoiser a wrapper takes may itself be a wrapper. A wrapper guides eps and passes the inner
+model's learned variance (Nichol & Dhariwal 2021) through unchanged.
 
 - `ClassifierFree`: Ho & Salimans 2022, eps~ = (1 + w) eps(x, c) - w eps(x). Papers that write
   eps~ = s eps(x, c) + (1 - s) eps(x) use the "scale" s = 1 + w: w = 0 (s = 1) is the plain
@@ -76,6 +77,7 @@ class Guided(Denoiser):
         self.inner, self.schedule = denoiser, denoiser.schedule
         self.net = getattr(denoiser, "net", None)
         self.parameterization = "eps"
+        self.learn_sigma = getattr(denoiser, "learn_sigma", False)
 
     @property
     def num_classes(self) -> int | None:
@@ -92,14 +94,16 @@ class ClassifierFree(Guided):
             raise ValueError("classifier-free guidance needs a class-conditional model: set model.num_classes")
         self.w = float(w)
 
-    def eps(self, x: Tensor, t: Tensor, y: Tensor | None = None, **cond) -> Tensor:
+    def eps_and_v(self, x: Tensor, t: Tensor, y: Tensor | None = None, **cond) -> tuple[Tensor, Tensor | None]:
+        """The guided eps, and the conditional half's learned variance interpolation (None for fixed variances)."""
         if y is None:
             raise ValueError("classifier-free guidance needs labels (labels=[...] or labels=all)")
         t = t.expand(x.shape[0])
         null = torch.full_like(y, num_classes_of(self.inner))
         cond = {k: _double(v) for k, v in cond.items()}
-        eps_c, eps_u = self.inner.eps(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null]), **cond).chunk(2)
-        return (1 + self.w) * eps_c - self.w * eps_u
+        eps, v = self.inner.eps_and_v(torch.cat([x, x]), torch.cat([t, t]), y=torch.cat([y, null]), **cond)
+        eps_c, eps_u = eps.chunk(2)
+        return (1 + self.w) * eps_c - self.w * eps_u, None if v is None else v.chunk(2)[0]
 
 
 class ClassifierGuidance(Guided):
@@ -128,12 +132,13 @@ class ClassifierGuidance(Guided):
             log_p = F.log_softmax(logits.float(), -1).gather(1, y[:, None]).sum()
             return torch.autograd.grad(log_p, x_in)[0].to(x.dtype)
 
-    def eps(self, x: Tensor, t: Tensor, y: Tensor | None = None, **cond) -> Tensor:
+    def eps_and_v(self, x: Tensor, t: Tensor, y: Tensor | None = None, **cond) -> tuple[Tensor, Tensor | None]:
+        """The guided eps, and the inner model's learned variance interpolation (None for fixed variances)."""
         if y is None:
             raise ValueError("classifier guidance needs labels (labels=[...] or labels=all)")
-        eps = self.inner.eps(x, t, **({"y": y} if self.conditional else {}), **cond)
+        eps, v = self.inner.eps_and_v(x, t, **({"y": y} if self.conditional else {}), **cond)
         sigma = expand_as(self.schedule.sigma(t.expand(x.shape[0])), x)
-        return eps - self.scale * sigma * self.grad_log_prob(x, t, y)
+        return eps - self.scale * sigma * self.grad_log_prob(x, t, y), v
 
 
 def build(guidance):

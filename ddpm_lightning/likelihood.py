@@ -14,11 +14,12 @@ from torch import Tensor
 
 from ddpm_lightning.denoiser import Denoiser
 from ddpm_lightning.images import to_uint8
+from ddpm_lightning.samplers.ddpm import eps_and_v, p_mean_log_variance, posterior_mean
 from ddpm_lightning.samplers.noise import PerSampleNoise
 from ddpm_lightning.samplers.score import dopri5, probability_flow, time_range
 from ddpm_lightning.schedules import expand_as
 
-VLB_VARIANCES = ("fixed_large", "fixed_small")
+VLB_VARIANCES = ("fixed_large", "fixed_small", "learned")
 TRACE_ESTIMATORS = ("rademacher", "gaussian", "exact")
 
 
@@ -50,6 +51,15 @@ def prior_kl(schedule, x0: Tensor) -> Tensor:
     return _flat_sum(normal_kl(mean, logvar, torch.zeros_like(x0), torch.zeros_like(x0))).double()
 
 
+def vlb_term(schedule, x0: Tensor, x_t: Tensor, t: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
+    """One term of Ho et al. 2020 eq. 5 at per-example indices t, in nats: L_{t-1} = KL(q(x_{t-1} | x_t, x_0) ||
+    N(mean, e^log_var)) where t > 1 (index > 0), the decoder L_0 = -log p(x_0 | x_1) of eq. 13 where t = 1."""
+    log_var_q = expand_as(schedule.posterior_log_variance_clipped[t], x0)
+    kl = _flat_sum(normal_kl(posterior_mean(schedule, t, x0, x_t), log_var_q, mean, log_var))
+    decoder_nll = -_flat_sum(discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var))
+    return torch.where(t > 0, kl, decoder_nll)
+
+
 @torch.no_grad()
 def vlb_terms(
     denoiser: Denoiser,
@@ -60,8 +70,9 @@ def vlb_terms(
 ) -> dict[str, Tensor]:
     """Ho et al. 2020 eq. 5, per example in nats: L_T = KL(q(x_T | x_0) || N(0, I)), L_{t-1} = KL(q(x_{t-1} | x_t,
     x_0) || p(x_{t-1} | x_t)) for t = 2..T at one x_t ~ q(x_t | x_0) each (summed as "L_1:T-1"), and the decoder
-    L_0 = -log p(x_0 | x_1) of eq. 13. p's variance is beta_t ("fixed_large") or beta~_t ("fixed_small"); at
-    t = 1 it is beta~_2 for both, as in the official code."""
+    L_0 = -log p(x_0 | x_1) of eq. 13. p's variance is beta_t ("fixed_large"), beta~_t ("fixed_small") or the
+    network's (Nichol & Dhariwal 2021 eq. 15, "learned"); at t = 1 the fixed ones are beta~_2, as in the
+    official code."""
     schedule = denoiser.schedule
     missing = [a for a in ("betas", "posterior_mean_coef1", "posterior_log_variance_clipped") if not hasattr(schedule, a)]
     if missing:
@@ -72,24 +83,19 @@ def vlb_terms(
     if variance not in VLB_VARIANCES:
         raise ValueError(f"variance={variance!r} must be one of {VLB_VARIANCES}")
     T, B = schedule.T, x0.shape[0]
-    log_var = schedule.posterior_log_variance_clipped if variance == "fixed_small" else torch.cat(
-        [schedule.posterior_log_variance_clipped[:1], schedule.betas[1:].log()]
-    )
     L_T = prior_kl(schedule, x0)
     L_mid = torch.zeros(B, device=x0.device, dtype=torch.float64)
     L_0 = torch.zeros_like(L_mid)
     for i in reversed(range(T)):
         t = torch.full((B,), i, device=x0.device, dtype=torch.long)
         x_t = schedule.q_sample(x0, t, noise.randn_like(x0))
-        x0_hat = denoiser.x0(x_t, t)
-        if clip_denoised:
-            x0_hat = x0_hat.clamp(-1, 1)
-        mean_p = schedule.posterior_mean_coef1[i] * x0_hat + schedule.posterior_mean_coef2[i] * x_t
+        eps, v = eps_and_v(denoiser, x_t, t, variance)
+        mean, log_var = p_mean_log_variance(denoiser, schedule, x_t, t, t, eps, v, variance, clip_denoised)
+        term = vlb_term(schedule, x0, x_t, t, mean, log_var).double()
         if i > 0:
-            mean_q = schedule.posterior_mean_coef1[i] * x0 + schedule.posterior_mean_coef2[i] * x_t
-            L_mid += _flat_sum(normal_kl(mean_q, schedule.posterior_log_variance_clipped[i], mean_p, log_var[i])).double()
+            L_mid += term
         else:
-            L_0 = -_flat_sum(discretized_gaussian_log_likelihood(x0, mean_p, 0.5 * log_var[0])).double()
+            L_0 = term
     return {"L_T": L_T, "L_1:T-1": L_mid, "L_0": L_0}
 
 
@@ -162,7 +168,7 @@ def bits_per_dim(
     estimators: Sequence[str] = ("vlb", "ode"),
     seed: int = 0,
     batch_size: int = 256,
-    vlb_variance: str = "fixed_large",
+    vlb_variance: str | None = None,
     trace: str = "rademacher",
     rtol: float = 1e-5,
     atol: float = 1e-5,
@@ -170,7 +176,8 @@ def bits_per_dim(
     """Bits/dim of 8-bit test images `data` (in [-1, 1]) under a DiffusionModule, averaged over the images:
 
     - "vlb/bpd" with its terms "vlb/L_T", "vlb/L_1:T-1", "vlb/L_0" (Ho et al. eq. 5, discretised decoder; a
-      bound on the discrete data's NLL; T network evaluations per image);
+      bound on the discrete data's NLL; T network evaluations per image), with the reverse variances
+      `vlb_variance` (None: the model's learned ones if it learns them, else fixed_large);
     - "ode/bpd" (Song et al. App. D: uniform dequantisation (k + u) / 128 - 1 of each 8-bit value k, exact
       log-density by the probability-flow ODE, plus 7 bits/dim for the change of scale from [-1, 1] to the
       256 levels), and "ode/nfe", the mean number of network evaluations per batch.
@@ -180,6 +187,8 @@ def bits_per_dim(
         if e not in ("vlb", "ode"):
             raise ValueError(f"estimators={list(estimators)}: each must be 'vlb' or 'ode'")
     denoiser, device = model.denoiser, model.device
+    if vlb_variance is None:
+        vlb_variance = "learned" if denoiser.learn_sigma else "fixed_large"
     sums: dict[str, float] = {}
     n = nfe_total = batches = 0
     was_training = model.training

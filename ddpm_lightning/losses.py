@@ -1,11 +1,18 @@
-"""Training losses, written once for every schedule."""
+"""Training losses, written once for every schedule: L_simple, the variational bound L_vlb and the hybrid of the
+two (Ho et al. 2020; Nichol & Dhariwal 2021), and the loss-aware timestep sampler for L_vlb."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 
 from ddpm_lightning.denoiser import Denoiser
+from ddpm_lightning.likelihood import vlb_term
+from ddpm_lightning.samplers.ddpm import p_mean_log_variance
+
+LOSSES = ("simple", "vlb", "hybrid")
 
 
 def eps_mse(
@@ -23,3 +30,76 @@ def eps_mse(
     eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator) if eps is None else eps
     x_t = schedule.q_sample(x0, t, eps)
     return (eps - denoiser.eps(x_t, t, **cond)).float().pow(2).flatten(1).mean(1), t
+
+
+def diffusion_losses(
+    denoiser: Denoiser, x0: Tensor, t: Tensor, eps: Tensor, loss: str = "simple", hybrid_lambda: float = 0.001, **cond
+) -> dict[str, Tensor]:
+    """Per-example training losses at the given t and eps, from one network evaluation:
+
+    - "mse": ||eps - eps_theta(x_t, t)||^2 averaged over dimensions (Ho et al. 2020 eq. 14, L_simple);
+    - "vlb" (loss vlb or hybrid, learned variances): T L_{t-1}, the one-step estimate of L_vlb = L_0 + ... +
+      L_{T-1} (Ho et al. eq. 5; L_T has no parameters) in bits/dim, with the KL of Gaussians for t > 1 and the
+      discretised decoder for t = 1. For "hybrid" the mean's gradient is stopped, so that L_vlb trains only
+      the variance (Nichol & Dhariwal 2021 §3.1);
+    - "loss": mse ("simple"), vlb ("vlb") or mse + lambda vlb ("hybrid", Nichol & Dhariwal eq. 16)."""
+    if loss not in LOSSES:
+        raise ValueError(f"module.loss={loss!r} must be one of {LOSSES}")
+    schedule = denoiser.schedule
+    x_t = schedule.q_sample(x0, t, eps)
+    if loss == "simple":
+        mse = (eps - denoiser.eps(x_t, t, **cond)).float().pow(2).flatten(1).mean(1)
+        return {"mse": mse, "loss": mse}
+    eps_hat, v = denoiser.eps_and_v(x_t, t, **cond)
+    mse = (eps - eps_hat).float().pow(2).flatten(1).mean(1)
+    mean_eps = eps_hat.detach() if loss == "hybrid" else eps_hat
+    mean, log_var = p_mean_log_variance(denoiser, schedule, x_t, t, t, mean_eps.float(), v.float(), "learned", False)
+    vlb = schedule.T * vlb_term(schedule, x0.float(), x_t.float(), t, mean, log_var) / (x0[0].numel() * math.log(2))
+    return {"mse": mse, "vlb": vlb, "loss": vlb if loss == "vlb" else mse + hybrid_lambda * vlb}
+
+
+class LossAwareTimesteps:
+    """Nichol & Dhariwal 2021 §3.3 (eq. 17-18): importance sampling of t for L_vlb, p_t proportional to
+    sqrt(E[L_t^2]) over the last `history` values of L_t seen at each step, uniform until every step has them;
+    an example drawn with p_t is weighted 1 / (T p_t), so the loss stays an unbiased estimate of L_vlb. As in
+    their code, a share `uniform_prob` of p is uniform, so no step is starved."""
+
+    def __init__(self, T: int, history: int = 10, uniform_prob: float = 0.001):
+        if history < 1:
+            raise ValueError(f"module.timestep_history={history} must be a positive integer")
+        self.T, self.history, self.uniform_prob = T, history, uniform_prob
+        self.values = torch.zeros(T, history, dtype=torch.float64)
+        self.counts = torch.zeros(T, dtype=torch.long)
+
+    def probs(self) -> Tensor:
+        """p_t of eq. 17 (uniform while some step has fewer than `history` values)."""
+        if bool((self.counts < self.history).any()):
+            return torch.full((self.T,), 1.0 / self.T, dtype=torch.float64)
+        p = self.values.pow(2).mean(1).sqrt()
+        return p / p.sum() * (1 - self.uniform_prob) + self.uniform_prob / self.T
+
+    def sample(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """n indices t ~ p and their weights 1 / (T p_t)."""
+        p = self.probs().to(device)
+        t = torch.multinomial(p, n, replacement=True, generator=generator)
+        return t, (1.0 / (self.T * p[t])).float()
+
+    def update(self, t: Tensor, losses: Tensor) -> None:
+        """Append each example's loss to its step's history (first in, first out)."""
+        for i, value in zip(t.tolist(), losses.detach().double().tolist()):
+            if self.counts[i] < self.history:
+                self.values[i, self.counts[i]] = value
+                self.counts[i] += 1
+            else:
+                self.values[i] = torch.cat([self.values[i, 1:], self.values.new_tensor([value])])
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"values": self.values.clone(), "counts": self.counts.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if tuple(state["values"].shape) != (self.T, self.history):
+            raise ValueError(
+                f"the checkpoint's timestep history has shape {tuple(state['values'].shape)}, expected {(self.T, self.history)}"
+                " (schedule.T and module.timestep_history must match the checkpoint's)"
+            )
+        self.values, self.counts = state["values"].double().cpu().clone(), state["counts"].long().cpu().clone()

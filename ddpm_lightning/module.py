@@ -15,7 +15,7 @@ from torch import Tensor
 from ddpm_lightning import guidance as guidance_lib
 from ddpm_lightning.checkpointing import correct_epoch_after_resume, step_seed
 from ddpm_lightning.denoiser import Denoiser
-from ddpm_lightning.losses import eps_mse
+from ddpm_lightning.losses import LOSSES, LossAwareTimesteps, diffusion_losses, eps_mse
 from ddpm_lightning.samplers import PerSampleNoise, check_compatible
 
 
@@ -97,8 +97,12 @@ def count_nfe(module: L.LightningModule):
     return calls, handle
 
 
+TIMESTEP_SAMPLERS = ("uniform", "loss_aware")
+
+
 class DiffusionModule(ImageModule):
-    """Trains an eps-network with L_simple (Ho et al. 2020 Algorithm 1) and samples from it.
+    """Trains an eps-network with L_simple (Ho et al. 2020 Algorithm 1), or with learned variances on the bound
+    L_vlb or the hybrid loss (Nichol & Dhariwal 2021, `loss`), and samples from it.
 
     The network, schedule, sampler and optimiser arrive as Hydra configs (`_target_` dicts), so the
     checkpoint's hyperparameters hold plain configs, never modules, and `load_from_checkpoint`
@@ -120,6 +124,10 @@ class DiffusionModule(ImageModule):
         seed: int | None = None,
         p_uncond: float = 0.1,
         data_shape: Sequence[int] | None = None,
+        loss: str = "simple",
+        hybrid_lambda: float = 0.001,
+        timestep_sampler: str = "uniform",
+        timestep_history: int = 10,
     ):
         super().__init__()
         net, schedule, sampler, optimizer, data_shape = (_plain(c) for c in (net, schedule, sampler, optimizer, data_shape))
@@ -128,6 +136,8 @@ class DiffusionModule(ImageModule):
             raise ValueError(f"module.warmup_steps={warmup_steps} must be non-negative")
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"module.p_uncond={p_uncond} must lie in [0, 1]")
+        learn_sigma = bool(net.get("learn_sigma", False))
+        _check_loss(loss, hybrid_lambda, timestep_sampler, learn_sigma)
         self.save_hyperparameters(
             {
                 "net": net,
@@ -143,13 +153,24 @@ class DiffusionModule(ImageModule):
                 "seed": seed,
                 "p_uncond": p_uncond,
                 "data_shape": data_shape,
+                "loss": loss,
+                "hybrid_lambda": hybrid_lambda,
+                "timestep_sampler": timestep_sampler,
+                "timestep_history": timestep_history,
             }
         )
         self.net = instantiate(net)
         self.schedule = instantiate(schedule)
         self.sampler: Callable = instantiate(sampler)
-        check_compatible(self.sampler, self.schedule)  # an invalid schedule/sampler pair fails before training
-        self.denoiser = Denoiser(self.net, self.schedule, parameterization)
+        if learn_sigma and not hasattr(self.schedule, "posterior_log_variance_clipped"):
+            raise ValueError(
+                f"model.learn_sigma=true interpolates between beta_t and beta~_t of a discrete DDPM schedule "
+                f"(schedule=linear or cosine); {type(self.schedule).__name__} has none"
+            )
+        # an invalid schedule/sampler pair fails before training
+        check_compatible(self.sampler, self.schedule, learn_sigma)
+        self.denoiser = Denoiser(self.net, self.schedule, parameterization, learn_sigma)
+        self.timestep_sampler = LossAwareTimesteps(self.schedule.T, timestep_history) if timestep_sampler == "loss_aware" else None
         if channels_last:
             self.net.to(memory_format=torch.channels_last)
         if compile:
@@ -195,24 +216,55 @@ class DiffusionModule(ImageModule):
             raise ValueError("model.num_classes is set but the data yields no labels (use a labelled data module)")
         return {"y": guidance_lib.drop_labels(batch[1], p_uncond, num_classes) if p_uncond else batch[1]}
 
-    def _loss(self, batch: Any) -> tuple[Tensor, Tensor]:
+    def _loss(self, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
+        """The per-example losses (`diffusion_losses`, weighted by 1 / (T p_t) with the loss-aware timestep
+        sampler) and the t drawn."""
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
         if self.hparams.channels_last and x0.ndim == 4:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         cond = self._labels(batch, self.hparams.get("p_uncond", 0.0))
-        if self._step_noise is None:
-            return eps_mse(self.denoiser, x0, **cond)
-        # Rank r of w holds examples [r n, (r + 1) n) of the global batch; draw for all w n and keep its slice.
-        n, world, rank = x0.shape[0], self.trainer.world_size, self.global_rank
-        g, part = self._step_noise, slice(rank * n, (rank + 1) * n)
-        t = self.schedule.sample_t(world * n, x0.device, g)[part]
+        # Rank r of w holds examples [r n, (r + 1) n) of the global batch; with per-step seeds, draw for all w n
+        # from the shared generator and keep its slice.
+        g = self._step_noise
+        n, world, rank = x0.shape[0], 1, 0
+        if g is not None:
+            world, rank = self.trainer.world_size, self.global_rank
+        part = slice(rank * n, (rank + 1) * n)
+        weights = None
+        if self.timestep_sampler is None:
+            t = self.schedule.sample_t(world * n, x0.device, g)[part]
+        else:
+            t, weights = (v[part] for v in self.timestep_sampler.sample(world * n, x0.device, g))
         eps = torch.randn((world * n, *x0.shape[1:]), device=x0.device, dtype=x0.dtype, generator=g)[part]
-        return eps_mse(self.denoiser, x0, t=t, eps=eps, **cond)
+        hp = self.hparams
+        losses = diffusion_losses(self.denoiser, x0, t, eps, hp.get("loss", "simple"), hp.get("hybrid_lambda", 0.001), **cond)
+        if self.timestep_sampler is not None:
+            self._update_timesteps(t, losses["loss"].detach())
+            losses["loss"] = losses["loss"] * weights
+        return losses, t
+
+    def _update_timesteps(self, t: Tensor, losses: Tensor) -> None:
+        """Every rank adds the whole global batch's losses to the loss-aware sampler's history, in rank order."""
+        if self.trainer.world_size > 1:
+            t, losses = self.all_gather(t).flatten(), self.all_gather(losses).flatten()
+        self.timestep_sampler.update(t.cpu(), losses.cpu())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.timestep_sampler is not None:  # the loss-aware sampler's history: a resumed run draws the same t
+            checkpoint["loss_aware_timesteps"] = self.timestep_sampler.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.timestep_sampler is not None and "loss_aware_timesteps" in checkpoint:
+            self.timestep_sampler.load_state_dict(checkpoint["loss_aware_timesteps"])
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        losses, t = self._loss(batch)
+        terms, t = self._loss(batch)
+        losses = terms["loss"]
         loss = losses.mean()
         self.log("train/loss", loss, prog_bar=True)
+        if "vlb" in terms:
+            self.log("train/mse", terms["mse"].mean())
+            self.log("train/vlb", terms["vlb"].mean())
         # Loss by quartile of t: where in the chain the network is still poor.
         quartile = (4 * t.float() / max(getattr(self.schedule, "T", 1), 1)).long().clamp(max=3)
         if batch_idx % max(self.trainer.log_every_n_steps, 1) == 0:
@@ -251,7 +303,7 @@ class DiffusionModule(ImageModule):
         sampler = self.sampler if sampler is None else sampler
         if isinstance(sampler, Mapping):
             sampler = instantiate(_plain(sampler))
-        check_compatible(sampler, self.schedule)
+        check_compatible(sampler, self.schedule, self.denoiser.learn_sigma)
         denoiser = guidance_lib.apply(self.denoiser, guidance_lib.build(guidance))
         if labels is not None:
             y = torch.as_tensor(list(labels) if not isinstance(labels, Tensor) else labels, dtype=torch.long, device=self.device)
@@ -267,3 +319,23 @@ class DiffusionModule(ImageModule):
             return sampler(denoiser, x_T, noise, callback=callback, **cond).clamp(-1, 1)
         finally:
             self.train(was_training)
+
+
+def _check_loss(loss: str, hybrid_lambda: float, timestep_sampler: str, learn_sigma: bool) -> None:
+    """Refuse a loss setting that cannot train, naming the config keys."""
+    if loss not in LOSSES:
+        raise ValueError(f"module.loss={loss!r} must be one of {LOSSES}")
+    if loss != "simple" and not learn_sigma:
+        raise ValueError(
+            f"module.loss={loss} trains the reverse variances (Nichol & Dhariwal 2021): set model.learn_sigma=true, "
+            "or use module.loss=simple"
+        )
+    if hybrid_lambda < 0:
+        raise ValueError(f"module.hybrid_lambda={hybrid_lambda} must be non-negative")
+    if timestep_sampler not in TIMESTEP_SAMPLERS:
+        raise ValueError(f"module.timestep_sampler={timestep_sampler!r} must be one of {TIMESTEP_SAMPLERS}")
+    if timestep_sampler == "loss_aware" and loss != "vlb":
+        raise ValueError(
+            f"module.timestep_sampler=loss_aware importance-samples t for L_vlb (Nichol & Dhariwal 2021 §3.3); "
+            f"it needs module.loss=vlb, not {loss}"
+        )

@@ -250,6 +250,15 @@ class DiscreteSchedule(Schedule):
         spacing "uniform" or "quadratic" follows Song et al. 2021 (DDIM) App. D.2: quadratic for CIFAR-10."""
         return index_timesteps(self.T, steps, spacing)
 
+    def respace(self, timesteps: list[int]) -> DiscreteSchedule:
+        """Nichol & Dhariwal 2021 §4: the process on the increasing indices S = `timesteps` only, with
+        beta_k = 1 - abar_{S_k} / abar_{S_{k-1}} (abar before S_0 taken as 1), so that its abar_k = abar_{S_k}.
+        A new schedule; this one is unchanged."""
+        if list(timesteps) != sorted(set(timesteps)) or not 0 <= timesteps[0] <= timesteps[-1] < self.T:
+            raise ValueError(f"respaced timesteps must be increasing indices in [0, {self.T - 1}]; got {list(timesteps)}")
+        abar = torch.cumprod(1 - self.betas.double(), 0)[list(timesteps)]
+        return DiscreteSchedule(1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])).to(self.betas.device)
+
     def extra_repr(self) -> str:
         return f"T={self.T}, beta_1={self.betas[0].item():.3g}, beta_T={self.betas[-1].item():.3g}"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import inspect
 import logging
 import platform
 import types
@@ -17,7 +18,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm_lightning.benign_warnings import filter_benign_messages
-from ddpm_lightning.checkpointing import RunLock, hpc_checkpoint, last_checkpoint, load_model, read_checkpoint, resume_checkpoint
+from ddpm_lightning.checkpointing import RunLock, allowed_target, hpc_checkpoint, last_checkpoint, load_model, read_checkpoint, resume_checkpoint
 from ddpm_lightning.compose import fit_model_to_data
 from ddpm_lightning.module import DiffusionModule
 from ddpm_lightning.summary import cli_overrides, train_summary
@@ -36,6 +37,17 @@ def _diff(a: Any, b: Any, prefix: str) -> list[str]:
 _KERNEL_SWITCHES = ("fused_norm", "winograd")  # UNet options that choose how it computes, not what
 
 
+def _with_defaults(net: dict) -> dict:
+    """A network config with its constructor's defaults filled in for absent keys, so that an option added after a
+    checkpoint was written (its default keeping the old behaviour, e.g. model.learn_sigma) does not make that
+    checkpoint look like another model."""
+    target = net.get("_target_")
+    if not allowed_target(target):
+        return net
+    params = inspect.signature(get_object(target)).parameters.values()
+    return {**{p.name: p.default for p in params if p.default is not inspect.Parameter.empty}, **net}
+
+
 def check_resumable(ckpt_path: str | Path, module: DiffusionModule, found_in: Path | None = None) -> None:
     """Refuse to resume from a checkpoint of another model, before any compute is spent. `found_in`: the run
     directory the checkpoint was found in (no ckpt_path given), for the hint."""
@@ -44,7 +56,7 @@ def check_resumable(ckpt_path: str | Path, module: DiffusionModule, found_in: Pa
     for key, cfg_key in (("net", "model"), ("schedule", "schedule"), ("image_size", "data.image_size"), ("channels", "data.channels"), ("parameterization", "module.parameterization")):
         a, b = hp.get(key), module.hparams.get(key)
         if key == "net":
-            a, b = ({k: v for k, v in (d or {}).items() if k not in _KERNEL_SWITCHES} for d in (a, b))
+            a, b = ({k: v for k, v in _with_defaults(d or {}).items() if k not in _KERNEL_SWITCHES} for d in (a, b))
         diffs += _diff(a, b, cfg_key)
     if diffs:
         if found_in is None:

@@ -244,7 +244,7 @@ def test_exported_scheduler_has_our_betas_and_ancestral_step(schedule, parameter
             raise StopIteration
 
     with pytest.raises(StopIteration):
-        ddpm_sampler(Denoiser(_Fixed(out), ours, parameterization), x, _Noise(z), variance, True, stop_after_three)
+        ddpm_sampler(Denoiser(_Fixed(out), ours, parameterization), x, _Noise(z), variance, True, callback=stop_after_three)
     x_t = x
     for k, t in enumerate(range(ours.T - 1, ours.T - 4, -1)):
         step = theirs.step(out, t, x_t, generator=torch.Generator().manual_seed(100 + k)).prev_sample

@@ -76,4 +76,6 @@ def test_ddpm_refuses_a_schedule_without_ddpm_buffers():
     with pytest.raises(ValueError, match="sampler=ddpm"):
         ddpm(Denoiser(torch.nn.Identity(), NoBuffers()), torch.zeros(1, 1), PerSampleNoise([0]))
     with pytest.raises(ValueError, match="sampler.variance"):
+        draw(ddpm, n=2, variance="fixed_medium")
+    with pytest.raises(ValueError, match="model.learn_sigma"):  # a fixed-variance model has no learned variance
         draw(ddpm, n=2, variance="learned")

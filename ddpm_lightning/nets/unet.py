@@ -144,7 +144,8 @@ class TimestepSequential(nn.Sequential):
 
 class UNet(nn.Module):
     """The DDPM U-Net. `forward(x, t, y=None, control=None)` returns a tensor shaped like x
-    (or with `out_channels` channels).
+    (or with `out_channels` channels; twice as many with `learn_sigma`, the second half being the reverse
+    process's variance interpolation v of Nichol & Dhariwal 2021 eq. 15).
 
     `norm_eps` (GroupNorm's epsilon) and `downsample_padding` express the numerical choices other implementations
     of the same network make: diffusers' google/ddpm-* models use 1e-6 and "tf_same" (see diffusers_io.py).
@@ -165,6 +166,7 @@ class UNet(nn.Module):
         norm_groups: int = 32,
         fused_norm: bool | None = None,
         winograd: bool | None = None,
+        learn_sigma: bool = False,
         norm_eps: float = 1e-5,
         downsample_padding: str = "symmetric",
     ):
@@ -176,7 +178,7 @@ class UNet(nn.Module):
         if not norm_eps > 0:
             raise ValueError(f"model.norm_eps={norm_eps} must be positive (GroupNorm's epsilon)")
         self.in_channels, self.image_size, self.ch = in_channels, image_size, ch
-        self.num_classes = num_classes
+        self.num_classes, self.learn_sigma = num_classes, bool(learn_sigma)
         temb_ch = 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
         # Class labels 0..num_classes-1; index num_classes is the null label (classifier-free guidance).
@@ -214,8 +216,9 @@ class UNet(nn.Module):
                     layers.append(Upsample(cur))
                     resolution *= 2
                 self.up.append(TimestepSequential(*layers))
+        out_ch = (out_channels or in_channels) * (2 if learn_sigma else 1)
         self.out = nn.Sequential(
-            GroupNorm(norm_groups, cur, norm_eps), nn.SiLU(), zero_init(nn.Conv2d(cur, out_channels or in_channels, 3, padding=1))
+            GroupNorm(norm_groups, cur, norm_eps), nn.SiLU(), zero_init(nn.Conv2d(cur, out_ch, 3, padding=1))
         )
         if fused_norm is False or winograd is False:  # kept in checkpoints' configs from before `kernels`
             warnings.warn("model.fused_norm / model.winograd no longer choose the CPU kernels; set kernels=off (conf/train.yaml) for PyTorch's operators", stacklevel=2)

@@ -14,9 +14,10 @@ __all__ = [
 ]
 
 
-def check_compatible(sampler, schedule) -> None:
+def check_compatible(sampler, schedule, learn_sigma: bool = False) -> None:
     """Refuse a sampler (function or functools.partial of one) that is invalid for `schedule`, or whose options
-    are bad, before any compute: each sampler function may carry a `check(schedule, **options)`."""
+    are bad, before any compute: each sampler function may carry a `check(schedule, **options)`. A learned
+    variance (`variance="learned"`) needs a model that learns it (`learn_sigma`)."""
     func, options = sampler, {}
     while isinstance(func, functools.partial):
         options = {**func.keywords, **options}
@@ -24,3 +25,5 @@ def check_compatible(sampler, schedule) -> None:
     check = getattr(func, "check", None)
     if check is not None:
         check(schedule, **options)
+    if options.get("variance") == "learned" and not learn_sigma:
+        raise ValueError("sampler.variance=learned needs a model trained with model.learn_sigma=true (or choose fixed_large / fixed_small)")

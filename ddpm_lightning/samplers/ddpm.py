@@ -11,10 +11,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ddpm_lightning.denoiser import Denoiser
+from ddpm_lightning.denoiser import Denoiser, interpolated_log_variance
 from ddpm_lightning.samplers.noise import PerSampleNoise
+from ddpm_lightning.schedules import expand_as
 
-VARIANCES = ("fixed_large", "fixed_small")
+VARIANCES = ("fixed_large", "fixed_small", "learned")
 
 
 def _require(schedule, attrs: tuple[str, ...], sampler: str) -> None:
@@ -26,6 +27,55 @@ def _require(schedule, attrs: tuple[str, ...], sampler: str) -> None:
         )
 
 
+def posterior_mean(schedule, t: Tensor, x0: Tensor, x_t: Tensor) -> Tensor:
+    """Ho et al. 2020 eq. 7: mu~_t(x_t, x_0) = coef1_t x_0 + coef2_t x_t, per-example indices t [B]."""
+    return expand_as(schedule.posterior_mean_coef1[t], x_t) * x0 + expand_as(schedule.posterior_mean_coef2[t], x_t) * x_t
+
+
+def reverse_log_variance(schedule, t: Tensor, variance: str, like: Tensor, v: Tensor | None = None) -> Tensor:
+    """log sigma_t^2 of p(x_{t-1} | x_t), broadcastable against `like`: log beta~_t ("fixed_small"), log beta_t
+    ("fixed_large"; beta~_2 at t = 1, as Ho et al.'s code) or Nichol & Dhariwal 2021 eq. 15 between log beta_t and
+    log beta~_t with the network's v ("learned"; beta~_1 = 0 clipped to beta~_2 as in their code)."""
+    log_beta_tilde = expand_as(schedule.posterior_log_variance_clipped[t], like)
+    if variance == "fixed_small":
+        return log_beta_tilde
+    log_beta = expand_as(schedule.betas[t].log(), like)
+    if variance == "fixed_large":
+        return torch.where(expand_as(t, like) > 0, log_beta, log_beta_tilde)
+    return interpolated_log_variance(v, log_beta, log_beta_tilde)
+
+
+def p_mean_log_variance(
+    denoiser: Denoiser, process, x: Tensor, t: Tensor, i: Tensor, eps: Tensor, v: Tensor | None, variance: str,
+    clip_denoised: bool,
+) -> tuple[Tensor, Tensor]:
+    """Mean and log-variance of p(x_{t-1} | x_t) = N(mu~_t(x_t, x_0(x_t, eps)), sigma_t^2) (Ho et al. 2020 eq. 11;
+    Nichol & Dhariwal 2021 eq. 15): the network at step t, the process's buffers at its index i (i = t unless
+    respaced)."""
+    x0 = denoiser.x0_from_eps(x, t, eps)
+    if clip_denoised:
+        x0 = x0.clamp(-1, 1)
+    return posterior_mean(process, i, x0, x), reverse_log_variance(process, i, variance, x, v)
+
+
+def eps_and_v(denoiser: Denoiser, x: Tensor, t: Tensor, variance: str, **cond) -> tuple[Tensor, Tensor | None]:
+    """The denoiser's eps, and its learned variance interpolation v when `variance` is "learned"."""
+    if variance == "learned":
+        if not getattr(denoiser, "learn_sigma", False):
+            raise ValueError("variance=learned needs a model trained with model.learn_sigma=true")
+        return denoiser.eps_and_v(x, t, **cond)
+    return denoiser.eps(x, t, **cond), None
+
+
+def respaced(schedule, steps: int | None, spacing: str = "uniform") -> tuple[list[int], object]:
+    """The increasing indices S a sampler visits and the process on them (Nichol & Dhariwal 2021 §4); all T
+    indices and the schedule itself when steps is None or T."""
+    if steps is None or steps == schedule.T:
+        return list(range(schedule.T)), schedule
+    ts = schedule.timesteps(steps, spacing)[::-1]
+    return ts, schedule.respace(ts)
+
+
 @torch.no_grad()
 def ddpm(
     denoiser: Denoiser,
@@ -33,33 +83,33 @@ def ddpm(
     noise: PerSampleNoise,
     variance: str = "fixed_large",
     clip_denoised: bool = True,
+    steps: int | None = None,
+    spacing: str = "uniform",
     callback: Callable[[int, Tensor], None] | None = None,
     **cond,
 ) -> Tensor:
     """Ho et al. 2020 Algorithm 2: x_{t-1} = mu~_t(x_t, x_0(x_t)) + sigma_t z, with the posterior mean of eq. 7
-    and sigma_t^2 = beta_t ("fixed_large", the paper's CIFAR-10 choice) or beta~_t ("fixed_small")."""
-    schedule = denoiser.schedule
-    _require(schedule, ("betas", "posterior_mean_coef1", "posterior_variance"), "ddpm")
-    if variance not in VARIANCES:
-        raise ValueError(f"sampler.variance={variance!r} must be one of {VARIANCES}")
-    var = schedule.betas if variance == "fixed_large" else schedule.posterior_variance
-    for i in reversed(range(schedule.T)):
-        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        x0 = denoiser.x0(x, t, **cond)
-        if clip_denoised:
-            x0 = x0.clamp(-1, 1)
-        x = schedule.posterior_mean_coef1[i] * x0 + schedule.posterior_mean_coef2[i] * x
-        if i > 0:
-            x = x + var[i].sqrt() * noise.randn_like(x)
+    and sigma_t^2 = beta_t ("fixed_large", the paper's CIFAR-10 choice), beta~_t ("fixed_small") or the
+    network's interpolation of the two (Nichol & Dhariwal 2021 eq. 15, "learned"). With `steps` < T, the
+    respaced process on `steps` of the T indices (Nichol & Dhariwal §4; its own beta_t and beta~_t)."""
+    check_ddpm(denoiser.schedule, variance, steps, spacing)
+    ts, process = respaced(denoiser.schedule, steps, spacing)
+    for k in reversed(range(len(ts))):
+        t = torch.full((x.shape[0],), ts[k], device=x.device, dtype=torch.long)
+        eps, v = eps_and_v(denoiser, x, t, variance, **cond)
+        mean, log_var = p_mean_log_variance(denoiser, process, x, t, torch.full_like(t, k), eps, v, variance, clip_denoised)
+        x = mean + log_var.mul(0.5).exp() * noise.randn_like(x) if k > 0 else mean
         if callback is not None:
-            callback(i, x)
+            callback(k, x)
     return x
 
 
-def check_ddpm(schedule, variance: str = "fixed_large", **_) -> None:
+def check_ddpm(schedule, variance: str = "fixed_large", steps: int | None = None, spacing: str = "uniform", **_) -> None:
     _require(schedule, ("betas", "posterior_mean_coef1", "posterior_variance"), "ddpm")
     if variance not in VARIANCES:
         raise ValueError(f"sampler.variance={variance!r} must be one of {VARIANCES}")
+    if steps is not None:
+        schedule.timesteps(steps, spacing)
 
 
 ddpm.check = check_ddpm
