@@ -216,7 +216,7 @@ def test_one_optimiser_step_moves_the_zero_convolutions_and_only_the_branch_is_o
     assert all(torch.count_nonzero(p) == 0 for p in zero)
     x = torch.rand(8, 1, 8, 8) * 2 - 1
     module.train()
-    module._loss((x, torch.zeros(8, dtype=torch.long)))[0].mean().backward()
+    module._loss((x, torch.zeros(8, dtype=torch.long)))[0]["loss"].mean().backward()
     assert all(p.grad is None for p in module.net.base.parameters())
     for conv in module.net.control.zero_convs:
         assert conv.weight.grad.abs().sum() > 0 and conv.bias.grad.abs().sum() > 0
@@ -371,7 +371,7 @@ def fit(module: DiffusionModule, steps: int, g: torch.Generator) -> None:
     opt = module.configure_optimizers()["optimizer"]
     module.train()
     for _ in range(steps):
-        loss = module._loss((blocks(32, g), torch.zeros(32, dtype=torch.long)))[0].mean()
+        loss = module._loss((blocks(32, g), torch.zeros(32, dtype=torch.long)))[0]["loss"].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -427,4 +427,4 @@ def test_controlnet_cifar10_builds_on_a_cifar10_base_and_trains_one_batch(tmp_pa
     assert cfg.callbacks.samples._target_.endswith("ControlSampleGrid")
     dm.setup("fit")
     x, y = next(iter(dm.train_dataloader()))
-    assert torch.isfinite(module._loss((x[:2], y[:2]))[0]).all()
+    assert torch.isfinite(module._loss((x[:2], y[:2]))[0]["loss"]).all()

@@ -45,7 +45,7 @@ def test_experiment_builds_and_trains_on_one_batch(name, tmp_path):
     assert x.shape[1:] == module.data_shape and (x.ndim == 2 or x.shape[1] == dm.channels)  # points or images
     assert x.min() >= -1 and x.max() <= 1 and y.dtype == torch.long
     batch = (x[:2], y[:2])  # two examples: the full-size U-Nets are slow on CPU
-    losses = module._loss(batch)[0] if hasattr(module, "_loss") else module._step(batch)[0]  # diffusion / classifier
+    losses = module._loss(batch)[0]["loss"] if hasattr(module, "_loss") else module._step(batch)[0]  # diffusion / classifier
     assert torch.isfinite(losses).all()
 
 
