@@ -136,7 +136,7 @@ def test_missing_or_corrupt_checkpoint(tmp_path):
         ("schedule.T=0", "schedule.T"),
         ("schedule.beta_end=1.5", "schedule.beta_end"),
         ("data.image_size=9", "model.image_size"),
-        ("model.attn_resolutions=[3]", "model.attn_resolutions"),
+        ("model.attn_resolutions=[6]", "model.attn_resolutions"),  # between the levels 8 and 4
         ("data.channels=3", "data.channels"),
     ],
 )

@@ -327,8 +327,10 @@ def choose(key: str, candidates: list[str], bench: Callable[[str], Callable[[], 
 
 
 def layer_key(op: str, x: torch.Tensor, dtype: torch.dtype, train: bool, *extra) -> str:
-    """The key of a decision: op and layer shape, input shape and dtype, compute dtype, training, threads."""
-    parts = [op, *map(str, extra), "x".join(map(str, x.shape)), str(x.dtype).removeprefix("torch."), str(dtype).removeprefix("torch."),
+    """The key of a decision: op and layer shape, input shape without the batch size and dtype, compute dtype,
+    training, threads. The batch size is left out so that a sample does not depend on the batch it is drawn in:
+    routes differ in rounding, and every batch size takes the route decided first."""
+    parts = [op, *map(str, extra), "x".join(map(str, x.shape[1:])), str(x.dtype).removeprefix("torch."), str(dtype).removeprefix("torch."),
              "train" if train else "eval", f"threads{torch.get_num_threads()}"]
     return "|".join(parts)
 
