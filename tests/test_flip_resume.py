@@ -15,9 +15,7 @@ from ddpm_lightning.tasks import train
 from quickstart_helpers import FlippedDigits
 from test_resume_exact import ENV, ROOT, RUN, _states
 
-# kernels=off: PyTorch's operators in every run. The CPU routes (nets.routes) are timed per process, and runs that
-# take different routes round differently; bitwise resume with measured routes needs the same decisions.
-FLIPS = ["data._target_=quickstart_helpers.FlippedDigits", "kernels=off"]
+FLIPS = ["data._target_=quickstart_helpers.FlippedDigits"]  # RUN pins the CPU routes (kernels=off)
 
 
 def _flipped(dm, x, seed=0, epoch=0, batch_idx=0, world=1, rank=0, training=True):
