@@ -47,15 +47,17 @@ class EMA(EMAWeightAveraging):
     def _ema_update(self, averaged: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
         """ema <- decay * ema + (1 - decay) * theta."""
         weight = 1 - self.decay_at(num_averaged.to(averaged[0].device))
-        trainable = self._trainable()
-        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point() and a.data_ptr() in trainable]
+        trainable = self._trainable()  # None: every tensor (the tensors were given without an averaged module)
+        floats = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point() and (trainable is None or a.data_ptr() in trainable)]
         if floats:
             a, c = zip(*floats)
             torch._foreach_lerp_(list(a), list(c), weight.to(a[0].dtype))
 
-    def _trainable(self) -> set[int]:
+    def _trainable(self) -> set[int] | None:
         """Storage of the averaged copy's trainable parameters and buffers: frozen parameters (a ControlNet's
-        locked base) are equal in both copies and stay out of the average."""
+        locked base) are equal in both copies and stay out of the average. None when no averaged model is set up."""
+        if self._average_model is None:
+            return None
         module = self._average_model.module
         cached = getattr(self, "_trainable_ptrs", None)
         if cached is None or cached[0] is not module:
