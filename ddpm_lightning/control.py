@@ -10,7 +10,6 @@ sha256 for the record), so `tasks.load_model` rebuilds a model that samples in o
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -28,18 +27,10 @@ from ddpm_lightning.nets.controlnet import ControlledUNet
 log = logging.getLogger(__name__)
 
 
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_base(base_ckpt: str | Path | None) -> tuple[dict, dict, str]:
     """The hyperparameters and network weights (EMA when present) of a base diffusion checkpoint, and its sha256;
     a missing, corrupt or non-diffusion checkpoint is refused naming `base_ckpt`."""
-    from ddpm_lightning.checkpointing import read_checkpoint
+    from ddpm_lightning.checkpointing import file_sha256, read_checkpoint
 
     if not base_ckpt:
         raise ValueError("a ControlNet trains on top of a trained model: set base_ckpt=<its checkpoints/last.ckpt>")
@@ -53,7 +44,7 @@ def read_base(base_ckpt: str | Path | None) -> tuple[dict, dict, str]:
     if str(hp["net"].get("_target_", "")).endswith("ControlledUNet"):
         raise ValueError(f"base_ckpt={path} is a ControlNet checkpoint; give the checkpoint of the model it controls")
     state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    return hp, state, sha256(path)
+    return hp, state, file_sha256(path)
 
 
 class ControlNetModule(DiffusionModule):
