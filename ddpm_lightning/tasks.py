@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import inspect
 import logging
@@ -155,6 +156,19 @@ def _check_control(cfg: DictConfig) -> None:
         raise ValueError(f"base_ckpt={cfg.base_ckpt} lies in this run's directory (paths.output_dir) and could be overwritten: write the ControlNet run elsewhere")
 
 
+@contextlib.contextmanager
+def process_group_closed_at_end():
+    """Destroy the process group this run opened before the interpreter exits. Lightning does so only for NCCL;
+    a gloo group left to interpreter shutdown can abort the process after its work is done (SIGABRT,
+    "terminate called without an active exception")."""
+    opened_before = torch.distributed.is_available() and torch.distributed.is_initialized()
+    try:
+        yield
+    finally:
+        if not opened_before and torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build data, model, callbacks, loggers and trainer from `cfg` and fit. Returns the final metrics."""
     filter_benign_messages()
@@ -168,7 +182,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     out = Path(cfg.paths.output_dir)
     _check_control(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out):
+    with RunLock(out), process_group_closed_at_end():
         return _train(cfg, out, init_state)
 
 
@@ -224,4 +238,5 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("retain_freed_memory"):
         retain_freed_memory()
     speed_settings(cfg)
-    return run(cfg)
+    with process_group_closed_at_end():
+        return run(cfg)

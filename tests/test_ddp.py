@@ -55,3 +55,31 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
             torch.testing.assert_close(r0[part][k], v, rtol=0, atol=2e-6, msg=lambda m: f"{part} {k}: {m}")
     # The sharded sample grids (seeds split over the ranks, all_gathered) were written once per grid step.
     assert sorted(p.name for p in (ddp / "samples").glob("*.png")) == ["step_0000002.png", "step_0000004.png"]
+
+
+def _open_gloo_group() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def test_a_process_group_opened_by_a_run_is_destroyed_when_it_ends():
+    """Lightning leaves a gloo group to interpreter shutdown, which can abort a finished process (SIGABRT)."""
+    from ddpm_lightning.tasks import process_group_closed_at_end
+
+    with pytest.raises(RuntimeError, match="boom"), process_group_closed_at_end():
+        _open_gloo_group()
+        assert torch.distributed.is_initialized()
+        raise RuntimeError("boom")  # also on failure
+    assert not torch.distributed.is_initialized()
+
+    _open_gloo_group()  # a group the caller opened is the caller's to close
+    try:
+        with process_group_closed_at_end():
+            pass
+        assert torch.distributed.is_initialized()
+    finally:
+        torch.distributed.destroy_process_group()
