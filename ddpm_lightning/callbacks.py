@@ -162,15 +162,20 @@ class SampleGrid(L.Callback):
         index = range(rank * per_rank, (rank + 1) * per_rank)
         seeds = [self.seed + i for i in index]
         cond = {} if labels is None else {"labels": [labels[i % n] for i in index], "guidance": self._guidance}
-        calls, handle = count_nfe(module)
-        try:
-            images = module.sample(seeds, sampler=self.sampler, **cond)
-        finally:
-            handle.remove()
-        self.last_nfe = calls[0]  # one batch per rank: the network evaluations per image
+        images = self._sample(module, seeds, **cond)
         if world > 1:
             images = pl_module.all_gather(images).flatten(0, 1)
         self._save(trainer, images[:n], self.nrow or per_row)
+
+    def _sample(self, module: L.LightningModule, seeds: list[int], **cond: Any) -> Tensor:
+        """`module.sample` with this grid's sampler, counting the network evaluations per image (`last_nfe`: one
+        batch per rank)."""
+        calls, handle = count_nfe(module)
+        try:
+            return module.sample(seeds, sampler=self.sampler, **cond)
+        finally:
+            handle.remove()
+            self.last_nfe = calls[0]
 
     @rank_zero_only
     def _save(self, trainer: L.Trainer, images: Tensor, nrow: int | None = None) -> None:

@@ -154,7 +154,7 @@ class ControlSampleGrid(SampleGrid):
         seeds = [self.seed + i for i in range(rank * per_rank, (rank + 1) * per_rank)]
         images = torch.stack([dataset[i][0] for i in index]).to(pl_module.device)
         hints = split_hints(module, images, seeds)
-        samples = module.sample(seeds, sampler=self.sampler, hint=hints, conditioning_scale=self.conditioning_scale)
+        samples = self._sample(module, seeds, hint=hints, conditioning_scale=self.conditioning_scale)
         pairs = condition_pairs(module, hints, samples)
         if world > 1:
             pairs = pl_module.all_gather(pairs).flatten(0, 1)

@@ -4,6 +4,7 @@ classifier-free guidance take the condition unchanged, and bad input stops befor
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import shutil
 
@@ -244,7 +245,7 @@ def run(base, tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("controlnet")
     digest = sha(base)
-    train(compose_cfg(CN + [f"base_ckpt={base}", "callbacks.checkpoint.save_top_k=-1"], root))
+    train(compose_cfg(CN + [f"base_ckpt={base}", "callbacks.checkpoint.save_top_k=-1", "logger=csv"], root))
     assert sha(base) == digest  # the base checkpoint is read, never written
     return root
 
@@ -252,6 +253,8 @@ def run(base, tmp_path_factory):
 def test_controlnet_digits_trains_writes_condition_sample_grids_and_loads_in_one_call(base, run):
     grid = Image.open(run / "samples" / "step_0000004.png")
     assert grid.size == (2 + 8 * (8 * 4 + 2), 2 + (8 * 4 + 2))  # 4 pairs condition | sample in a row, 4x enlarged
+    logged = [r for r in csv.DictReader(open(run / "csv" / "version_0" / "metrics.csv")) if r.get("samples/nfe")]
+    assert [(int(r["step"]), float(r["samples/nfe"])) for r in logged] == [(2, 10.0), (4, 10.0)]  # the grid sampler, DPM++(2M) 10
     model = load_model(run / "checkpoints" / "last.ckpt")
     assert isinstance(model.net, ControlledUNet) and isinstance(model.net.condition, LowRes)
     assert model.net.base_sha256 == sha(base)
