@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from omegaconf import DictConfig, open_dict
 
 log = logging.getLogger(__name__)
@@ -44,3 +45,22 @@ def fit_model_to_data(cfg: DictConfig) -> None:
         )
         with open_dict(model):
             model.attn_resolutions = fitted
+
+
+def auto_precision(accelerator: str, cuda: bool | None = None, bf16: bool | None = None) -> str:
+    """`trainer.precision=auto`: bf16-mixed on a GPU that computes in bf16 (Ampere and later), else 32-true (on a CPU
+    bf16 autocast pays only on some CPUs and changes the numbers, so it stays a choice: trainer.precision=bf16-mixed)."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if accelerator not in ("auto", "gpu", "cuda") or not cuda:
+        return "32-true"
+    bf16 = torch.cuda.is_bf16_supported() if bf16 is None else bf16
+    return "bf16-mixed" if bf16 else "32-true"
+
+
+def resolve_precision(trainer: DictConfig) -> None:
+    """Replace `precision: auto` (the default) in a trainer config by what `auto_precision` picks, logging it."""
+    if trainer.get("precision") == "auto":
+        picked = auto_precision(str(trainer.get("accelerator", "auto")))
+        log.info("trainer.precision=auto: %s", picked)
+        with open_dict(trainer):
+            trainer.precision = picked

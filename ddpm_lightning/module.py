@@ -16,6 +16,7 @@ from ddpm_lightning import guidance as guidance_lib
 from ddpm_lightning.checkpointing import correct_epoch_after_resume, step_seed
 from ddpm_lightning.denoiser import Denoiser
 from ddpm_lightning.losses import LOSSES, LossAwareTimesteps, diffusion_losses, eps_mse
+from ddpm_lightning.nets import routes
 from ddpm_lightning.samplers import PerSampleNoise, check_compatible
 
 
@@ -252,8 +253,11 @@ class DiffusionModule(ImageModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.timestep_sampler is not None:  # the loss-aware sampler's history: a resumed run draws the same t
             checkpoint["loss_aware_timesteps"] = self.timestep_sampler.state_dict()
+        checkpoint["cpu_routes"] = routes.state()  # the routes taken so far: a resumed run takes them again
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "cpu_routes" in checkpoint:
+            routes.restore(checkpoint["cpu_routes"])
         if self.timestep_sampler is not None and "loss_aware_timesteps" in checkpoint:
             self.timestep_sampler.load_state_dict(checkpoint["loss_aware_timesteps"])
 

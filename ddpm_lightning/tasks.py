@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddpm_lightning.benign_warnings import filter_benign_messages
 from ddpm_lightning.checkpointing import RunLock, allowed_target, hpc_checkpoint, last_checkpoint, load_model, read_checkpoint, resume_checkpoint
-from ddpm_lightning.compose import fit_model_to_data
+from ddpm_lightning.compose import fit_model_to_data, resolve_precision
 from ddpm_lightning.module import DiffusionModule
 from ddpm_lightning.summary import cli_overrides, train_summary
 
@@ -93,6 +93,7 @@ def speed_settings(cfg: DictConfig) -> None:
     from ddpm_lightning.nets import routes
 
     routes.configure(cfg.get("kernels") or "auto")
+    routes.reset()  # this run's routes only: a checkpoint records them, a resumed run takes them again
     torch.backends.cudnn.benchmark = bool(cfg.get("cudnn_benchmark", True))
 
 
@@ -178,6 +179,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
         init_state = init_train_config(cfg)
     fit_model_to_data(cfg)
+    resolve_precision(cfg.trainer)
     OmegaConf.resolve(cfg)
     out = Path(cfg.paths.output_dir)
     _check_control(cfg)
@@ -238,5 +240,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("retain_freed_memory"):
         retain_freed_memory()
     speed_settings(cfg)
+    resolve_precision(cfg.trainer)
     with process_group_closed_at_end():
         return run(cfg)

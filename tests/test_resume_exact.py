@@ -20,7 +20,8 @@ from ddpm_lightning.tasks import train
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
 # 8 steps, checkpoints every 2, shuffled digits (101 batches an epoch: every kill is mid-epoch), dropout on;
-# kernels=off: the CPU routes are timed per process, and the runs must take the same ones to agree bitwise.
+# kernels=off: the straight and the killed run are separate runs, each timing its own routes (a resumed run takes
+# its checkpoint's: test_resume_edges.py).
 RUN = ["trainer.max_steps=8", "trainer.deterministic=true", "model.dropout=0.1", "callbacks.samples.every_n_steps=0", "kernels=off"]
 
 

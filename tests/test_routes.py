@@ -158,7 +158,8 @@ def test_a_pending_build_takes_pytorchs_operator_without_deciding(cache, monkeyp
     monkeypatch.setattr(routes, "building", lambda name: True)
     layer = Conv2d(16, 16, 3, padding=1).to(memory_format=CL)
     assert layer.route(torch.randn(2, 16, 8, 8).contiguous(memory_format=CL), torch.float32) == "onednn"
-    assert routes.decisions() == {}
+    assert list(routes.decisions().values()) == ["onednn"]  # taken (a checkpoint records it), not decided:
+    assert not cache.exists() and routes._decisions == {}  # measured once the kernel is built
 
 
 def small_unet():
@@ -245,3 +246,55 @@ def test_the_run_setting_kernels_reaches_the_routes(monkeypatch):
     assert compose_cfg().kernels == "off"
     with pytest.raises(ValueError, match="kernels='fast'"):
         speed_settings(compose_cfg(["kernels=fast"]))
+
+
+def test_a_resumed_run_takes_the_routes_in_its_checkpoint_not_the_cache_files(cache, monkeypatch):
+    torch.manual_seed(0)
+    layer = Conv2d(16, 16, 3, padding=1).to(memory_format=CL)
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=CL).requires_grad_()
+    train_call(layer, x)
+    saved = routes.state()  # what DiffusionModule.on_save_checkpoint stores
+    key, = saved["routes"]
+    assert saved["mode"] == "auto"
+    data = json.loads(cache.read_text())
+    other = next(r for r in data["routes"][key]["ms"] if r != saved["routes"][key])
+    data["routes"][key]["route"] = other  # another process's file disagrees with the checkpoint
+    cache.write_text(json.dumps(data))
+
+    def no_timing(bench):
+        raise AssertionError("a route of the resumed run was measured again")
+
+    monkeypatch.setattr(routes, "time_routes", no_timing)
+    routes.reset()
+    routes.restore(saved)
+    train_call(layer, x)
+    assert routes.decisions() == saved["routes"]
+    routes.reset()  # the control: without the checkpoint's routes, the file's
+    train_call(layer, x)
+    assert routes.decisions() == {key: other}
+
+
+def test_a_run_trained_with_kernels_off_resumes_with_them_off(monkeypatch):
+    monkeypatch.setitem(routes._settings, "mode", "auto")
+    routes.restore({"mode": "off", "routes": {}})
+    assert routes.mode() == "off"
+    routes.restore({"mode": "auto", "routes": {}})  # a run measured with them on keeps this process's setting
+    assert routes.mode() == "off"
+
+
+def test_precision_auto_is_bf16_mixed_on_a_bf16_gpu_and_fp32_elsewhere(monkeypatch):
+    from conftest import compose_cfg
+    from ddpm_lightning.compose import auto_precision, resolve_precision
+
+    assert compose_cfg().trainer.precision == "auto"  # the default
+    assert auto_precision("auto", cuda=True, bf16=True) == auto_precision("gpu", cuda=True, bf16=True) == "bf16-mixed"
+    assert auto_precision("auto", cuda=True, bf16=False) == "32-true"  # V100, T4: fp16 needs a loss scaler, a choice
+    assert auto_precision("cpu", cuda=True, bf16=True) == auto_precision("auto", cuda=False) == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cfg = compose_cfg()
+    resolve_precision(cfg.trainer)
+    assert cfg.trainer.precision == "bf16-mixed"
+    cfg = compose_cfg(["trainer.precision=32-true"])  # an explicit choice stays
+    resolve_precision(cfg.trainer)
+    assert cfg.trainer.precision == "32-true"

@@ -65,6 +65,8 @@ _builds: dict[str, subprocess.Popen] = {}  # name -> the build process under way
 _decisions: dict[str, dict] = {}  # key -> {"route": name, "ms": {candidate: median ms}} (this process and the file)
 _used: dict[str, str] = {}  # key -> route, of the keys met by this process
 _forced: dict[str, str] = {}  # op -> route (tests and benchmarks)
+_pinned: dict[str, str] = {}  # key -> route, of the run being resumed (its checkpoint's `decisions()`)
+_NEEDS = {"winograd": "winograd", "fused": "group_norm"}  # route -> the kernel it runs
 _file: dict = {"loaded": False}
 
 
@@ -248,15 +250,37 @@ def _write_file() -> None:
 
 
 def decisions() -> dict[str, str]:
-    """key -> route of every (layer, input) this process has met and chosen among several routes for."""
+    """key -> route of every (layer, input) this process has met (with kernels auto)."""
     return dict(_used)
 
 
 def reset() -> None:
-    """Forget the decisions held in memory (the next call reads the cache file again)."""
+    """Forget the decisions held in memory (the next call reads the cache file again) and the pinned routes."""
     _decisions.clear()
     _used.clear()
+    _pinned.clear()
     _file["loaded"] = False
+
+
+def state() -> dict:
+    """What a checkpoint keeps so that a resumed run takes the same routes (`restore`)."""
+    return {"mode": mode(), "routes": decisions()}
+
+
+def restore(saved: dict) -> None:
+    """Take again the routes of the run that wrote `saved` (`state()` in its checkpoint): a resumed run computes
+    what the uninterrupted one would have only with the same routes, as they differ in rounding and were timed
+    in another process. A run measured with kernels off continues with them off; otherwise every key the run
+    met takes its recorded route without measuring, and the kernels those routes run are built (waited for)
+    first. Keys met for the first time after the resume are measured as usual."""
+    if saved.get("mode") == "off" and mode() != "off":
+        log.info("kernels=off: the resumed run was trained with PyTorch's operators only")
+        configure("off")
+    _pinned.clear()
+    _pinned.update(saved.get("routes") or {})
+    missing = sorted({_NEEDS[r] for r in _pinned.values() if r in _NEEDS} - ({k for k in _NEEDS.values() if kernel(k, wait=True)} if mode() != "off" else set()))
+    if missing:
+        log.warning("the resumed run took routes of the kernels %s, unavailable here: it continues, not bitwise as the uninterrupted run would", ", ".join(missing))
 
 
 @contextlib.contextmanager
@@ -299,13 +323,19 @@ def pick(times: dict[str, list[float]], default: str) -> str:
 
 def choose(key: str, candidates: list[str], bench: Callable[[str], Callable[[], object]], pending: bool = False) -> str:
     """The route for `key` among `candidates` (the first is PyTorch's operator, the default): the forced one, the
-    decision already made (this process or the cache file), or the fastest by `time_routes` over `bench(route)`
+    resumed run's (`restore`), the decision already made (this process or the cache file), or the fastest by `time_routes` over `bench(route)`
     (a function running one call of that route on copies of the inputs). While a kernel is `pending` (building),
     the default, without deciding."""
     op = key.split("|", 1)[0]
     if _forced.get(op) in candidates:
         return _forced[op]
-    if len(candidates) == 1 or mode() == "off":
+    if mode() == "off":
+        return candidates[0]
+    if _pinned.get(key) in candidates:
+        _used[key] = _pinned[key]
+        return _pinned[key]
+    if len(candidates) == 1:  # recorded too (here and below): a run resumed from here takes the same
+        _used[key] = candidates[0]
         return candidates[0]
     if not _file["loaded"]:
         _decisions.update(_read_file())
@@ -315,6 +345,7 @@ def choose(key: str, candidates: list[str], bench: Callable[[str], Callable[[], 
         _used[key] = known["route"]
         return known["route"]
     if pending:
+        _used[key] = candidates[0]
         return candidates[0]
     times = time_routes({c: bench(c) for c in candidates})
     route = pick(times, candidates[0])
