@@ -168,6 +168,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per round")
     p.add_argument("--memory", action="store_true", help="also measure peak memory (one process per row)")
     p.add_argument("--ours-adam", default="fused", choices=["foreach", "fused"])
+    p.add_argument("--tag", default="", help="suffix of the results file")
     p.add_argument("--memory-of", help=argparse.SUPPRESS)
     common.allocator_option(p)
     args = p.parse_args()
@@ -206,7 +207,7 @@ def main() -> None:
                 row["peak_mem_mb"] = peak_memory_mb(impl, args_p)
             rows.append(row)
     print(f"{args.model} {args.image_size}x{args.image_size}x{args.channels}, batch {args.batch}, {device}, {torch.get_num_threads()} threads, {args.rounds} rounds x {args.steps} steps, ours with {args.ours_adam} Adam")
-    common.report(f"train_throughput_{args.model}", rows, ["precision", "impl", "params", "images_per_s", "ours_over_this", "peak_mem_mb"])
+    common.report(f"train_throughput_{args.model}" + (f"_{args.tag}" if args.tag else ""), rows, ["precision", "impl", "params", "images_per_s", "ours_over_this", "peak_mem_mb"])
 
 
 if __name__ == "__main__":
