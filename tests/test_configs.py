@@ -7,6 +7,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import CONF, compose_cfg
+from ddpm_lightning.compose import resolve_precision
 
 
 def options(group):
@@ -51,6 +52,7 @@ def test_logger_callback_and_trainer_options_instantiate(tmp_path):
         assert all(instantiate(c) is not None for c in cfg.callbacks.values())
     for option in options("trainer"):
         cfg = compose_cfg([f"trainer={option}", "trainer.accelerator=cpu", "trainer.devices=1"], tmp_path)
+        resolve_precision(cfg.trainer)  # as tasks.train does: `auto` is ours, not Lightning's
         assert instantiate(cfg.trainer).max_steps == cfg.trainer.max_steps
 
 

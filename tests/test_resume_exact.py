@@ -113,8 +113,12 @@ def test_kill_during_checkpoint_write_keeps_last_ckpt_loadable(tmp_path):
 def test_the_trainer_writes_checkpoints_through_atomic_io(tmp_path):
     from hydra.utils import instantiate
 
+    from ddpm_lightning.compose import resolve_precision
+
     for overrides in ([], ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=1"]):
-        trainer = instantiate(compose_cfg(overrides, tmp_path).trainer, logger=False)
+        cfg = compose_cfg(overrides, tmp_path)
+        resolve_precision(cfg.trainer)
+        trainer = instantiate(cfg.trainer, logger=False)
         assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO), overrides
 
 
