@@ -298,3 +298,10 @@ def test_precision_auto_is_bf16_mixed_on_a_bf16_gpu_and_fp32_elsewhere(monkeypat
     cfg = compose_cfg(["trainer.precision=32-true"])  # an explicit choice stays
     resolve_precision(cfg.trainer)
     assert cfg.trainer.precision == "32-true"
+
+
+def test_kernels_build_at_the_lowest_cpu_priority(tmp_path):
+    """The background build must not take cores from the run that started it (the quickstart on 2 cores)."""
+    log = tmp_path / "build.log"
+    assert routes.background("import os; print(os.nice(0))", log).wait(timeout=60) == 0
+    assert log.read_text().strip() == "19"

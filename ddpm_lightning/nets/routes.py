@@ -173,10 +173,17 @@ def _start_build(name: str) -> subprocess.Popen:
     build even if this process ends first (a short run still leaves a built kernel for the next one)."""
     root = str(Path(__file__).resolve().parents[2])
     code = f"import sys; sys.path.insert(0, {root!r}); from ddpm_lightning.nets.routes import _load; _load({name!r})"
-    path = _build_log(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as out:
-        return subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return background(code, _build_log(name))
+
+
+def background(code: str, log_path: Path) -> subprocess.Popen:
+    """Run Python `code` in a process of its own session at the lowest CPU priority (nice 19, inherited by the
+    compiler it starts), output to `log_path`: it takes only the cores the run leaves idle, so on a busy 2-core
+    machine a first run is not slowed down by its own kernel build (it finishes after the run, for the next one)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as out:
+        return subprocess.Popen([sys.executable, "-c", f"import os; os.nice(19); {code}"], stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
