@@ -305,3 +305,37 @@ def test_kernels_build_at_the_lowest_cpu_priority(tmp_path):
     log = tmp_path / "build.log"
     assert routes.background("import os; print(os.nice(0))", log).wait(timeout=60) == 0
     assert log.read_text().strip() == "19"
+
+
+@pytest.mark.parametrize("spare", [True, False])
+def test_a_kernel_builds_beside_the_run_only_on_a_spare_core_else_when_it_ends(spare, monkeypatch):
+    started, at_exit = [], []
+    monkeypatch.setattr(routes, "_kernels", {})
+    monkeypatch.setattr(routes, "_builds", {})
+    monkeypatch.setattr(routes, "_deferred", set())
+    monkeypatch.setitem(routes._settings, "mode", "auto")
+    monkeypatch.setitem(routes._settings, "wait", False)  # as in a run (the tests build before first use)
+    monkeypatch.setattr(routes, "_built", lambda name: False)
+    monkeypatch.setattr(routes, "spare_core", lambda: spare)
+    monkeypatch.setattr(routes, "_start_build", lambda name: started.append(name) or FakeBuild())
+    monkeypatch.setattr(routes.atexit, "register", lambda f, *args: at_exit.append((f, args)))
+    for _ in range(3):  # every layer asks; one build, or one deferral
+        assert routes.kernel("winograd", wait=False) is None and routes.building("winograd")
+    assert started == (["winograd"] if spare else []) and len(at_exit) == (0 if spare else 1)
+    if not spare:
+        f, args = at_exit[0]
+        f(*args)  # what the interpreter does when the run ends
+        assert started == ["winograd"]
+
+
+class FakeBuild:
+    def poll(self):
+        return None  # still building
+
+
+def test_a_spare_core_means_more_cores_than_torchs_threads(monkeypatch):
+    monkeypatch.setattr(routes.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(routes.torch, "get_num_threads", lambda: 2)
+    assert not routes.spare_core()
+    monkeypatch.setattr(routes.torch, "get_num_threads", lambda: 1)
+    assert routes.spare_core()

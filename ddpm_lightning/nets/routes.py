@@ -26,6 +26,7 @@ no compiler is found, or the build fails, a one-line notice says so and PyTorch'
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import hashlib
@@ -62,6 +63,7 @@ _CPU_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx512_fp16", "
 _settings = {"mode": os.environ.get("DDPM_LIGHTNING_KERNELS", "auto"), "wait": False}
 _kernels: dict = {}  # name -> the loaded extension, or False once it is known to be unavailable
 _builds: dict[str, subprocess.Popen] = {}  # name -> the build process under way
+_deferred: set[str] = set()  # kernels whose build starts when this process ends (no core to spare while it runs)
 _decisions: dict[str, dict] = {}  # key -> {"route": name, "ms": {candidate: median ms}} (this process and the file)
 _used: dict[str, str] = {}  # key -> route, of the keys met by this process
 _forced: dict[str, str] = {}  # op -> route (tests and benchmarks)
@@ -143,8 +145,16 @@ def kernel(name: str = "group_norm", wait: bool | None = None):
     wait = _settings["wait"] if wait is None else wait
     building = _builds.get(name)
     if building is None and not wait and not _built(name):
-        _builds[name] = _start_build(name)
-        log.info("building the C++ kernel %s.cpp in the background; PyTorch's operators meanwhile", name)
+        if name in _deferred:
+            return None
+        if spare_core():
+            _builds[name] = _start_build(name)
+            log.info("building the C++ kernel %s.cpp in the background; PyTorch's operators meanwhile", name)
+        else:
+            _deferred.add(name)
+            atexit.register(_start_build, name)
+            log.info("the C++ kernel %s.cpp will build when this run ends (its %d threads use every core); PyTorch's "
+                     "operators meanwhile", name, torch.get_num_threads())
         return None
     if building is not None:
         if not wait and building.poll() is None:
@@ -160,8 +170,17 @@ def kernel(name: str = "group_norm", wait: bool | None = None):
 
 
 def building(name: str) -> bool:
-    """Whether kernels/<name>.cpp is being built in the background (its routes are measured once it is done)."""
-    return kernel(name) is None and name in _builds and name not in _kernels
+    """Whether kernels/<name>.cpp is being built in the background or will be when this process ends (its routes
+    are measured once it is built)."""
+    return kernel(name) is None and (name in _builds or name in _deferred) and name not in _kernels
+
+
+def spare_core() -> bool:
+    """Whether this process may use more cores than torch's threads, so that a compiler beside them does not slow
+    them: on a 2-core machine running 2 threads, even a compiler at the lowest priority made a small model's
+    training steps 10 times slower (its threads wait on each other hundreds of times a step)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores > torch.get_num_threads()
 
 
 def _build_log(name: str) -> Path:
@@ -169,21 +188,23 @@ def _build_log(name: str) -> Path:
 
 
 def _start_build(name: str) -> subprocess.Popen:
-    """A separate process that builds the kernel: it runs beside training, not in its threads, and finishes the
-    build even if this process ends first (a short run still leaves a built kernel for the next one)."""
+    """A separate process that builds the kernel: beside training on a spare core, or started as this process ends
+    (`kernel`); it finishes the build even if this process ends first, leaving a built kernel for the next run."""
     root = str(Path(__file__).resolve().parents[2])
     code = f"import sys; sys.path.insert(0, {root!r}); from ddpm_lightning.nets.routes import _load; _load({name!r})"
     return background(code, _build_log(name))
 
 
+_IDLE = "import os; os.nice(19); hasattr(os, 'SCHED_IDLE') and os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))"
+
+
 def background(code: str, log_path: Path) -> subprocess.Popen:
-    """Run Python `code` in a process of its own session at the lowest CPU priority (nice 19, inherited by the
-    compiler it starts), output to `log_path`: it takes only the cores the run leaves idle, so on a busy 2-core
-    machine a first run is not slowed down by its own kernel build (it finishes after the run, for the next one)."""
+    """Run Python `code` in a process of its own session (it outlives this one) at the lowest CPU priority (nice 19
+    and, on Linux, SCHED_IDLE, inherited by the compiler it starts), output to `log_path`."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as out:
-        return subprocess.Popen([sys.executable, "-c", f"import os; os.nice(19); {code}"], stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen([sys.executable, "-c", f"{_IDLE}; {code}"], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
