@@ -308,24 +308,30 @@ def test_kernels_build_at_the_lowest_cpu_priority(tmp_path):
 
 
 @pytest.mark.parametrize("spare", [True, False])
-def test_a_kernel_builds_beside_the_run_only_on_a_spare_core_else_when_it_ends(spare, monkeypatch):
-    started, at_exit = [], []
+def test_a_kernel_builds_beside_the_run_on_a_spare_core_else_after_a_while_or_when_it_ends(spare, monkeypatch):
+    started, at_exit, now = [], [], [0.0]
     monkeypatch.setattr(routes, "_kernels", {})
     monkeypatch.setattr(routes, "_builds", {})
-    monkeypatch.setattr(routes, "_deferred", set())
+    monkeypatch.setattr(routes, "_deferred", {})
     monkeypatch.setitem(routes._settings, "mode", "auto")
     monkeypatch.setitem(routes._settings, "wait", False)  # as in a run (the tests build before first use)
     monkeypatch.setattr(routes, "_built", lambda name: False)
     monkeypatch.setattr(routes, "spare_core", lambda: spare)
     monkeypatch.setattr(routes, "_start_build", lambda name: started.append(name) or FakeBuild())
     monkeypatch.setattr(routes.atexit, "register", lambda f, *args: at_exit.append((f, args)))
+    monkeypatch.setattr(routes.time, "monotonic", lambda: now[0])
     for _ in range(3):  # every layer asks; one build, or one deferral
         assert routes.kernel("winograd", wait=False) is None and routes.building("winograd")
     assert started == (["winograd"] if spare else []) and len(at_exit) == (0 if spare else 1)
     if not spare:
+        now[0] = routes.DEFER_S - 1
+        assert routes.kernel("winograd", wait=False) is None and started == []
+        now[0] = routes.DEFER_S  # a long run: it builds now
+        assert routes.kernel("winograd", wait=False) is None and started == ["winograd"] and routes.building("winograd")
+        routes.kernel("group_norm", wait=False)  # a short run: put off, then built when the run ends
         f, args = at_exit[0]
-        f(*args)  # what the interpreter does when the run ends
-        assert started == ["winograd"]
+        f(*args)
+        assert started == ["winograd", "group_norm"] and not routes._deferred
 
 
 class FakeBuild:

@@ -63,7 +63,8 @@ _CPU_FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx512_fp16", "
 _settings = {"mode": os.environ.get("DDPM_LIGHTNING_KERNELS", "auto"), "wait": False}
 _kernels: dict = {}  # name -> the loaded extension, or False once it is known to be unavailable
 _builds: dict[str, subprocess.Popen] = {}  # name -> the build process under way
-_deferred: set[str] = set()  # kernels whose build starts when this process ends (no core to spare while it runs)
+_deferred: dict[str, float] = {}  # kernel -> when its build was put off (no core to spare): see DEFER_S
+DEFER_S = 600.0  # ... it starts once the run has gone on this long (long enough to repay the compile), or at its end
 _decisions: dict[str, dict] = {}  # key -> {"route": name, "ms": {candidate: median ms}} (this process and the file)
 _used: dict[str, str] = {}  # key -> route, of the keys met by this process
 _forced: dict[str, str] = {}  # op -> route (tests and benchmarks)
@@ -145,16 +146,19 @@ def kernel(name: str = "group_norm", wait: bool | None = None):
     wait = _settings["wait"] if wait is None else wait
     building = _builds.get(name)
     if building is None and not wait and not _built(name):
-        if name in _deferred:
+        if name in _deferred and time.monotonic() - _deferred[name] < DEFER_S:
             return None
-        if spare_core():
+        if name in _deferred or spare_core():
+            _deferred.pop(name, None)
             _builds[name] = _start_build(name)
             log.info("building the C++ kernel %s.cpp in the background; PyTorch's operators meanwhile", name)
         else:
-            _deferred.add(name)
-            atexit.register(_start_build, name)
-            log.info("the C++ kernel %s.cpp will build when this run ends (its %d threads use every core); PyTorch's "
-                     "operators meanwhile", name, torch.get_num_threads())
+            if not _deferred:
+                atexit.register(_build_deferred)
+            _deferred[name] = time.monotonic()
+            log.info("the C++ kernel %s.cpp will build after %.0f minutes of this run or when it ends, whichever comes "
+                     "first (its %d threads use every core); PyTorch's operators meanwhile", name, DEFER_S / 60,
+                     torch.get_num_threads())
         return None
     if building is not None:
         if not wait and building.poll() is None:
@@ -175,10 +179,19 @@ def building(name: str) -> bool:
     return kernel(name) is None and (name in _builds or name in _deferred) and name not in _kernels
 
 
+def _build_deferred() -> None:
+    """Start the builds put off until this process ends (it exits; the builds go on)."""
+    while _deferred:
+        name = next(iter(_deferred))
+        _deferred.pop(name)
+        _builds[name] = _start_build(name)
+
+
 def spare_core() -> bool:
     """Whether this process may use more cores than torch's threads, so that a compiler beside them does not slow
     them: on a 2-core machine running 2 threads, even a compiler at the lowest priority made a small model's
-    training steps 10 times slower (its threads wait on each other hundreds of times a step)."""
+    training steps 10 times slower (its threads wait on each other hundreds of times a step). Without one, the
+    build waits DEFER_S seconds: a short run (the quickstart) never pays for it, a long one soon repays it."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return cores > torch.get_num_threads()
 
