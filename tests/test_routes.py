@@ -323,6 +323,10 @@ def test_a_kernel_builds_beside_the_run_on_a_spare_core_else_after_a_while_or_wh
     for _ in range(3):  # every layer asks; one build, or one deferral
         assert routes.kernel("winograd", wait=False) is None and routes.building("winograd")
     assert started == (["winograd"] if spare else []) and len(at_exit) == (0 if spare else 1)
+    with monkeypatch.context() as m:  # the per-call answer while waiting looks for neither compiler nor build folder
+        m.setattr(routes, "_built", lambda name: pytest.fail("looked for the build folder on every call"))
+        m.setattr(routes.shutil, "which", lambda name: pytest.fail("looked for the compiler on every call"))
+        assert routes.kernel("winograd", wait=False) is None
     if not spare:
         now[0] = routes.DEFER_S - 1
         assert routes.kernel("winograd", wait=False) is None and started == []
