@@ -54,7 +54,7 @@ def main() -> None:
         for key in sorted(set(routes._decisions) - before):
             d = routes._decisions[key]
             rows.append({"precision": precision, "key": key, "route": d["route"], **{f"{k}_ms": v for k, v in d["ms"].items()}})
-    columns = ["precision", "key", "route", "onednn_ms", "winograd_ms", "gemm_weight_grad_ms", "stock_ms", "fused_ms"]
+    columns = ["precision", "key", "route", "onednn_ms", "winograd_ms", "winograd_bf16_ms", "gemm_weight_grad_ms", "stock_ms", "fused_ms"]
     common.report(f"routes_{args.model}", rows, columns)
     for s in summary:
         print(f"{s['precision']}: {s['keys']} keys measured; first step {s['first_step_s']:.1f} s, then {s['step_s']:.2f} s per step")

@@ -1,5 +1,5 @@
-"""3x3 convolutions for channels-last CPU images: Winograd's F(4x4, 3x3) in fp32, and in bf16 a weight gradient that
-is one matrix product on small images.
+"""3x3 convolutions for channels-last CPU images: Winograd's F(4x4, 3x3) in fp32, F(2x2, 3x3) with bf16 matrix
+products, and in bf16 a weight gradient that is one matrix product on small images.
 
 fp32: the direct convolution runs at the CPU's FMA peak, so only fewer multiplications make it faster.
 Winograd's minimal filtering F(4x4, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural
@@ -9,13 +9,20 @@ of 144: 36 matrix products over channels between transforms of the input and out
 value at 128 channels, against 1e-6. Under bf16 autocast it computes in fp32 from the bf16 input: on CPUs without
 AMX that can be faster than oneDNN's bf16 convolution.
 
-bf16: oneDNN's bf16 weight-gradient kernel runs at a fraction of its forward speed when the image is small (the
-U-Net's 8x8 and 4x4 levels: 3-5x the forward's time, where a matrix product over the same numbers takes about
-one forward). There `Conv2d` computes dL/dW as [O, N H W] @ [N H W, 9 I] over the nine shifted copies of the
-zero-padded input (im2col), and dL/dx and dL/db as oneDNN would: the same sums, in another order.
+bf16: oneDNN's bf16 convolution also runs at the CPU's peak (about 450 GFLOP/s on 2 AMD EPYC cores with
+avx512_bf16), so again only fewer multiplications help. F(4x4, 3x3) in bf16 is too inexact (its transforms
+amplify the bf16 rounding of the tiles to 5e-2 of the output), but F(2x2, 3x3), whose input and output transforms
+take only 0 and +-1, computes 2x2 tiles from 4x4 patches with 16 multiplications instead of 36 and, with U, V and
+the products M in bf16, is within 1-3x the error of oneDNN's bf16 convolution; its 16 bf16 matrix products run at
+the same peak.
 
-Which route a layer takes for a given input (oneDNN, always a candidate, Winograd, or the matrix-product weight
-gradient) is measured on first use, not decided by rules about the CPU: see `nets.routes`.
+The bf16 weight gradient: oneDNN's bf16 weight-gradient kernel runs at a fraction of its forward speed when the
+image is small (the U-Net's 8x8 and 4x4 levels: 3-5x the forward's time, where a matrix product over the same
+numbers takes about one forward). There `Conv2d` computes dL/dW as [O, N H W] @ [N H W, 9 I] over the nine shifted
+copies of the zero-padded input (im2col), and dL/dx and dL/db as oneDNN would: the same sums, in another order.
+
+Which route a layer takes for a given input (oneDNN, always a candidate, the Winograd routes, or the
+matrix-product weight gradient) is measured on first use, not decided by rules about the CPU: see `nets.routes`.
 """
 
 from __future__ import annotations
@@ -40,63 +47,70 @@ def weight_grad_3x3(x: Tensor, dy: Tensor) -> Tensor:
     return (g.t() @ cols.reshape(N * H * W, 9 * I)).view(-1, 3, 3, I).permute(0, 3, 1, 2)
 
 
-# Winograd F(4x4, 3x3) weight transform (Lavin & Gray 2016, Sec. 4.2): interpolation points 0, 1, -1, 2, -2, inf
-_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
+# Winograd weight transforms G (Lavin & Gray 2016, Sec. 4.2), by output tile size m: F(4x4, 3x3) with interpolation
+# points 0, 1, -1, 2, -2, inf; F(2x2, 3x3) with 0, 1, -1, inf
+_G = {
+    4: ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+    2: ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
+}
 
 
-def winograd_weight(weight: Tensor) -> Tensor:
-    """U = G g G^T for every (output, input) channel pair, [O, I, 3, 3] -> [36, I, O] (Lavin & Gray 2016, Eq. 8)."""
+def winograd_weight(weight: Tensor, m: int = 4) -> Tensor:
+    """U = G g G^T for every (output, input) channel pair, [O, I, 3, 3] -> [(m + 2)^2, I, O] (Lavin & Gray 2016,
+    Eq. 8)."""
     O, I = weight.shape[:2]
-    return (_GG(weight) @ weight.reshape(O * I, 9).t()).view(36, O, I).transpose(1, 2)
+    return (_GG(weight, m) @ weight.reshape(O * I, 9).t()).view(-1, O, I).transpose(1, 2)
 
 
-def winograd_weight_adjoint(dU: Tensor) -> Tensor:
-    """dL/dg = G^T dU G, the adjoint of winograd_weight: [36, I, O] -> [O, I, 3, 3]."""
-    _, I, O = dU.shape
-    return (_GG(dU).t() @ dU.transpose(1, 2).reshape(36, O * I)).t().reshape(O, I, 3, 3)
+def winograd_weight_adjoint(dU: Tensor, m: int = 4) -> Tensor:
+    """dL/dg = G^T dU G, the adjoint of winograd_weight: [(m + 2)^2, I, O] -> [O, I, 3, 3]."""
+    K, I, O = dU.shape
+    return (_GG(dU, m).t() @ dU.transpose(1, 2).reshape(K, O * I)).t().reshape(O, I, 3, 3)
 
 
-def _GG(like: Tensor) -> Tensor:
-    """G ⊗ G as a [36, 9] matrix: U[a b] = sum_kl G[a k] g[k l] G[b l]."""
-    G = like.new_tensor(_G)
-    return (G[:, None, :, None] * G[None, :, None, :]).reshape(36, 9)
+def _GG(like: Tensor, m: int) -> Tensor:
+    """G ⊗ G as a [(m + 2)^2, 9] matrix: U[a b] = sum_kl G[a k] g[k l] G[b l]."""
+    G = like.new_tensor(_G[m])
+    return (G[:, None, :, None] * G[None, :, None, :]).reshape(-1, 9)
 
 
 class _Winograd(torch.autograd.Function):
-    """y = A^T [U V] A + b over 4x4 output tiles, in fp32 (a bf16 x is kept as it came, y returned in its dtype);
-    the backward pass recomputes U and V from the weight and x rather than keeping them (they are 4x and 2.25x the
-    size), and runs the same transforms' adjoints."""
+    """y = A^T [U V] A + b over m x m output tiles, the transforms computed in fp32 and U, V, M stored in `dtype`
+    (the matrix products' operands; y returned in x's dtype). The backward pass recomputes U and V from the weight
+    and x rather than keeping them ((m + 2)^2 / m^2 times the size), and runs the same transforms' adjoints."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, m: int, dtype: torch.dtype) -> Tensor:
         k, (N, _, H, W) = routes.kernel("winograd", wait=True), x.shape
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        V = k.input_transform(x.float())
-        return k.output_transform(torch.bmm(V, winograd_weight(weight)), x.new_empty(0, dtype=torch.float32) if bias is None else bias.contiguous(), N, H, W).to(x.dtype)
+        ctx.has_bias, ctx.m, ctx.dtype = bias is not None, m, dtype
+        V = k.input_transform(x.to(dtype), m)
+        b = x.new_empty(0, dtype=torch.float32) if bias is None else bias.float().contiguous()
+        return k.output_transform(torch.bmm(V, winograd_weight(weight.float(), m).to(dtype)), b, N, H, W, m).to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: Tensor):
-        k, (x, weight) = routes.kernel("winograd", wait=True), ctx.saved_tensors
+        k, (x, weight), m, dtype = routes.kernel("winograd", wait=True), ctx.saved_tensors, ctx.m, ctx.dtype
         N, _, H, W = x.shape
-        dy = dy.float().contiguous(memory_format=torch.channels_last)
-        dM = k.output_adjoint(dy)  # [36, P, O]
+        dy = dy.to(dtype).contiguous(memory_format=torch.channels_last)
+        dM = k.output_adjoint(dy, m)  # [(m + 2)^2, P, O]
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = k.input_adjoint(torch.bmm(dM, winograd_weight(weight).transpose(1, 2)), N, H, W).to(x.dtype)
+            Ut = winograd_weight(weight.float(), m).transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)
+            dx = k.input_adjoint(torch.bmm(dM, Ut), N, H, W, m).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            dw = winograd_weight_adjoint(torch.bmm(k.input_transform(x.float()).transpose(1, 2), dM))
+            dw = winograd_weight_adjoint(torch.bmm(k.input_transform(x.to(dtype), m).transpose(1, 2), dM).float(), m).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy.sum((0, 2, 3))
-        return dx, dw, db
+            db = dy.sum((0, 2, 3), dtype=torch.float32)
+        return dx, dw, db, None, None
 
 
-def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """F.conv2d(x, weight, bias, padding=1) of a channels-last fp32 CPU image by Winograd's F(4x4, 3x3) (Lavin &
-    Gray 2016, Eq. 8): Y = A^T [U V] A, with the 36 matrix products U V over channels as one torch.bmm. It takes 4x
-    fewer multiplications than the direct convolution."""
-    return _Winograd.apply(x, weight, bias)
+def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None, m: int = 4, dtype: torch.dtype = torch.float32) -> Tensor:
+    """F.conv2d(x, weight, bias, padding=1) of a channels-last CPU image by Winograd's F(m x m, 3x3) (Lavin & Gray
+    2016, Eq. 8): Y = A^T [U V] A, with the (m + 2)^2 matrix products U V over channels as one torch.bmm in `dtype`.
+    F(4x4, 3x3) takes 4x fewer multiplications than the direct convolution, F(2x2, 3x3) 2.25x."""
+    return _Winograd.apply(x, weight, bias, m, dtype)
 
 
 class _Conv3x3(torch.autograd.Function):
@@ -128,9 +142,15 @@ def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) 
 
 
 def _winograd(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """winograd_conv3x3 in fp32 (of a bf16 input as it comes), the output in `dtype`."""
+    """winograd_conv3x3 F(4x4, 3x3) in fp32 (of a bf16 input as it comes), the output in `dtype`."""
     with torch.autocast("cpu", enabled=False):
         return winograd_conv3x3(x, weight, bias).to(dtype)
+
+
+def _winograd_bf16(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """winograd_conv3x3 F(2x2, 3x3) with bf16 matrix products, the output in bf16 (`dtype`)."""
+    with torch.autocast("cpu", enabled=False):
+        return winograd_conv3x3(x.to(dtype), weight, bias, 2, dtype)
 
 
 def _gemm_weight_grad(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -139,14 +159,14 @@ def _gemm_weight_grad(x: Tensor, weight: Tensor, bias: Tensor | None, dtype: tor
         return _Conv3x3.apply(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
 
 
-ROUTES = {"onednn": _onednn, "winograd": _winograd, "gemm_weight_grad": _gemm_weight_grad}
+ROUTES = {"onednn": _onednn, "winograd": _winograd, "winograd_bf16": _winograd_bf16, "gemm_weight_grad": _gemm_weight_grad}
 
 
 class Conv2d(nn.Conv2d):
     """`nn.Conv2d` (same parameters and state dict) that, for 3x3, stride-1, padding-1 convolutions of channels-last
     CPU images, takes the fastest of ROUTES as measured on first use (`nets.routes`): oneDNN's convolution,
-    `winograd_conv3x3` (fp32 weights, channel counts that are multiples of 16) and, in training, `_Conv3x3`'s
-    matrix-product weight gradient. Anything else is `nn.Conv2d`."""
+    `winograd_conv3x3` (channel counts that are multiples of 16; F(4x4) in fp32, and in bf16 also F(2x2) with bf16
+    products) and, in training, `_Conv3x3`'s matrix-product weight gradient. Anything else is `nn.Conv2d`."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._3x3(x):
@@ -161,7 +181,7 @@ class Conv2d(nn.Conv2d):
         same = torch.is_autocast_enabled("cpu") or x.dtype == self.weight.dtype  # else F.conv2d's own error
         if same and dtype in (torch.float32, torch.bfloat16) and x.dtype in (torch.float32, torch.bfloat16):
             if self._winograd_fits() and routes.kernel("winograd") is not None:
-                candidates.append("winograd")
+                candidates += ["winograd", "winograd_bf16"] if dtype == torch.bfloat16 else ["winograd"]
             if train and x.numel() * 9 * dtype.itemsize <= IM2COL_BYTES:
                 candidates.append("gemm_weight_grad")
         key = routes.layer_key("conv3x3", x, dtype, train, f"{self.in_channels}to{self.out_channels}", f"dx{int(x.requires_grad)}")
@@ -174,7 +194,7 @@ class Conv2d(nn.Conv2d):
         return routes.choose(key, candidates, bench, pending=pending)
 
     def _winograd_fits(self) -> bool:
-        return self.weight.dtype == torch.float32 and self.in_channels % 16 == 0 and self.out_channels % 16 == 0
+        return self.weight.dtype in (torch.float32, torch.bfloat16) and self.in_channels % 16 == 0 and self.out_channels % 16 == 0
 
     def _3x3(self, x: Tensor) -> bool:
         return (

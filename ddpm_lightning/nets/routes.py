@@ -2,8 +2,8 @@
 
 The convolutions (`nets.conv.Conv2d`) and GroupNorms (`nets.norm.GroupNorm`) of the U-Net have several routes on
 channels-last CPU tensors: PyTorch's own operator (oneDNN's convolution, `F.group_norm`), always a candidate and
-the default, and the speed paths (Winograd F(4x4, 3x3), the matrix-product weight gradient, the fused GroupNorm
-kernel). Which one is fastest depends on the CPU (AMX or not, AVX-512 or not), the shape, the dtype and whether
+the default, and the speed paths (Winograd F(4x4, 3x3) in fp32 and F(2x2, 3x3) with bf16 products, the
+matrix-product weight gradient, the fused GroupNorm kernel). Which one is fastest depends on the CPU (AMX or not, AVX-512 or not), the shape, the dtype and whether
 gradients are needed, so, as `torch.backends.cudnn.benchmark` does, the first call with a new (layer shape, input
 shape, dtype, training or not, threads) times every candidate on copies of its inputs (forward, plus backward
 when training; a warm-up call, then a few rounds alternating the candidates) and keeps the fastest. A speed path
@@ -69,7 +69,7 @@ _decisions: dict[str, dict] = {}  # key -> {"route": name, "ms": {candidate: med
 _used: dict[str, str] = {}  # key -> route, of the keys met by this process
 _forced: dict[str, str] = {}  # op -> route (tests and benchmarks)
 _pinned: dict[str, str] = {}  # key -> route, of the run being resumed (its checkpoint's `decisions()`)
-_NEEDS = {"winograd": "winograd", "fused": "group_norm"}  # route -> the kernel it runs
+_NEEDS = {"winograd": "winograd", "winograd_bf16": "winograd", "fused": "group_norm"}  # route -> the kernel it runs
 _file: dict = {"loaded": False}
 
 
