@@ -196,14 +196,20 @@ at::Tensor input_transform(const at::Tensor& x) {
   return V;
 }
 
+// An empty channels-last [N, C, H, W] image in the dtype of `tiles`, the [K, P, C] values it is made from (checked).
+template <typename F>
+at::Tensor image_of(const at::Tensor& tiles, const Tiles<F>& t, const char* name) {
+  TORCH_CHECK(tiles.size(0) == t.K && tiles.size(1) == t.P, name, ": [", t.K, ", ", t.P, ", C] for this image, not ", tiles.sizes());
+  return at::empty({t.N, t.C, t.H, t.W}, tiles.options().memory_format(at::MemoryFormat::ChannelsLast));
+}
+
 // The adjoint of input_transform: dx = the sum over tiles of B dV B^T, each added onto its a x a patch. Patches
 // overlap their neighbours by two rows and columns, so one task takes a sample's channel block and goes down its
 // rows of tiles, adding them into fp32 rows that it stores (in dV's dtype) once no later row of tiles reaches them.
 template <typename F, typename T>
 at::Tensor input_adjoint(const at::Tensor& V, int64_t N, int64_t H, int64_t W) {
   const Tiles<F> t(N, H, W, V.size(2));
-  TORCH_CHECK(V.size(0) == t.K && V.size(1) == t.P, "dV: [", t.K, ", ", t.P, ", C] for this image, not ", V.sizes());
-  at::Tensor dx = at::empty({N, t.C, H, W}, V.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor dx = image_of(V, t, "dV");
   const T* vp = V.const_data_ptr<T>();
   T* xp = dx.data_ptr<T>();
   constexpr int64_t a = F::a, m = F::m;
@@ -249,8 +255,7 @@ at::Tensor input_adjoint(const at::Tensor& V, int64_t N, int64_t H, int64_t W) {
 template <typename F, typename T>
 at::Tensor output_transform(const at::Tensor& M, const float* bp, int64_t N, int64_t H, int64_t W) {
   const Tiles<F> t(N, H, W, M.size(2));
-  TORCH_CHECK(M.size(0) == t.K && M.size(1) == t.P, "M: [", t.K, ", ", t.P, ", O] for this image, not ", M.sizes());
-  at::Tensor y = at::empty({N, t.C, H, W}, M.options().memory_format(at::MemoryFormat::ChannelsLast));
+  at::Tensor y = image_of(M, t, "M");
   const T* mp = M.const_data_ptr<T>();
   T* yp = y.data_ptr<T>();
   constexpr int64_t a = F::a, m = F::m;
