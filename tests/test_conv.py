@@ -76,8 +76,9 @@ def test_winograd_convolution_matches_float64_forward_and_backward(n, i, o, h, w
 @pytest.mark.parametrize("n, i, o, h, w", [(2, 16, 32, 8, 8), (3, 32, 16, 5, 7), (1, 16, 16, 1, 3), (2, 48, 16, 13, 4), (4, 128, 128, 16, 16)])
 def test_winograd_with_bf16_products_is_as_close_to_the_exact_convolution_as_onednns_bf16_one(n, i, o, h, w):
     """F(2x2, 3x3) with bf16 operands (its transforms take 0 and +-1 only): y, dx, dw, db of a bf16 input and fp32
-    parameters within 3x the error of oneDNN's bf16 convolution of the same (measured: y 1.0-1.4x, dw 1.5-2.4x,
-    dx 1.3-2.7x, rounded at U, V, M and dV), and below 1e-2 of each tensor's largest entry."""
+    parameters within 4x the error of oneDNN's bf16 convolution of the same (measured: y 1.0-1.4x, dx 1.0-2.5x,
+    rounded at U, V and M; dw 1.6-3.3x, each chunk's product dM^T V also rounded before the fp32 sum), and below
+    1e-2 of each tensor's largest entry."""
     x, weight, b, dy = conv_problem(n, i, o, h, w, True)
     x, dy = x.bfloat16(), dy.bfloat16()
     got = run(lambda x, w, b: conv.winograd_conv3x3(x, w, b, 2, torch.bfloat16), x, weight, b, dy)
@@ -87,7 +88,7 @@ def test_winograd_with_bf16_products_is_as_close_to_the_exact_convolution_as_one
     assert got[0].is_contiguous(memory_format=torch.channels_last) and got[1].is_contiguous(memory_format=torch.channels_last)
     for g, d, v in zip(got, onednn, want):
         error, reference = [((t.double() - v).abs().max() / v.abs().max()).item() for t in (g, d)]
-        assert error < max(3 * reference, 1e-3) and error < 1e-2, (error, reference)
+        assert error < max(4 * reference, 1e-3) and error < 1e-2, (error, reference)
 
 
 def conv_problem(n, i, o, h, w, bias):

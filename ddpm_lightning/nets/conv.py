@@ -5,7 +5,8 @@ fp32: the direct convolution runs at the CPU's FMA peak, so only fewer multiplic
 Winograd's minimal filtering F(4x4, 3x3) (Lavin & Gray 2016, "Fast Algorithms for Convolutional Neural
 Networks") computes each 4x4 output tile from a 6x6 input patch with 36 multiplications per channel pair instead
 of 144: 36 matrix products over channels between transforms of the input and output tiles
-(`kernels/winograd.cpp`). Its rounding error is about 10x the direct convolution's: 1e-5 of the output's largest
+(`kernels/winograd.cpp`, which runs transform, products and inverse transform chunk by chunk, each chunk's tiles
+in cache on one thread). Its rounding error is about 10x the direct convolution's: 1e-5 of the output's largest
 value at 128 channels, against 1e-6. Under bf16 autocast it computes in fp32 from the bf16 input: on CPUs without
 AMX that can be faster than oneDNN's bf16 convolution.
 
@@ -13,8 +14,9 @@ bf16: oneDNN's bf16 convolution also runs at the CPU's peak (about 450 GFLOP/s o
 avx512_bf16), so again only fewer multiplications help. F(4x4, 3x3) in bf16 is too inexact (its transforms
 amplify the bf16 rounding of the tiles to 5e-2 of the output), but F(2x2, 3x3), whose input and output transforms
 take only 0 and +-1, computes 2x2 tiles from 4x4 patches with 16 multiplications instead of 36 and, with U, V and
-the products M in bf16, is within 1-3x the error of oneDNN's bf16 convolution; its 16 bf16 matrix products run at
-the same peak.
+the products M in bf16, is within 1-4x the error of oneDNN's bf16 convolution (the weight gradient's end of that
+range: each chunk's bf16 product is rounded to bf16 before it joins the fp32 sum, as torch has no CPU matrix
+product with bf16 operands and an fp32 result); its 16 bf16 matrix products run at the same peak.
 
 The bf16 weight gradient: oneDNN's bf16 weight-gradient kernel runs at a fraction of its forward speed when the
 image is small (the U-Net's 8x8 and 4x4 levels: 3-5x the forward's time, where a matrix product over the same
@@ -34,6 +36,8 @@ from torch import Tensor, nn
 from . import routes
 from .norm import channels_last_cpu
 
+# Winograd: bytes of transformed tiles per chunk (kernels/winograd.cpp), by dtype, as measured fastest on 2 AMD EPYC cores
+CHUNK_BYTES = {torch.float32: 2**24, torch.bfloat16: 2**21}
 IM2COL_BYTES = 2**28  # the matrix-product weight gradient is a candidate while its [N H W, 9 I] copy fits in this
 
 
@@ -47,63 +51,38 @@ def weight_grad_3x3(x: Tensor, dy: Tensor) -> Tensor:
     return (g.t() @ cols.reshape(N * H * W, 9 * I)).view(-1, 3, 3, I).permute(0, 3, 1, 2)
 
 
-# Winograd weight transforms G (Lavin & Gray 2016, Sec. 4.2), by output tile size m: F(4x4, 3x3) with interpolation
-# points 0, 1, -1, 2, -2, inf; F(2x2, 3x3) with 0, 1, -1, inf
-_G = {
-    4: ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6), (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
-    2: ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
-}
-
-
-def winograd_weight(weight: Tensor, m: int = 4) -> Tensor:
-    """U = G g G^T for every (output, input) channel pair, [O, I, 3, 3] -> [(m + 2)^2, I, O] (Lavin & Gray 2016,
-    Eq. 8)."""
-    O, I = weight.shape[:2]
-    return (_GG(weight, m) @ weight.reshape(O * I, 9).t()).view(-1, O, I).transpose(1, 2)
-
-
-def winograd_weight_adjoint(dU: Tensor, m: int = 4) -> Tensor:
-    """dL/dg = G^T dU G, the adjoint of winograd_weight: [(m + 2)^2, I, O] -> [O, I, 3, 3]."""
-    K, I, O = dU.shape
-    return (_GG(dU, m).t() @ dU.transpose(1, 2).reshape(K, O * I)).t().reshape(O, I, 3, 3)
-
-
-def _GG(like: Tensor, m: int) -> Tensor:
-    """G ⊗ G as a [(m + 2)^2, 9] matrix: U[a b] = sum_kl G[a k] g[k l] G[b l]."""
-    G = like.new_tensor(_G[m])
-    return (G[:, None, :, None] * G[None, :, None, :]).reshape(-1, 9)
-
-
 class _Winograd(torch.autograd.Function):
     """y = A^T [U V] A + b over m x m output tiles, the transforms computed in fp32 and U, V, M stored in `dtype`
-    (the matrix products' operands; y returned in x's dtype). The backward pass recomputes U and V from the weight
-    and x rather than keeping them ((m + 2)^2 / m^2 times the size), and runs the same transforms' adjoints."""
+    (the matrix products' operands; y returned in x's dtype). dL/dx is the same convolution of dL/dy with the
+    rotated kernels; dL/dU sums dM^T V over the tiles, V recomputed from x rather than kept ((m + 2)^2 / m^2 times
+    its size)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, m: int, dtype: torch.dtype) -> Tensor:
-        k, (N, _, H, W) = routes.kernel("winograd", wait=True), x.shape
+        k = routes.kernel("winograd", wait=True)
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.m, ctx.dtype = bias is not None, m, dtype
-        V = k.input_transform(x.to(dtype), m)
         b = x.new_empty(0, dtype=torch.float32) if bias is None else bias.float().contiguous()
-        return k.output_transform(torch.bmm(V, winograd_weight(weight.float(), m).to(dtype)), b, N, H, W, m).to(x.dtype)
+        return k.conv(x.to(dtype), _kernels(weight), b, m, False, CHUNK_BYTES[dtype]).to(x.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: Tensor):
         k, (x, weight), m, dtype = routes.kernel("winograd", wait=True), ctx.saved_tensors, ctx.m, ctx.dtype
-        N, _, H, W = x.shape
         dy = dy.to(dtype).contiguous(memory_format=torch.channels_last)
-        dM = k.output_adjoint(dy, m)  # [(m + 2)^2, P, O]
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            Ut = winograd_weight(weight.float(), m).transpose(1, 2).to(dtype, memory_format=torch.contiguous_format)
-            dx = k.input_adjoint(torch.bmm(dM, Ut), N, H, W, m).to(x.dtype)
+            dx = k.conv(dy, _kernels(weight), dy.new_empty(0, dtype=torch.float32), m, True, CHUNK_BYTES[dtype]).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            dw = winograd_weight_adjoint(torch.bmm(k.input_transform(x.to(dtype), m).transpose(1, 2), dM).float(), m).to(weight.dtype)
+            dw = k.weight_grad(x.to(dtype), dy, m, CHUNK_BYTES[dtype]).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum((0, 2, 3), dtype=torch.float32)
         return dx, dw, db, None, None
+
+
+def _kernels(weight: Tensor) -> Tensor:
+    """The weight as the kernels take it: channels-last fp32."""
+    return weight.float().contiguous(memory_format=torch.channels_last)
 
 
 def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None, m: int = 4, dtype: torch.dtype = torch.float32) -> Tensor:

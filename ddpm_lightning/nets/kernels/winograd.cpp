@@ -1,10 +1,11 @@
-// The tile transforms of Winograd's minimal filtering algorithms F(m x m, 3x3), m = 4 and m = 2 (Lavin & Gray 2016,
-// Eq. 8: Y = A^T [(G g G^T) * (B^T d B)] A), for a 3x3, stride-1, padding-1 convolution of a channels-last fp32 or
-// bf16 image x, [N, H, W, C] in memory. The image is cut into m x m output tiles (TH x TW per sample, P = N TH TW
-// in all), each read from the a x a input patch around it (a = m + 2). The four functions here are the input
-// transform V = B^T d B, the output transform Y = A^T M A (plus the bias), and their adjoints, computed in fp32 and
-// stored in the dtype they were given; the a^2 matrix products M = V U between them, and the weight transform
-// U = G g G^T, are torch's. V and M are [a^2, P, C] and [a^2, P, O]: one matrix per tile position.
+// Winograd's minimal filtering algorithms F(m x m, 3x3), m = 4 and m = 2 (Lavin & Gray 2016, Eq. 8:
+// Y = A^T [(G g G^T) * (B^T d B)] A), for a 3x3, stride-1, padding-1 convolution of a channels-last fp32 or bf16 image
+// x, [N, H, W, C] in memory. The image is cut into m x m output tiles (TH x TW per sample, P = N TH TW in all), each
+// read from the a x a input patch around it (a = m + 2). Two entry points: conv (the forward, and dL/dx as the same
+// convolution of dy with the kernels turned by 180 degrees and in/out swapped) and weight_grad (dL/dg = G^T (sum over
+// tiles of dM^T V) G). Both run over chunks of tiles that fit in cache, one chunk per thread: the chunk's input
+// transform V = B^T d B [a^2, n, C], its a^2 matrix products (torch's bmm), and its output transform Y = A^T M A (or
+// the adjoint dM = A dY A^T), with transforms in fp32 and tiles stored in the dtype they were given.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -19,6 +20,8 @@ constexpr int64_t L = 16;  // channels per block: one AVX-512 register of fp32
 // rows (r + k sr): input B^T (6 -> 6), its adjoint B, output A^T (6 -> 4), its adjoint A (4 -> 6).
 struct F4 {
   static constexpr int64_t m = 4, a = 6;
+  static constexpr float G[a][3] = {{1.f / 4, 0, 0}, {-1.f / 6, -1.f / 6, -1.f / 6}, {-1.f / 6, 1.f / 6, -1.f / 6},
+                                    {1.f / 24, 1.f / 12, 1.f / 6}, {1.f / 24, -1.f / 12, 1.f / 6}, {0, 0, 1}};  // kernel
   static void input(const float* d, int64_t sd, float* r, int64_t sr) {
 #pragma omp simd
     for (int64_t l = 0; l < L; ++l) {
@@ -72,6 +75,7 @@ struct F4 {
 // F(2x2, 3x3), interpolation points 0, 1, -1, inf: transforms of 0 and +-1 only, so bf16 operands lose little.
 struct F2 {
   static constexpr int64_t m = 2, a = 4;
+  static constexpr float G[a][3] = {{1, 0, 0}, {0.5f, 0.5f, 0.5f}, {0.5f, -0.5f, 0.5f}, {0, 0, 1}};
   static void input(const float* d, int64_t sd, float* r, int64_t sr) {
 #pragma omp simd
     for (int64_t l = 0; l < L; ++l) {
@@ -147,16 +151,6 @@ struct Tiles {
   void locate(int64_t p, int64_t& s, int64_t& th, int64_t& tw) const { s = p / (TH * TW), th = p / TW % TH, tw = p % TW; }
 };
 
-// Tile p's K values at channels c0 .. c0 + L of a [K, P, C] tensor (V or M), to and from a block b[K][L].
-template <typename F, typename T>
-inline void load_tile(const T* src, const Tiles<F>& t, int64_t p, int64_t c0, float* b) {
-  for (int64_t k = 0; k < t.K; ++k) load(src + (k * t.P + p) * t.C + c0, b + k * L);
-}
-template <typename F, typename T>
-inline void store_tile(const float* b, const Tiles<F>& t, int64_t p, int64_t c0, T* dst) {
-  for (int64_t k = 0; k < t.K; ++k) store(b + k * L, dst + (k * t.P + p) * t.C + c0);
-}
-
 // Tile p's a x a x L patch of x (rows m th - 1 .. m th + m, zero outside the image) at channels c0 .. c0 + L into d.
 template <typename F, typename T>
 inline void gather(const T* x, const Tiles<F>& t, int64_t p, int64_t c0, float* d) {
@@ -175,140 +169,209 @@ inline void gather(const T* x, const Tiles<F>& t, int64_t p, int64_t c0, float* 
   }
 }
 
-// V = B^T d B for every tile: [N, H, W, C] -> [K, P, C].
+// V = B^T d B for tiles p0 .. p0 + n of x, into the [K, n, C] block V.
 template <typename F, typename T>
-at::Tensor input_transform(const at::Tensor& x) {
-  const Tiles<F> t(x.size(0), x.size(2), x.size(3), x.size(1));
-  at::Tensor V = at::empty({t.K, t.P, t.C}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  const T* xp = x.const_data_ptr<T>();
-  T* vp = V.data_ptr<T>();
+void input_tiles(const T* x, const Tiles<F>& t, int64_t p0, int64_t n, T* V) {
   constexpr int64_t a = F::a;
-  at::parallel_for(0, t.P, 8, [&](int64_t p0, int64_t p1) {
-    alignas(64) float d[a * a * L], r[a * a * L];
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t c0 = 0; c0 < t.C; c0 += L) {
-        gather(xp, t, p, c0, d);
-        for (int64_t j = 0; j < a; ++j) F::input(d + j * L, a * L, r + j * L, a * L);  // columns: B^T d
-        for (int64_t i = 0; i < a; ++i) F::input(r + i * a * L, L, d + i * a * L, L);  // rows: (B^T d) B
-        store_tile(d, t, p, c0, vp);
-      }
-  });
-  return V;
+  alignas(64) float d[a * a * L], r[a * a * L];
+  for (int64_t p = p0; p < p0 + n; ++p)
+    for (int64_t c0 = 0; c0 < t.C; c0 += L) {
+      gather(x, t, p, c0, d);
+      for (int64_t j = 0; j < a; ++j) F::input(d + j * L, a * L, r + j * L, a * L);  // columns: B^T d
+      for (int64_t i = 0; i < a; ++i) F::input(r + i * a * L, L, d + i * a * L, L);  // rows: (B^T d) B
+      for (int64_t k = 0; k < t.K; ++k) store(d + k * L, V + (k * n + p - p0) * t.C + c0);
+    }
 }
 
-// An empty channels-last [N, C, H, W] image in the dtype of `tiles`, the [K, P, C] values it is made from (checked).
+// y = A^T M A + bias for tiles p0 .. p0 + n from the [K, n, O] block M, cropped to the image y ([N, H, W, O]).
+template <typename F, typename T>
+void output_tiles(const T* M, const Tiles<F>& t, int64_t p0, int64_t n, const float* bp, T* y) {
+  constexpr int64_t a = F::a, m = F::m;
+  alignas(64) float mm[a * a * L], r[m * a * L], o[m * m * L];
+  for (int64_t p = p0; p < p0 + n; ++p) {
+    int64_t s, th, tw;
+    t.locate(p, s, th, tw);
+    for (int64_t c0 = 0; c0 < t.C; c0 += L) {
+      for (int64_t k = 0; k < t.K; ++k) load(M + (k * n + p - p0) * t.C + c0, mm + k * L);
+      for (int64_t j = 0; j < a; ++j) F::output(mm + j * L, a * L, r + j * L, a * L);  // A^T M: [m, a]
+      for (int64_t i = 0; i < m; ++i) F::output(r + i * a * L, L, o + i * m * L, L);  // (A^T M) A: [m, m]
+      if (bp)
+        for (int64_t k = 0; k < m * m; ++k)
+#pragma omp simd
+          for (int64_t l = 0; l < L; ++l) o[k * L + l] += bp[c0 + l];
+      for (int64_t i = 0; i < m && m * th + i < t.H; ++i)
+        for (int64_t j = 0; j < m && m * tw + j < t.W; ++j) store(o + (i * m + j) * L, y + ((s * t.H + m * th + i) * t.W + m * tw + j) * t.C + c0);
+    }
+  }
+}
+
+// dM = A dY A^T (the adjoint of output_tiles) for tiles p0 .. p0 + n, dY the tile's m x m of dy (zero beyond the
+// image), into the [K, n, O] block dM.
+template <typename F, typename T>
+void output_adjoint_tiles(const T* dy, const Tiles<F>& t, int64_t p0, int64_t n, T* dM) {
+  constexpr int64_t a = F::a, m = F::m;
+  alignas(64) float g[m * m * L], r[a * m * L], mm[a * a * L];
+  for (int64_t p = p0; p < p0 + n; ++p) {
+    int64_t s, th, tw;
+    t.locate(p, s, th, tw);
+    for (int64_t c0 = 0; c0 < t.C; c0 += L) {
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < m; ++j) {
+          float* dst = g + (i * m + j) * L;
+          if (m * th + i < t.H && m * tw + j < t.W)
+            load(dy + ((s * t.H + m * th + i) * t.W + m * tw + j) * t.C + c0, dst);
+          else
+            std::memset(dst, 0, L * sizeof(float));
+        }
+      for (int64_t j = 0; j < m; ++j) F::output_adjoint(g + j * L, m * L, r + j * L, m * L);  // A g: [a, m]
+      for (int64_t i = 0; i < a; ++i) F::output_adjoint(r + i * m * L, L, mm + i * a * L, L);  // (A g) A^T: [a, a]
+      for (int64_t k = 0; k < t.K; ++k) store(mm + k * L, dM + (k * n + p - p0) * t.C + c0);
+    }
+  }
+}
+
+// Splits the P tiles into chunks whose transforms (bytes_per_tile each) take about chunk_bytes, as many for each
+// thread, and calls f(p0, n) for every chunk on the thread that owns it.
+template <typename G>
+void for_chunks(int64_t P, int64_t bytes_per_tile, int64_t chunk_bytes, const G& f) {
+  const int64_t threads = at::get_num_threads(), target = std::max<int64_t>(16, chunk_bytes / bytes_per_tile);
+  const int64_t chunks = threads * std::max<int64_t>(1, (P + threads * target - 1) / (threads * target));
+  const int64_t n = (P + chunks - 1) / chunks;
+  at::parallel_for(0, (P + n - 1) / n, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) f(q * n, std::min(n, P - q * n));
+  });
+}
+
+// U = G g G^T (Lavin & Gray 2016, Eq. 8) for every channel pair of the fp32 kernels w ([O, I, 3, 3], channels-last:
+// [O][3][3][I] in memory), as [K, O, I] in T; `rotated`: of each kernel turned by 180 degrees (dL/dx is dL/dy's
+// convolution with those, I and O swapped).
+template <typename F, typename T>
+at::Tensor weight_transform(const at::Tensor& w, bool rotated, const at::TensorOptions& options) {
+  constexpr int64_t a = F::a;
+  const int64_t O = w.size(0), I = w.size(1);
+  TORCH_CHECK(I % L == 0, "Winograd transforms take a multiple of ", L, " channels, not ", I);
+  at::Tensor U = at::empty({a * a, O, I}, options);
+  const float* wp = w.const_data_ptr<float>();
+  T* up = U.data_ptr<T>();
+  at::parallel_for(0, O, 1, [&](int64_t o0, int64_t o1) {
+    alignas(64) float g[9 * L], h[a * 3 * L], u[a * a * L];
+    for (int64_t o = o0; o < o1; ++o)
+      for (int64_t i0 = 0; i0 < I; i0 += L) {
+        for (int64_t t = 0; t < 9; ++t) std::memcpy(g + (rotated ? 8 - t : t) * L, wp + (o * 9 + t) * I + i0, L * sizeof(float));
+        for (int64_t p = 0; p < a; ++p)  // h = G g: [a, 3]
+          for (int64_t c = 0; c < 3; ++c)
+#pragma omp simd
+            for (int64_t l = 0; l < L; ++l) h[(p * 3 + c) * L + l] = F::G[p][0] * g[c * L + l] + F::G[p][1] * g[(3 + c) * L + l] + F::G[p][2] * g[(6 + c) * L + l];
+        for (int64_t p = 0; p < a; ++p)  // u = h G^T: [a, a]
+          for (int64_t q = 0; q < a; ++q)
+#pragma omp simd
+            for (int64_t l = 0; l < L; ++l) u[(p * a + q) * L + l] = h[p * 3 * L + l] * F::G[q][0] + h[(p * 3 + 1) * L + l] * F::G[q][1] + h[(p * 3 + 2) * L + l] * F::G[q][2];
+        for (int64_t k = 0; k < a * a; ++k) store(u + k * L, up + (k * O + o) * I + i0);
+      }
+  });
+  return U;
+}
+
+// dL/dg = G^T dU G (the adjoint of weight_transform) from the threads' fp32 sums of dU ([threads, K, O, I]), as
+// channels-last fp32 [O, I, 3, 3].
 template <typename F>
-at::Tensor image_of(const at::Tensor& tiles, const Tiles<F>& t, const char* name) {
-  TORCH_CHECK(tiles.size(0) == t.K && tiles.size(1) == t.P, name, ": [", t.K, ", ", t.P, ", C] for this image, not ", tiles.sizes());
-  return at::empty({t.N, t.C, t.H, t.W}, tiles.options().memory_format(at::MemoryFormat::ChannelsLast));
-}
-
-// The adjoint of input_transform: dx = the sum over tiles of B dV B^T, each added onto its a x a patch. Patches
-// overlap their neighbours by two rows and columns, so one task takes a sample's channel block and goes down its
-// rows of tiles, adding them into fp32 rows that it stores (in dV's dtype) once no later row of tiles reaches them.
-template <typename F, typename T>
-at::Tensor input_adjoint(const at::Tensor& V, int64_t N, int64_t H, int64_t W) {
-  const Tiles<F> t(N, H, W, V.size(2));
-  at::Tensor dx = image_of(V, t, "dV");
-  const T* vp = V.const_data_ptr<T>();
-  T* xp = dx.data_ptr<T>();
-  constexpr int64_t a = F::a, m = F::m;
-  const int64_t CB = t.C % 64 == 0 ? 64 : t.C % 32 == 0 ? 32 : L;  // channels per task
-  const int64_t row = (m * t.TW + 2) * CB;  // one row of the sums: image columns -1 .. m TW
-  at::parallel_for(0, N * (t.C / CB), 1, [&](int64_t q0, int64_t q1) {
-    std::vector<float> acc(a * row);  // acc row i is image row m th - 1 + i while tile row th is added
-    alignas(64) float v[a * a * L], r[a * a * L];
-    for (int64_t q = q0; q < q1; ++q) {
-      const int64_t s = q / (t.C / CB), cb = q % (t.C / CB) * CB;
-      auto flush = [&](int64_t h0, int64_t rows) {  // acc rows 0 .. rows - 1, as image rows h0 ..
-        for (int64_t i = 0; i < rows; ++i)
-          if (h0 + i >= 0 && h0 + i < H)
-            for (int64_t w = 0; w < W; ++w)
-              for (int64_t c = 0; c < CB; c += L) store(acc.data() + i * row + (w + 1) * CB + c, xp + ((s * H + h0 + i) * W + w) * t.C + cb + c);
-      };
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t th = 0; th < t.TH; ++th) {
-        for (int64_t tw = 0; tw < t.TW; ++tw)
-          for (int64_t c = 0; c < CB; c += L) {
-            load_tile(vp, t, (s * t.TH + th) * t.TW + tw, cb + c, v);
-            for (int64_t j = 0; j < a; ++j) F::input_adjoint(v + j * L, a * L, r + j * L, a * L);
-            for (int64_t i = 0; i < a; ++i) F::input_adjoint(r + i * a * L, L, v + i * a * L, L);
-            for (int64_t i = 0; i < a; ++i)
-              for (int64_t j = 0; j < a; ++j) {
-                float* dst = acc.data() + i * row + (m * tw + j) * CB + c;
-                const float* src = v + (i * a + j) * L;
+at::Tensor weight_adjoint(const at::Tensor& sums) {
+  constexpr int64_t a = F::a;
+  const int64_t threads = sums.size(0), O = sums.size(2), I = sums.size(3);
+  at::Tensor dw = at::empty({O, I, 3, 3}, sums.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const float* sp = sums.const_data_ptr<float>();
+  float* wp = dw.data_ptr<float>();
+  at::parallel_for(0, O, 1, [&](int64_t o0, int64_t o1) {
+    alignas(64) float u[a * a * L], h[a * 3 * L];
+    for (int64_t o = o0; o < o1; ++o)
+      for (int64_t i0 = 0; i0 < I; i0 += L) {
+        std::memset(u, 0, sizeof(u));
+        for (int64_t t = 0; t < threads; ++t)
+          for (int64_t k = 0; k < a * a; ++k)
 #pragma omp simd
-                for (int64_t l = 0; l < L; ++l) dst[l] += src[l];
-              }
+            for (int64_t l = 0; l < L; ++l) u[k * L + l] += sp[((t * a * a + k) * O + o) * I + i0 + l];
+        for (int64_t p = 0; p < a; ++p)  // h = dU G: [a, 3]
+          for (int64_t c = 0; c < 3; ++c) {
+            float* hc = h + (p * 3 + c) * L;
+            std::memset(hc, 0, L * sizeof(float));
+            for (int64_t q = 0; q < a; ++q)
+#pragma omp simd
+              for (int64_t l = 0; l < L; ++l) hc[l] += u[(p * a + q) * L + l] * F::G[q][c];
           }
-        flush(m * th - 1, m);  // no later tile row reaches these
-        std::memmove(acc.data(), acc.data() + m * row, 2 * row * sizeof(float));  // rows m, m + 1 go on with th + 1
-        std::fill(acc.begin() + 2 * row, acc.end(), 0.f);
+        for (int64_t r = 0; r < 3; ++r)  // dg = G^T h: [3, 3], stored at [o][r][c][i]
+          for (int64_t c = 0; c < 3; ++c) {
+            float* dst = wp + (o * 9 + r * 3 + c) * I + i0;
+            std::memset(dst, 0, L * sizeof(float));
+            for (int64_t p = 0; p < a; ++p)
+#pragma omp simd
+              for (int64_t l = 0; l < L; ++l) dst[l] += F::G[p][r] * h[(p * 3 + c) * L + l];
+          }
       }
-      flush(m * t.TH - 1, 2);
-    }
   });
-  return dx;
+  return dw;
 }
 
-// y = A^T M A + bias for every tile, cropped to the image: [K, P, O] -> [N, O, H, W] channels-last, in M's dtype.
+// y = conv3x3(x, w) + bias by Winograd's F(m x m, 3x3) (of w's rotated kernels, I and O swapped, if `rotated`),
+// x and y channels-last in T: U = G g G^T in T, then for each chunk of tiles V = B^T d B, M = V U (torch.bmm, on
+// the chunk's thread) and Y = A^T M A, so that V and M stay in the cache.
 template <typename F, typename T>
-at::Tensor output_transform(const at::Tensor& M, const float* bp, int64_t N, int64_t H, int64_t W) {
-  const Tiles<F> t(N, H, W, M.size(2));
-  at::Tensor y = image_of(M, t, "M");
-  const T* mp = M.const_data_ptr<T>();
+at::Tensor conv(const at::Tensor& x, const at::Tensor& w, bool rotated, const float* bp, int64_t chunk_bytes) {
+  const at::Tensor Ut = weight_transform<F, T>(w, rotated, x.options()), U = rotated ? Ut : Ut.transpose(1, 2);
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), O = U.size(2);
+  const Tiles<F> tx(N, H, W, x.size(1)), ty(N, H, W, O);
+  TORCH_CHECK(U.size(1) == tx.C, "the kernels take ", U.size(1), " channels, x has ", tx.C);
+  at::Tensor y = at::empty({N, O, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const T* xp = x.const_data_ptr<T>();
   T* yp = y.data_ptr<T>();
-  constexpr int64_t a = F::a, m = F::m;
-  at::parallel_for(0, t.P, 8, [&](int64_t p0, int64_t p1) {
-    alignas(64) float mm[a * a * L], r[m * a * L], o[m * m * L];
-    for (int64_t p = p0; p < p1; ++p) {
-      int64_t s, th, tw;
-      t.locate(p, s, th, tw);
-      for (int64_t c0 = 0; c0 < t.C; c0 += L) {
-        load_tile(mp, t, p, c0, mm);
-        for (int64_t j = 0; j < a; ++j) F::output(mm + j * L, a * L, r + j * L, a * L);  // A^T M: [m, a]
-        for (int64_t i = 0; i < m; ++i) F::output(r + i * a * L, L, o + i * m * L, L);  // (A^T M) A: [m, m]
-        if (bp)
-          for (int64_t k = 0; k < m * m; ++k)
-#pragma omp simd
-            for (int64_t l = 0; l < L; ++l) o[k * L + l] += bp[c0 + l];
-        for (int64_t i = 0; i < m && m * th + i < H; ++i)
-          for (int64_t j = 0; j < m && m * tw + j < W; ++j) store(o + (i * m + j) * L, yp + ((s * H + m * th + i) * W + m * tw + j) * t.C + c0);
-      }
-    }
+  for_chunks(tx.P, tx.K * (tx.C + O) * int64_t(sizeof(T)), chunk_bytes, [&](int64_t p0, int64_t n) {
+    at::Tensor V = at::empty({tx.K, n, tx.C}, x.options()), M = at::empty({tx.K, n, O}, x.options());
+    input_tiles(xp, tx, p0, n, V.data_ptr<T>());
+    at::bmm_out(M, V, U);
+    output_tiles(M.const_data_ptr<T>(), ty, p0, n, bp, yp);
   });
   return y;
 }
 
-// The adjoint of output_transform: dM = A dY A^T for every tile, dY the tile's m x m of dy (zero beyond the image).
+// dL/dw (channels-last fp32 [O, C, 3, 3]) = G^T dU G, dL/dU^T = the sum over tiles of dM^T V ([K, O, C]): V =
+// B^T d B of x's tiles, dM = A dY A^T of dy's, chunk by chunk as in conv; each thread adds its chunks' products
+// (in bf16, rounded first) into its own fp32 sums.
 template <typename F, typename T>
-at::Tensor output_adjoint(const at::Tensor& dy) {
-  const Tiles<F> t(dy.size(0), dy.size(2), dy.size(3), dy.size(1));
-  at::Tensor dM = at::empty({t.K, t.P, t.C}, dy.options().memory_format(at::MemoryFormat::Contiguous));
+at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& dy, int64_t chunk_bytes) {
+  const int64_t N = x.size(0), H = x.size(2), W = x.size(3), O = dy.size(1);
+  const Tiles<F> tx(N, H, W, x.size(1)), ty(N, H, W, O);
+  TORCH_CHECK(dy.size(0) == N && dy.size(2) == H && dy.size(3) == W, "dy: [", N, ", O, ", H, ", ", W, "], not ", dy.sizes());
+  const int64_t threads = at::get_num_threads(), size = tx.K * O * tx.C;
+  at::Tensor sums = at::empty({threads, tx.K, O, tx.C}, x.options().dtype(at::kFloat));
+  std::vector<char> started(threads, 0);  // whether thread t's sums hold a chunk yet
+  const T* xp = x.const_data_ptr<T>();
   const T* yp = dy.const_data_ptr<T>();
-  T* mp = dM.data_ptr<T>();
-  constexpr int64_t a = F::a, m = F::m;
-  at::parallel_for(0, t.P, 8, [&](int64_t p0, int64_t p1) {
-    alignas(64) float g[m * m * L], r[a * m * L], mm[a * a * L];
-    for (int64_t p = p0; p < p1; ++p) {
-      int64_t s, th, tw;
-      t.locate(p, s, th, tw);
-      for (int64_t c0 = 0; c0 < t.C; c0 += L) {
-        for (int64_t i = 0; i < m; ++i)
-          for (int64_t j = 0; j < m; ++j) {
-            float* dst = g + (i * m + j) * L;
-            if (m * th + i < t.H && m * tw + j < t.W)
-              load(yp + ((s * t.H + m * th + i) * t.W + m * tw + j) * t.C + c0, dst);
-            else
-              std::memset(dst, 0, L * sizeof(float));
-          }
-        for (int64_t j = 0; j < m; ++j) F::output_adjoint(g + j * L, m * L, r + j * L, m * L);  // A g: [a, m]
-        for (int64_t i = 0; i < a; ++i) F::output_adjoint(r + i * m * L, L, mm + i * a * L, L);  // (A g) A^T: [a, a]
-        store_tile(mm, t, p, c0, mp);
+  for_chunks(tx.P, tx.K * (tx.C + O) * int64_t(sizeof(T)), chunk_bytes, [&](int64_t p0, int64_t n) {
+    at::Tensor V = at::empty({tx.K, n, tx.C}, x.options()), dM = at::empty({tx.K, n, O}, x.options());
+    input_tiles(xp, tx, p0, n, V.data_ptr<T>());
+    output_adjoint_tiles(yp, ty, p0, n, dM.data_ptr<T>());
+    const int64_t thread = at::get_thread_num();
+    at::Tensor acc = sums[thread];
+    if constexpr (std::is_same_v<T, float>) {  // summed by the matrix product itself
+      started[thread] ? acc.baddbmm_(dM.transpose(1, 2), V) : at::bmm_out(acc, dM.transpose(1, 2), V);
+    } else {
+      const at::Tensor dMV = at::bmm(dM.transpose(1, 2), V);
+      const T* src = dMV.const_data_ptr<T>();
+      float* dst = acc.data_ptr<float>();
+      for (int64_t i = 0; i < size; i += L) {
+        alignas(64) float b[L];
+        load(src + i, b);
+        if (started[thread])
+#pragma omp simd
+          for (int64_t l = 0; l < L; ++l) dst[i + l] += b[l];
+        else
+          std::memcpy(dst + i, b, sizeof(b));
       }
     }
+    started[thread] = 1;
   });
-  return dM;
+  for (int64_t t = 0; t < threads; ++t)
+    if (!started[t]) sums[t].zero_();  // a thread without a chunk (fewer tiles than threads)
+  return weight_adjoint<F>(sums);
 }
 
 // `return` the expression with F the tile (m = 4 or 2) and T the element type (fp32 or bf16), as AT_DISPATCH does.
@@ -335,35 +398,26 @@ void check_image(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast), name, ": channels-last [N, C, H, W]");
 }
 
-at::Tensor input_transform_(const at::Tensor& x, int64_t m) {
+at::Tensor conv_(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, int64_t m, bool rotated, int64_t chunk_bytes) {
   check_image(x, "x");
-  WINOGRAD_DISPATCH(m, x.scalar_type(), input_transform<F, T>(x))
-}
-
-at::Tensor input_adjoint_(const at::Tensor& dV, int64_t N, int64_t H, int64_t W, int64_t m) {
-  const auto V = dV.contiguous();
-  TORCH_CHECK(V.dim() == 3, "dV: [K, P, C]");
-  WINOGRAD_DISPATCH(m, V.scalar_type(), input_adjoint<F, T>(V, N, H, W))
-}
-
-at::Tensor output_transform_(const at::Tensor& M, const at::Tensor& bias, int64_t N, int64_t H, int64_t W, int64_t m) {
-  TORCH_CHECK(M.dim() == 3 && M.is_contiguous(), "M: contiguous [K, P, O]");
+  TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && w.scalar_type() == at::kFloat && w.is_contiguous(at::MemoryFormat::ChannelsLast),
+              "w: channels-last fp32 [O, I, 3, 3]");
   const bool has_bias = bias.defined() && bias.numel() > 0;
-  TORCH_CHECK(!has_bias || (bias.scalar_type() == at::kFloat && bias.numel() == M.size(2) && bias.is_contiguous()), "bias: fp32 [O]");
+  TORCH_CHECK(!has_bias || (bias.scalar_type() == at::kFloat && bias.numel() == w.size(rotated ? 1 : 0) && bias.is_contiguous()), "bias: fp32, one per output channel");
   const float* bp = has_bias ? bias.const_data_ptr<float>() : nullptr;
-  WINOGRAD_DISPATCH(m, M.scalar_type(), output_transform<F, T>(M, bp, N, H, W))
+  WINOGRAD_DISPATCH(m, x.scalar_type(), conv<F, T>(x, w, rotated, bp, chunk_bytes))
 }
 
-at::Tensor output_adjoint_(const at::Tensor& dy, int64_t m) {
+at::Tensor weight_grad_(const at::Tensor& x, const at::Tensor& dy, int64_t m, int64_t chunk_bytes) {
+  check_image(x, "x");
   check_image(dy, "dy");
-  WINOGRAD_DISPATCH(m, dy.scalar_type(), output_adjoint<F, T>(dy))
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "dy: in x's dtype");
+  WINOGRAD_DISPATCH(m, x.scalar_type(), weight_grad<F, T>(x, dy, chunk_bytes))
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("input_transform", &input_transform_);
-  m.def("input_adjoint", &input_adjoint_);
-  m.def("output_transform", &output_transform_);
-  m.def("output_adjoint", &output_adjoint_);
+  m.def("conv", &conv_);
+  m.def("weight_grad", &weight_grad_);
 }
