@@ -63,6 +63,7 @@ def ours_loop(net, sampler: str, steps: int, batch: int, shape, device):
     from omegaconf import OmegaConf
 
     from ddpm_lightning.denoiser import Denoiser
+    from ddpm_lightning.nets.conv import fixed_weights
     from ddpm_lightning.samplers import PerSampleNoise
     from ddpm_lightning.schedules import linear
 
@@ -72,9 +73,10 @@ def ours_loop(net, sampler: str, steps: int, batch: int, shape, device):
         cfg.steps = steps
     sample = instantiate(cfg)
 
-    def loop():
+    def loop():  # as Module.sample runs it
         noise = PerSampleNoise(range(batch), device)
-        sample(denoiser, noise.randn(shape), noise)
+        with fixed_weights():
+            sample(denoiser, noise.randn(shape), noise)
 
     return loop
 

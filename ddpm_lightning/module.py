@@ -17,6 +17,7 @@ from ddpm_lightning.checkpointing import correct_epoch_after_resume, step_seed
 from ddpm_lightning.denoiser import Denoiser
 from ddpm_lightning.losses import LOSSES, LossAwareTimesteps, diffusion_losses, eps_mse
 from ddpm_lightning.nets import routes
+from ddpm_lightning.nets.conv import fixed_weights
 from ddpm_lightning.samplers import PerSampleNoise, check_compatible
 
 
@@ -320,7 +321,8 @@ class DiffusionModule(ImageModule):
         was_training = self.training
         self.eval()
         try:
-            return sampler(denoiser, x_T, noise, callback=callback, **cond).clamp(-1, 1)
+            with fixed_weights():
+                return sampler(denoiser, x_T, noise, callback=callback, **cond).clamp(-1, 1)
         finally:
             self.train(was_training)
 

@@ -1,11 +1,12 @@
 // Winograd's minimal filtering algorithms F(m x m, 3x3), m = 4 and m = 2 (Lavin & Gray 2016, Eq. 8:
 // Y = A^T [(G g G^T) * (B^T d B)] A), for a 3x3, stride-1, padding-1 convolution of a channels-last fp32 or bf16 image
 // x, [N, H, W, C] in memory. The image is cut into m x m output tiles (TH x TW per sample, P = N TH TW in all), each
-// read from the a x a input patch around it (a = m + 2). Two entry points: conv (the forward, and dL/dx as the same
-// convolution of dy with the kernels turned by 180 degrees and in/out swapped) and weight_grad (dL/dg = G^T (sum over
-// tiles of dM^T V) G). Both run over chunks of tiles that fit in cache, one chunk per thread: the chunk's input
-// transform V = B^T d B [a^2, n, C], its a^2 matrix products (torch's bmm), and its output transform Y = A^T M A (or
-// the adjoint dM = A dY A^T), with transforms in fp32 and tiles stored in the dtype they were given.
+// read from the a x a input patch around it (a = m + 2). Three entry points: kernels (U = G g G^T, of the kernels as
+// given or turned by 180 degrees with in/out swapped), conv (the forward with U, and dL/dx as the same convolution of
+// dy with the turned kernels' U) and weight_grad (dL/dg = G^T (sum over tiles of dM^T V) G). The last two run over
+// chunks of tiles that fit in cache, one chunk per thread: the chunk's input transform V = B^T d B [a^2, n, C], its
+// a^2 matrix products (torch's bmm), and its output transform Y = A^T M A (or the adjoint dM = A dY A^T), with
+// transforms in fp32 and tiles stored in the dtype they were given.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -311,15 +312,15 @@ at::Tensor weight_adjoint(const at::Tensor& sums) {
   return dw;
 }
 
-// y = conv3x3(x, w) + bias by Winograd's F(m x m, 3x3) (of w's rotated kernels, I and O swapped, if `rotated`),
-// x and y channels-last in T: U = G g G^T in T, then for each chunk of tiles V = B^T d B, M = V U (torch.bmm, on
-// the chunk's thread) and Y = A^T M A, so that V and M stay in the cache.
+// y = conv3x3(x, w) + bias by Winograd's F(m x m, 3x3), x and y channels-last in T, given U = G g G^T as [K, C, O]
+// in T (`kernels`): for each chunk of tiles V = B^T d B, M = V U (torch.bmm, on the chunk's thread) and
+// Y = A^T M A, so that V and M stay in the cache.
 template <typename F, typename T>
-at::Tensor conv(const at::Tensor& x, const at::Tensor& w, bool rotated, const float* bp, int64_t chunk_bytes) {
-  const at::Tensor Ut = weight_transform<F, T>(w, rotated, x.options()), U = rotated ? Ut : Ut.transpose(1, 2);
+at::Tensor conv(const at::Tensor& x, const at::Tensor& U, const float* bp, int64_t chunk_bytes) {
   const int64_t N = x.size(0), H = x.size(2), W = x.size(3), O = U.size(2);
   const Tiles<F> tx(N, H, W, x.size(1)), ty(N, H, W, O);
-  TORCH_CHECK(U.size(1) == tx.C, "the kernels take ", U.size(1), " channels, x has ", tx.C);
+  TORCH_CHECK(U.dim() == 3 && U.size(0) == tx.K && U.size(1) == tx.C && U.scalar_type() == x.scalar_type(),
+              "U: [", tx.K, ", ", tx.C, ", O] in x's dtype, not ", U.sizes(), " ", U.scalar_type());
   at::Tensor y = at::empty({N, O, H, W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
   const T* xp = x.const_data_ptr<T>();
   T* yp = y.data_ptr<T>();
@@ -398,14 +399,21 @@ void check_image(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast), name, ": channels-last [N, C, H, W]");
 }
 
-at::Tensor conv_(const at::Tensor& x, const at::Tensor& w, const at::Tensor& bias, int64_t m, bool rotated, int64_t chunk_bytes) {
-  check_image(x, "x");
+// U for conv: the kernels' transforms as [K, I, O] in `dtype`, or, `rotated`, of the kernels turned by 180 degrees
+// with I and O swapped ([K, O, I]: dL/dx is dL/dy's convolution with those).
+at::Tensor kernels_(const at::Tensor& w, int64_t m, bool rotated, at::ScalarType dtype) {
   TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && w.scalar_type() == at::kFloat && w.is_contiguous(at::MemoryFormat::ChannelsLast),
               "w: channels-last fp32 [O, I, 3, 3]");
+  WINOGRAD_DISPATCH(m, dtype, rotated ? weight_transform<F, T>(w, true, w.options().dtype(dtype))
+                                      : weight_transform<F, T>(w, false, w.options().dtype(dtype)).transpose(1, 2))
+}
+
+at::Tensor conv_(const at::Tensor& x, const at::Tensor& U, const at::Tensor& bias, int64_t m, int64_t chunk_bytes) {
+  check_image(x, "x");
   const bool has_bias = bias.defined() && bias.numel() > 0;
-  TORCH_CHECK(!has_bias || (bias.scalar_type() == at::kFloat && bias.numel() == w.size(rotated ? 1 : 0) && bias.is_contiguous()), "bias: fp32, one per output channel");
+  TORCH_CHECK(!has_bias || (bias.scalar_type() == at::kFloat && bias.numel() == U.size(-1) && bias.is_contiguous()), "bias: fp32, one per output channel");
   const float* bp = has_bias ? bias.const_data_ptr<float>() : nullptr;
-  WINOGRAD_DISPATCH(m, x.scalar_type(), conv<F, T>(x, w, rotated, bp, chunk_bytes))
+  WINOGRAD_DISPATCH(m, x.scalar_type(), conv<F, T>(x, U, bp, chunk_bytes))
 }
 
 at::Tensor weight_grad_(const at::Tensor& x, const at::Tensor& dy, int64_t m, int64_t chunk_bytes) {
@@ -418,6 +426,7 @@ at::Tensor weight_grad_(const at::Tensor& x, const at::Tensor& dy, int64_t m, in
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("kernels", &kernels_);
   m.def("conv", &conv_);
   m.def("weight_grad", &weight_grad_);
 }
