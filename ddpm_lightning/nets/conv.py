@@ -40,7 +40,7 @@ from . import routes
 from .norm import channels_last_cpu
 
 # Winograd: bytes of transformed tiles per chunk (kernels/winograd.cpp), by dtype, as measured fastest on 2 AMD EPYC cores
-CHUNK_BYTES = {torch.float32: 2**24, torch.bfloat16: 2**21}
+CHUNK_BYTES = {torch.float32: 2**22, torch.bfloat16: 2**21}
 IM2COL_BYTES = 2**28  # the matrix-product weight gradient is a candidate while its [N H W, 9 I] copy fits in this
 
 

@@ -6,14 +6,14 @@ the default, and the speed paths (Winograd F(4x4, 3x3) in fp32 and F(2x2, 3x3) w
 matrix-product weight gradient, the fused GroupNorm kernel). Which one is fastest depends on the CPU (AMX or not, AVX-512 or not), the shape, the dtype and whether
 gradients are needed, so, as `torch.backends.cudnn.benchmark` does, the first call with a new (layer shape, input
 shape, dtype, training or not, threads) times every candidate on copies of its inputs (forward, plus backward
-when training; a warm-up call, then a few rounds alternating the candidates) and keeps the fastest. A speed path
+when training; two warm-up rounds, then a few timed rounds, alternating the candidates) and keeps the fastest. A speed path
 is taken only if its median beats the default's by more than MARGIN and it won most rounds, so the choice is never
 worse than PyTorch's operator by more than the measurement noise.
 
 Decisions are kept in memory and in `<cache>/routes-<machine>.json` (cache: $DDPM_LIGHTNING_CACHE or
-~/.cache/ddpm_lightning; machine: a hash of the CPU model and flags, torch's version and the kernels' sources), so
-later runs start without measuring and take the same routes. A file that cannot be read, or that was written for
-another machine, is ignored with a notice and written afresh.
+~/.cache/ddpm_lightning; machine: a hash of the CPU model and flags, torch's version and the kernels' and routes'
+sources), so later runs start without measuring and take the same routes. A file that cannot be read, or that
+was written for another machine, is ignored with a notice and written afresh.
 
 `configure("off")` (conf `kernels: off`, or $DDPM_LIGHTNING_KERNELS=off) takes PyTorch's operators everywhere:
 no kernel is built and nothing is timed. Tensors on other devices (CUDA) never reach this module.
@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 
 MODES = ("auto", "off")
 MARGIN = 0.05  # a speed path is taken only when its median time is below (1 - MARGIN) x the default's
-ROUNDS = 5  # timed rounds per candidate after one warm-up call (3 when a call takes over SLOW seconds)
+WARMUP = 2  # untimed rounds first: a route's first calls in a process can take 1.5-2x its later ones (measured)
+ROUNDS = 5  # timed rounds per candidate after them (3 when a call takes over SLOW seconds)
 SLOW = 0.05
 FORMAT = 1  # of the cache file
 
@@ -237,7 +238,7 @@ def cache_dir() -> Path:
 
 @functools.cache
 def machine() -> dict:
-    """What the timings depend on: CPU model and flags, torch's version, the kernels' sources."""
+    """What the timings depend on: CPU model and flags, torch's version, the kernels' and the routes' sources."""
     cpu, flags = "", set()
     with contextlib.suppress(OSError):
         for line in open("/proc/cpuinfo"):
@@ -254,7 +255,15 @@ def machine() -> dict:
         "capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "kernels": {n: source_hash(n) for n in ("group_norm", "winograd")},
+        "routes": _routes_hash(),
     }
+
+
+def _routes_hash() -> str:
+    """Hash of the Python side of the routes (nets/conv.py, nets/norm.py: chunk sizes, conversions), which the
+    timings depend on as much as on the kernels."""
+    here = Path(__file__).parent
+    return hashlib.sha256(b"".join((here / f).read_bytes() for f in ("conv.py", "norm.py"))).hexdigest()[:12]
 
 
 def cache_path() -> Path:
@@ -344,13 +353,15 @@ def forcing(**routes: str) -> Iterator[None]:
 
 
 def time_routes(bench: dict[str, Callable[[], object]]) -> dict[str, list[float]]:
-    """Seconds of each call of each candidate: one warm-up call each, then ROUNDS rounds alternating them (so a
-    burst of load on a shared machine hits all alike). The global random state is left as it was."""
+    """Seconds of each call of each candidate: WARMUP untimed rounds, then ROUNDS rounds, each calling every
+    candidate once (so a burst of load on a shared machine hits all alike). The global random state is left as it
+    was."""
     with torch.random.fork_rng(devices=[]):
         start = time.perf_counter()
-        for run in bench.values():
-            run()
-        rounds = ROUNDS if (time.perf_counter() - start) / len(bench) < SLOW else 3
+        for _ in range(WARMUP):
+            for run in bench.values():
+                run()
+        rounds = ROUNDS if (time.perf_counter() - start) / (WARMUP * len(bench)) < SLOW else 3
         times: dict[str, list[float]] = {k: [] for k in bench}
         for _ in range(rounds):
             for k, run in bench.items():
