@@ -129,14 +129,16 @@ def _nll_data(cfg: DictConfig, datamodule) -> torch.Tensor:
 def _nll(cfg: DictConfig, module: DiffusionModule, data: torch.Tensor) -> dict[str, float]:
     """Bits/dim (Ho et al. 2020 §3.3 variational bound; Song et al. 2021 App. D probability-flow ODE)."""
     from ddpm_lightning.likelihood import bits_per_dim
+    from ddpm_lightning.nets.conv import fixed_weights
 
     estimators = cfg.nll.get("estimators")
     if estimators is None:  # every estimator that applies: the bound needs DDPM's discrete buffers
         estimators = ["vlb", "ode"] if hasattr(module.schedule, "betas") else ["ode"]
-    values = bits_per_dim(
-        module, data, estimators=list(estimators), seed=cfg.seed_offset, batch_size=cfg.nll.batch_size,
-        rtol=cfg.nll.rtol, atol=cfg.nll.atol,
-    )
+    with fixed_weights():  # the weights do not change: each layer's Winograd kernels transformed once
+        values = bits_per_dim(
+            module, data, estimators=list(estimators), seed=cfg.seed_offset, batch_size=cfg.nll.batch_size,
+            rtol=cfg.nll.rtol, atol=cfg.nll.atol,
+        )
     return {f"nll/{k}": float(v) for k, v in values.items()}
 
 

@@ -139,7 +139,8 @@ def test_conv2d_offers_winograd_for_channel_counts_it_blocks_and_bf16_products_i
 @pytest.mark.parametrize("m, dtype", [(4, torch.float32), (2, torch.bfloat16)])
 def test_fixed_weights_transforms_each_kernel_once_and_forgets_them_at_its_end(m, dtype):
     """Inside `fixed_weights` a layer's U is computed on its first call and reused (the same tensor, the same
-    outputs as without the block); after the block a changed weight is transformed afresh."""
+    outputs and input gradients as without the block, as the likelihood's vector-Jacobian products take them);
+    after the block a changed weight is transformed afresh."""
     layer = Conv2d(16, 32, 3, padding=1)
     x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last).to(dtype)
     with torch.no_grad():
@@ -150,6 +151,16 @@ def test_fixed_weights_transforms_each_kernel_once_and_forgets_them_at_its_end(m
             assert conv.winograd_kernels(layer.weight.detach().clone(), m, dtype) is not first  # not a layer's parameter
             torch.testing.assert_close(conv.winograd_conv3x3(x, layer.weight, layer.bias, m, dtype), outside, rtol=0, atol=0)
         assert conv.winograd_kernels(layer.weight, m, dtype) is not first
+    def input_gradient():
+        xg = x.detach().requires_grad_()
+        conv.winograd_conv3x3(xg, layer.weight, layer.bias, m, dtype).float().square().sum().backward()
+        return xg.grad
+
+    with conv.fixed_weights():
+        inside = [input_gradient() for _ in range(2)]
+    for g in inside:
+        torch.testing.assert_close(g, input_gradient(), rtol=0, atol=0)
+    with torch.no_grad():
         layer.weight.mul_(2)
         twice = conv.winograd_conv3x3(x, layer.weight, layer.bias, m, dtype) - layer.bias.to(dtype)[:, None, None]
     torch.testing.assert_close(twice.float(), 2 * (outside - layer.bias.to(dtype)[:, None, None]).float(), rtol=2e-2, atol=2e-2)
