@@ -151,6 +151,7 @@ def test_fixed_weights_transforms_each_kernel_once_and_forgets_them_at_its_end(m
             assert conv.winograd_kernels(layer.weight.detach().clone(), m, dtype) is not first  # not a layer's parameter
             torch.testing.assert_close(conv.winograd_conv3x3(x, layer.weight, layer.bias, m, dtype), outside, rtol=0, atol=0)
         assert conv.winograd_kernels(layer.weight, m, dtype) is not first
+
     def input_gradient():
         xg = x.detach().requires_grad_()
         conv.winograd_conv3x3(xg, layer.weight, layer.bias, m, dtype).float().square().sum().backward()

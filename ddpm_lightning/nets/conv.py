@@ -74,13 +74,13 @@ def fixed_weights() -> Iterator[None]:
 def winograd_kernels(weight: Tensor, m: int, dtype: torch.dtype, rotated: bool = False) -> Tensor:
     """U = G g G^T of every kernel as `kernels/winograd.cpp` takes it ([K, I, O] in `dtype`; `rotated`: of the
     kernels turned by 180 degrees, [K, O, I]); inside `fixed_weights`, once per layer parameter."""
+    kept = _fixed[-1] if _fixed and isinstance(weight, nn.Parameter) else None
     key = (id(weight), m, dtype, rotated)
-    kept = _fixed[-1].get(key) if _fixed and isinstance(weight, nn.Parameter) else None
-    if kept is not None and kept[0] is weight:
-        return kept[1]
+    if kept is not None and key in kept and kept[key][0] is weight:
+        return kept[key][1]
     U = routes.kernel("winograd", wait=True).kernels(weight.float().contiguous(memory_format=torch.channels_last), m, rotated, dtype)
-    if _fixed and isinstance(weight, nn.Parameter) and sum(u.nbytes for _, u in _fixed[-1].values()) + U.nbytes <= FIXED_BYTES:
-        _fixed[-1][key] = (weight, U)
+    if kept is not None and sum(u.nbytes for _, u in kept.values()) + U.nbytes <= FIXED_BYTES:
+        kept[key] = (weight, U)
     return U
 
 

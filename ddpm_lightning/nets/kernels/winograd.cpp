@@ -18,7 +18,7 @@ namespace {
 constexpr int64_t L = 16;  // channels per block: one AVX-512 register of fp32
 
 // F(4x4, 3x3), interpolation points 0, 1, -1, 2, -2, inf. Each 1-d transform maps rows of L channels (s + k ss) to
-// rows (r + k sr): input B^T (6 -> 6), its adjoint B, output A^T (6 -> 4), its adjoint A (4 -> 6).
+// rows (r + k sr): input B^T (6 -> 6), output A^T (6 -> 4) and its adjoint A (4 -> 6).
 struct F4 {
   static constexpr int64_t m = 4, a = 6;
   static constexpr float G[a][3] = {{1.f / 4, 0, 0}, {-1.f / 6, -1.f / 6, -1.f / 6}, {-1.f / 6, 1.f / 6, -1.f / 6},
@@ -33,18 +33,6 @@ struct F4 {
       r[3 * sr + l] = 2.f * (d3 - d1) - d2 + d4;
       r[4 * sr + l] = 2.f * (d1 - d3) - d2 + d4;
       r[5 * sr + l] = 4.f * d1 - 5.f * d3 + d5;
-    }
-  }
-  static void input_adjoint(const float* v, int64_t sv, float* r, int64_t sr) {
-#pragma omp simd
-    for (int64_t l = 0; l < L; ++l) {
-      const float v0 = v[l], v1 = v[sv + l], v2 = v[2 * sv + l], v3 = v[3 * sv + l], v4 = v[4 * sv + l], v5 = v[5 * sv + l];
-      r[l] = 4.f * v0;
-      r[sr + l] = 4.f * (v2 - v1 + v5) + 2.f * (v4 - v3);
-      r[2 * sr + l] = -5.f * v0 - 4.f * (v1 + v2) - v3 - v4;
-      r[3 * sr + l] = v1 - v2 + 2.f * (v3 - v4) - 5.f * v5;
-      r[4 * sr + l] = v0 + v1 + v2 + v3 + v4;
-      r[5 * sr + l] = v5;
     }
   }
   static void output(const float* m, int64_t sm, float* r, int64_t sr) {
@@ -85,16 +73,6 @@ struct F2 {
       r[sr + l] = d1 + d2;
       r[2 * sr + l] = d2 - d1;
       r[3 * sr + l] = d1 - d3;
-    }
-  }
-  static void input_adjoint(const float* v, int64_t sv, float* r, int64_t sr) {
-#pragma omp simd
-    for (int64_t l = 0; l < L; ++l) {
-      const float v0 = v[l], v1 = v[sv + l], v2 = v[2 * sv + l], v3 = v[3 * sv + l];
-      r[l] = v0;
-      r[sr + l] = v1 - v2 + v3;
-      r[2 * sr + l] = v1 + v2 - v0;
-      r[3 * sr + l] = -v3;
     }
   }
   static void output(const float* m, int64_t sm, float* r, int64_t sr) {
@@ -244,8 +222,9 @@ void for_chunks(int64_t P, int64_t bytes_per_tile, int64_t chunk_bytes, const G&
 }
 
 // U = G g G^T (Lavin & Gray 2016, Eq. 8) for every channel pair of the fp32 kernels w ([O, I, 3, 3], channels-last:
-// [O][3][3][I] in memory), as [K, O, I] in T; `rotated`: of each kernel turned by 180 degrees (dL/dx is dL/dy's
-// convolution with those, I and O swapped).
+// [O][3][3][I] in memory), computed as [K, O, I] in T and returned as conv takes it: [K, I, O] (a transposed view);
+// `rotated`: of each kernel turned by 180 degrees with I and O swapped, [K, O, I] (dL/dx is dL/dy's convolution
+// with those).
 template <typename F, typename T>
 at::Tensor weight_transform(const at::Tensor& w, bool rotated, const at::TensorOptions& options) {
   constexpr int64_t a = F::a;
@@ -270,7 +249,7 @@ at::Tensor weight_transform(const at::Tensor& w, bool rotated, const at::TensorO
         for (int64_t k = 0; k < a * a; ++k) store(u + k * L, up + (k * O + o) * I + i0);
       }
   });
-  return U;
+  return rotated ? U : U.transpose(1, 2);
 }
 
 // dL/dg = G^T dU G (the adjoint of weight_transform) from the threads' fp32 sums of dU ([threads, K, O, I]), as
@@ -399,13 +378,10 @@ void check_image(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast), name, ": channels-last [N, C, H, W]");
 }
 
-// U for conv: the kernels' transforms as [K, I, O] in `dtype`, or, `rotated`, of the kernels turned by 180 degrees
-// with I and O swapped ([K, O, I]: dL/dx is dL/dy's convolution with those).
 at::Tensor kernels_(const at::Tensor& w, int64_t m, bool rotated, at::ScalarType dtype) {
   TORCH_CHECK(w.dim() == 4 && w.size(2) == 3 && w.size(3) == 3 && w.scalar_type() == at::kFloat && w.is_contiguous(at::MemoryFormat::ChannelsLast),
               "w: channels-last fp32 [O, I, 3, 3]");
-  WINOGRAD_DISPATCH(m, dtype, rotated ? weight_transform<F, T>(w, true, w.options().dtype(dtype))
-                                      : weight_transform<F, T>(w, false, w.options().dtype(dtype)).transpose(1, 2))
+  WINOGRAD_DISPATCH(m, dtype, weight_transform<F, T>(w, rotated, w.options().dtype(dtype)))
 }
 
 at::Tensor conv_(const at::Tensor& x, const at::Tensor& U, const at::Tensor& bias, int64_t m, int64_t chunk_bytes) {
