@@ -3,6 +3,7 @@ GroupNorm, decisions follow the cache file, bad cache files are replaced, and th
 kernels and never touches them on other devices."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -135,6 +136,14 @@ def test_a_speed_path_is_taken_only_when_clearly_faster_than_pytorchs_operator()
     assert pick({"onednn": [0.1, 0.1, 1.0, 1.0, 1.0], "winograd": [0.2, 0.2, 0.5, 0.5, 2.0]}, "onednn") == "onednn"
     times = routes.time_routes({"a": lambda: torch.randn(3), "b": lambda: None})
     assert set(times) == {"a", "b"} and all(len(t) == routes.ROUNDS and min(t) >= 0 for t in times.values())
+    calls = []  # the first WARMUP calls (slow here, as first calls in a process can be) are made but not timed
+
+    def slow_at_first():
+        calls.append(1)
+        time.sleep(0.03 if len(calls) <= routes.WARMUP else 0)
+
+    times = routes.time_routes({"a": slow_at_first})
+    assert len(calls) == routes.WARMUP + routes.ROUNDS and max(times["a"]) < 0.02
 
 
 @needs_kernels
