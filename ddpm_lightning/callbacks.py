@@ -84,12 +84,15 @@ def check_sampler(sampler: Any, pl_module: L.LightningModule, key: str) -> None:
     if sampler:
         from collections.abc import Mapping
 
-        from hydra.utils import instantiate
+        from omegaconf import OmegaConf
 
+        from ddpm_lightning import registry
         from ddpm_lightning.samplers import check_compatible
 
+        if OmegaConf.is_config(sampler):  # the user's config (conf/callbacks), resolved as Hydra would
+            sampler = OmegaConf.to_container(sampler, resolve=True)
         try:
-            check_compatible(instantiate(sampler) if isinstance(sampler, Mapping) else sampler, pl_module.schedule,
+            check_compatible(registry.build(sampler, "sampler", where=key) if isinstance(sampler, Mapping) else sampler, pl_module.schedule,
                              pl_module.denoiser.learn_sigma)
         except ValueError as e:
             raise ValueError(f"{key}: {e}") from None

@@ -1,12 +1,10 @@
-"""Checkpoints and weight files: the one place that reads them (as data: `weights_only` loading and an allow-list
-of the `_target_`s a stored config may name), crash-safe writing, the checkpoint a run directory resumes from,
-per-step seeds."""
+"""Checkpoints and weight files: the one place that reads them (as data: `weights_only` loading, and stored configs
+checked and built only through `ddpm_lightning.registry`), crash-safe writing, the checkpoint a run directory
+resumes from, per-step seeds."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
 import json
 import os
 import pickle
@@ -27,65 +25,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-# Third-party `_target_`s a stored config may name (conf/module/*.yaml: the optimiser). Everything else must be a
-# public class or function defined in this package (see `allowed_target`).
-THIRD_PARTY_TARGETS = frozenset(
-    f"torch.optim.{name}" for name in ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam")
-)
-# Package modules whose functions act on files and jobs (training, evaluation, checkpoint I/O): never a stored target.
-_ENTRY_POINT_MODULES = ("ddpm_lightning.tasks", "ddpm_lightning.evaluation", "ddpm_lightning.checkpointing")
-
-
-def allowed_target(target: Any) -> bool:
-    """Whether a config may instantiate `target`: one of THIRD_PARTY_TARGETS, or `ddpm_lightning.<module>.<name>`
-    where <module> is a real module of this package and <name> a public class or function defined in this package
-    (so `ddpm_lightning.tasks.os.system` or `ddpm_lightning.module.torch.load`, reached through an import, are not)."""
-    if not isinstance(target, str):
-        return False
-    if target in THIRD_PARTY_TARGETS:
-        return True
-    module_name, _, name = target.rpartition(".")
-    if not module_name.startswith("ddpm_lightning") or not name.isidentifier() or name.startswith("_"):
-        return False
-    if module_name.split(".")[0] != "ddpm_lightning" or module_name in _ENTRY_POINT_MODULES:
-        return False
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        return False
-    if module.__name__ != module_name:
-        return False
-    obj = getattr(module, name, None)
-    defined_here = (getattr(obj, "__module__", None) or "").split(".")[0] == "ddpm_lightning"
-    return (inspect.isclass(obj) or inspect.isfunction(obj)) and defined_here and obj.__module__ not in _ENTRY_POINT_MODULES
-
-
-def _targets(tree: Any):
-    """Every `_target_` value anywhere in nested dicts / lists."""
-    if isinstance(tree, dict):
-        if "_target_" in tree:
-            yield tree["_target_"]
-        for v in tree.values():
-            yield from _targets(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from _targets(v)
-
-
-def check_targets(tree: Any, source: str) -> None:
-    """Refuse a stored config (from a checkpoint or a run's config.yaml) naming a `_target_` outside the allow-list,
-    before anything is instantiated from it."""
-    from omegaconf import OmegaConf
-
-    if OmegaConf.is_config(tree):
-        tree = OmegaConf.to_container(tree, resolve=False)
-    for target in _targets(tree):
-        if not allowed_target(target):
-            raise ValueError(
-                f"{source} names _target_ {target!r}, which is not allowed: a stored config may only build this "
-                f"package's classes and functions and {sorted(THIRD_PARTY_TARGETS)}. Nothing was built from it."
-            )
-
+from ddpm_lightning import registry
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     """The sha256 of a file's content, read in chunks."""
@@ -117,12 +57,29 @@ def load_file(path: str | Path, key: str, map_location: Any = "cpu", what: str =
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu", key: str = "ckpt_path") -> dict:
-    """A ddpm-lightning checkpoint as data: loaded weights_only, with every stored `_target_` checked."""
+    """A ddpm-lightning checkpoint as data: loaded weights_only; its hyper-parameters plain data (no interpolation)
+    naming only registered constructors (`registry.check_names`)."""
     ckpt = load_file(path, key, map_location)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("hyper_parameters"), dict) or "net" not in ckpt["hyper_parameters"]:
         raise ValueError(f"{path} is not a ddpm-lightning checkpoint (no hyper_parameters.net; check {key})")
-    check_targets({k: v for k, v in ckpt.items() if k != "state_dict"}, f"checkpoint {path} ({key})")
+    registry.check_names(ckpt["hyper_parameters"], f"checkpoint {path} ({key})", "hyper_parameters")
     return ckpt
+
+
+def build_module(constructor: Any, ckpt: dict, path: str | Path, key: str, state: dict | None = None) -> Any:
+    """A LightningModule rebuilt from a checkpoint read by `read_checkpoint`: its hyper-parameters checked against
+    `constructor` (`registry.check_module`), then built and given `state` (default: the checkpoint's state_dict).
+    A failure inside construction or loading (settings that do not fit the weights, values out of range) is a
+    ValueError naming the file."""
+    source = f"checkpoint {path} ({key})"
+    hp = ckpt["hyper_parameters"]
+    registry.check_module(constructor, hp, source)
+    try:
+        module = constructor(**hp)
+        module.load_state_dict(ckpt["state_dict"] if state is None else state)
+    except (ValueError, TypeError, RuntimeError, KeyError, IndexError, ZeroDivisionError, AttributeError) as e:
+        raise ValueError(f"{source}: its hyper_parameters do not build the model its weights belong to ({type(e).__name__}: {e})") from None
+    return module
 
 
 def load_model(ckpt_path: str | Path, use_ema: bool = True, map_location: Any = "cpu"):
@@ -130,12 +87,11 @@ def load_model(ckpt_path: str | Path, use_ema: bool = True, map_location: Any = 
     from ddpm_lightning.module import DiffusionModule
 
     ckpt = read_checkpoint(ckpt_path, map_location)
-    module = DiffusionModule(**ckpt["hyper_parameters"])
     has_ema = "current_model_state" in ckpt
     if use_ema and not has_ema:
         warnings.warn(f"{ckpt_path} holds no EMA weights; loading the raw weights", stacklevel=2)
     state = ckpt["state_dict"] if use_ema or not has_ema else ckpt["current_model_state"]
-    module.load_state_dict(state)
+    module = build_module(DiffusionModule, ckpt, ckpt_path, "ckpt_path", state)
     module.global_step_loaded = ckpt.get("global_step", 0)
     return module.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
 

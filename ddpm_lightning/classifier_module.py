@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from torch import Tensor
 
+from ddpm_lightning import registry
 from ddpm_lightning.module import ImageModule, _plain
 
 
@@ -25,8 +25,8 @@ class NoisyClassifierModule(ImageModule):
         self.save_hyperparameters(
             {"net": net, "schedule": schedule, "optimizer": optimizer, "image_size": image_size, "channels": channels, "warmup_steps": warmup_steps}
         )
-        self.net = instantiate(net)
-        self.schedule = instantiate(schedule)
+        self.net = registry.build(net, "net", where="module.net")
+        self.schedule = registry.build(schedule, "schedule", where="module.schedule")
         if not hasattr(self.net, "num_classes"):
             raise ValueError("module=classifier needs a classifier network (model=classifier_small), not a U-Net")
 

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 def read_base(base_ckpt: str | Path | None) -> tuple[dict, dict, str]:
     """The hyperparameters and network weights (EMA when present) of a base diffusion checkpoint, and its sha256;
     a missing, corrupt or non-diffusion checkpoint is refused naming `base_ckpt`."""
+    from ddpm_lightning import registry
     from ddpm_lightning.checkpointing import file_sha256, read_checkpoint
 
     if not base_ckpt:
@@ -43,6 +44,7 @@ def read_base(base_ckpt: str | Path | None) -> tuple[dict, dict, str]:
         raise ValueError(f"base_ckpt={path} is not a diffusion model checkpoint (a classifier's?)")
     if str(hp["net"].get("_target_", "")).endswith("ControlledUNet"):
         raise ValueError(f"base_ckpt={path} is a ControlNet checkpoint; give the checkpoint of the model it controls")
+    registry.check_module(DiffusionModule, hp, f"checkpoint {path} (base_ckpt)")
     state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     return hp, state, file_sha256(path)
 

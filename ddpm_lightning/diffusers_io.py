@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ddpm_lightning import registry
+
 EXTRA = 'pip install -e ".[diffusers]"'
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 DOWN_BLOCKS = {"DownBlock2D": False, "AttnDownBlock2D": True}  # block type -> has attention
@@ -457,12 +459,18 @@ def weights_file(source: str | Path) -> Path:
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object as plain data: parsed by `json`, never by OmegaConf; a value holding an interpolation
+    (`${...}`) is refused (registry.check_plain), naming the file and the key."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from e
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object of settings")
+    registry.check_plain(config, str(path))
+    return config
 
 
 def _folders(root: Path) -> tuple[Path, Path | None]:
@@ -494,6 +502,8 @@ def import_config(source: str | Path) -> tuple[dict, Path]:
         net = net_config_from_diffusers(unet_config)
     except UnsupportedConfig as e:
         net, problems = None, [f"unet: {p}" for p in e.problems]
+    except (TypeError, ValueError, ZeroDivisionError, IndexError) as e:  # a value of the wrong type or range
+        raise ValueError(f"{unet_dir / 'config.json'}: not a UNet2DModel config this package can read ({type(e).__name__}: {e})") from None
     if scheduler_file is None:
         warnings.warn(f"{root} has no scheduler config; assuming DDPMScheduler's defaults", stacklevel=2)
         scheduler_config = {}
@@ -503,8 +513,14 @@ def import_config(source: str | Path) -> tuple[dict, Path]:
         schedule, parameterization, sampler = schedule_from_diffusers(scheduler_config)
     except UnsupportedConfig as e:
         problems += [f"scheduler: {p}" for p in e.problems]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{scheduler_file}: not a DDPMScheduler config this package can read ({type(e).__name__}: {e})") from None
     if problems:
         raise UnsupportedConfig(f"{root} cannot be imported; what differs from this package's U-Net and schedules", problems)
+    # the mapped configs are stored configs like a checkpoint's: every value of its constructor's type
+    registry.check(net, "net", str(unet_dir / "config.json"), "unet")
+    registry.check(schedule, "schedule", str(scheduler_file or root), "scheduler")
+    registry.check(sampler, "sampler", str(scheduler_file or root), "scheduler")
     flip = bool({**UNET_DEFAULTS, **unet_config}["flip_sin_to_cos"])
     hparams = {
         "net": net, "schedule": schedule, "sampler": sampler, "parameterization": parameterization,
@@ -514,9 +530,7 @@ def import_config(source: str | Path) -> tuple[dict, Path]:
 
 
 def _build_net(net: dict) -> torch.nn.Module:
-    from ddpm_lightning.nets import UNet
-
-    return UNet(**{k: v for k, v in net.items() if k != "_target_"})
+    return registry.build(net, "net", where="unet")
 
 
 def import_net_state(source: str | Path, net: dict, unet_dir: Path, flip_sin_to_cos: bool) -> dict[str, Tensor]:

@@ -16,8 +16,8 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -26,7 +26,8 @@ from ddpm_lightning import guidance as guidance_lib
 from ddpm_lightning import metrics as M
 from ddpm_lightning.images import save_grid, to_model_range, to_uint8
 from ddpm_lightning.module import DiffusionModule, _plain, count_nfe
-from ddpm_lightning.checkpointing import check_targets, file_sha256
+from ddpm_lightning import registry
+from ddpm_lightning.checkpointing import file_sha256
 from ddpm_lightning.samplers import check_compatible
 from ddpm_lightning.summary import evaluate_next_steps
 from ddpm_lightning.tasks import build, load_model
@@ -84,8 +85,9 @@ def load_shard(path: Path, first: int, end: int) -> tuple[np.ndarray, int]:
         return f["images"], int(f["nfe"])
 
 
-def _checkpoint_data_config(ckpt_path: Path) -> DictConfig:
-    """The data config of the run that wrote `ckpt_path` (<run>/checkpoints/x.ckpt -> <run>/config.yaml)."""
+def _checkpoint_data_config(ckpt_path: Path) -> dict:
+    """The data config of the run that wrote `ckpt_path` (<run>/checkpoints/x.ckpt -> <run>/config.yaml), read as
+    plain YAML (never resolved by OmegaConf) and checked against the registry's data modules."""
     run_cfg = ckpt_path.resolve().parent.parent / "config.yaml"
     if not run_cfg.is_file():
         raise FileNotFoundError(
@@ -93,9 +95,15 @@ def _checkpoint_data_config(ckpt_path: Path) -> DictConfig:
             "is unknown. Choose it with data=<name> (e.g. data=digits), or give reference.folder=<folder of images> "
             "or reference.stats=<.npz with mu and sigma>."
         )
-    data = OmegaConf.load(run_cfg).data
-    check_targets(data, f"the checkpoint's run config {run_cfg} (data)")
-    return data
+    source = f"the checkpoint's run config {run_cfg}"
+    try:
+        run = yaml.safe_load(run_cfg.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{source} is not readable YAML ({type(e).__name__}: {e}); choose the dataset with data=<name>") from None
+    if not isinstance(run, dict) or not isinstance(run.get("data"), dict):
+        raise ValueError(f"{source} has no data config; choose the dataset with data=<name>")
+    registry.check(run["data"], "data", source, "data")
+    return run["data"]
 
 
 def _datamodule(cfg: DictConfig, module: DiffusionModule):
@@ -105,7 +113,11 @@ def _datamodule(cfg: DictConfig, module: DiffusionModule):
             f"init_from={cfg.init_from}: an imported model has no run config naming its dataset; choose it with "
             "data=<name> (e.g. data=cifar10), or give reference.folder=<folder of images> or reference.stats=<.npz>"
         )
-    datamodule = build(cfg.get("data") or _checkpoint_data_config(Path(cfg.ckpt_path)))
+    if cfg.get("data"):  # the user's choice (conf/data, the command line)
+        datamodule = build(cfg.data)
+    else:  # the run's stored config: data, built through the registry (it never downloads)
+        run_cfg = _checkpoint_data_config(Path(cfg.ckpt_path))
+        datamodule = registry.build(run_cfg, "data", f"the checkpoint's run config ({cfg.ckpt_path})", "data")
     size = dict(getattr(datamodule, "hparams", {})).get("image_size")
     if size is not None and size != module.hparams.image_size:
         raise ValueError(f"data.image_size={size} differs from the checkpoint's image_size={module.hparams.image_size}")
@@ -233,7 +245,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if len(module.data_shape) != 3:  # a model of points (README "Toy data"): nothing here applies
         raise ValueError(f"ckpt_path={ckpt_path} models points of shape {module.data_shape}, not images; evaluate.py scores images")
     sampler_cfg = _plain(cfg.get("sampler")) or module.hparams.sampler
-    sampler = instantiate(sampler_cfg)
+    sampler = registry.build(sampler_cfg, "sampler", f"ckpt_path={ckpt_path}" if cfg.get("sampler") is None else "config")
     # e.g. sampler.steps beyond the schedule's T, or variance=learned for a fixed-variance model, before any work
     check_compatible(sampler, module.schedule, module.denoiser.learn_sigma)
     # Labels and guidance (README "Guidance"): image i has class labels[i]; checked here, before any sampling.

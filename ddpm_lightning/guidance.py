@@ -190,14 +190,13 @@ def _same_schedule(a: nn.Module, b: nn.Module) -> bool:
 @functools.lru_cache(maxsize=4)
 def _load_classifier(path: str, mtime_ns: int) -> nn.Module:
     from ddpm_lightning.classifier_module import NoisyClassifierModule
-    from ddpm_lightning.checkpointing import read_checkpoint
+    from ddpm_lightning.checkpointing import build_module, read_checkpoint
 
     ckpt = read_checkpoint(path, key="guidance.classifier")
     hp = ckpt["hyper_parameters"]
     if "sampler" in hp or "optimizer" not in hp:
         raise ValueError(f"{path} is a diffusion model checkpoint, not a classifier (train one with experiment=classifier_digits)")
-    module = NoisyClassifierModule(**hp)
-    module.load_state_dict(ckpt["state_dict"])  # the EMA weights when an EMA callback ran
+    module = build_module(NoisyClassifierModule, ckpt, path, "guidance.classifier")  # the EMA weights when an EMA callback ran
     net = module.net.eval().requires_grad_(False)
     net.trained_schedule = module.schedule
     return net

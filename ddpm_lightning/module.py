@@ -8,11 +8,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor
 
 from ddpm_lightning import guidance as guidance_lib
+from ddpm_lightning import registry
 from ddpm_lightning.checkpointing import correct_epoch_after_resume, step_seed
 from ddpm_lightning.denoiser import Denoiser
 from ddpm_lightning.losses import LOSSES, LossAwareTimesteps, diffusion_losses, eps_mse
@@ -43,7 +43,7 @@ class ImageModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict:
         # Only the parameters that train (a ControlNet's locked base is left out).
-        optimizer = instantiate(self.hparams.optimizer)(params=[p for p in self.parameters() if p.requires_grad])
+        optimizer = registry.build(_plain(self.hparams.optimizer), "optimizer")(params=[p for p in self.parameters() if p.requires_grad])
         warmup = self.hparams.warmup_steps
         # Ho et al. App. B: linear learning-rate warm-up over the first 5000 steps, then constant.
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
@@ -161,9 +161,9 @@ class DiffusionModule(ImageModule):
                 "timestep_history": timestep_history,
             }
         )
-        self.net = instantiate(net)
-        self.schedule = instantiate(schedule)
-        self.sampler: Callable = instantiate(sampler)
+        self.net = registry.build(net, "net", where="module.net")
+        self.schedule = registry.build(schedule, "schedule", where="module.schedule")
+        self.sampler: Callable = registry.build(sampler, "sampler", where="module.sampler")
         if learn_sigma and not hasattr(self.schedule, "posterior_log_variance_clipped"):
             raise ValueError(
                 f"model.learn_sigma=true interpolates between beta_t and beta~_t of a discrete DDPM schedule "
@@ -307,7 +307,7 @@ class DiffusionModule(ImageModule):
         wrapping the denoiser (see ddpm_lightning.guidance), its Hydra config, or a list of them."""
         sampler = self.sampler if sampler is None else sampler
         if isinstance(sampler, Mapping):
-            sampler = instantiate(_plain(sampler))
+            sampler = registry.build(_plain(sampler), "sampler")
         check_compatible(sampler, self.schedule, self.denoiser.learn_sigma)
         denoiser = guidance_lib.apply(self.denoiser, guidance_lib.build(guidance))
         if labels is not None:

@@ -44,8 +44,7 @@ _OTHER_SAMPLERS = (("ddim", ["sampler=ddim", "sampler.steps=50"]), ("ddpm", ["sa
 def other_sampler(sampler_cfg: Mapping | None, schedule: Any = None) -> list[str]:
     """Overrides choosing a sampler other than `sampler_cfg` that `schedule` accepts: DDIM with 50 steps, else
     ancestral DDPM sampling (discrete DDPM schedules), else predictor-corrector."""
-    from hydra.utils import instantiate
-
+    from ddpm_lightning import registry
     from ddpm_lightning.samplers import check_compatible
 
     current = str((sampler_cfg or {}).get("_target_", "")).rsplit(".", 1)[-1]
@@ -54,7 +53,7 @@ def other_sampler(sampler_cfg: Mapping | None, schedule: Any = None) -> list[str
             continue
         try:
             if schedule is not None:
-                check_compatible(instantiate({"_target_": f"ddpm_lightning.samplers.{name}", "_partial_": True}), schedule)
+                check_compatible(registry.build({"_target_": f"ddpm_lightning.samplers.{name}"}, "sampler"), schedule)
         except ValueError:
             continue
         return overrides

@@ -19,7 +19,8 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ddpm_lightning.benign_warnings import filter_benign_messages
-from ddpm_lightning.checkpointing import RunLock, allowed_target, hpc_checkpoint, last_checkpoint, load_model, read_checkpoint, resume_checkpoint
+from ddpm_lightning import registry
+from ddpm_lightning.checkpointing import RunLock, hpc_checkpoint, last_checkpoint, load_model, read_checkpoint, resume_checkpoint
 from ddpm_lightning.compose import fit_model_to_data, resolve_precision
 from ddpm_lightning.module import DiffusionModule
 from ddpm_lightning.summary import cli_overrides, train_summary
@@ -42,10 +43,10 @@ def _with_defaults(net: dict) -> dict:
     """A network config with its constructor's defaults filled in for absent keys, so that an option added after a
     checkpoint was written (its default keeping the old behaviour, e.g. model.learn_sigma) does not make that
     checkpoint look like another model."""
-    target = net.get("_target_")
-    if not allowed_target(target):
+    entry = registry.REGISTRY.get(net.get("_target_"))
+    if entry is None:
         return net
-    params = inspect.signature(get_object(target)).parameters.values()
+    params = inspect.signature(entry.resolve()).parameters.values()
     return {**{p.name: p.default for p in params if p.default is not inspect.Parameter.empty}, **net}
 
 

@@ -54,6 +54,20 @@ def _route_cache(tmp_path_factory):
     yield
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A 2-step tiny training run shared by the tests that only read it (or copy it first): its run directory and
+    checkpoints/last.ckpt."""
+    from ddpm_lightning.tasks import train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train(compose_cfg(["trainer.max_steps=2", "callbacks.samples.every_n_steps=0", "logger=none"], root / "run"))
+    torch.set_num_threads(n)
+    return root / "run", root / "run" / "checkpoints" / "last.ckpt"
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for a test (after the two set below), restored afterwards: tiny tensors gain nothing

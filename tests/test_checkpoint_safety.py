@@ -17,7 +17,8 @@ from hydra.core.global_hydra import GlobalHydra
 
 from conftest import CONF, compose_cfg
 from ddpm_lightning import metrics as M
-from ddpm_lightning.checkpointing import THIRD_PARTY_TARGETS, AtomicCheckpointIO, allowed_target, read_checkpoint
+from ddpm_lightning import registry
+from ddpm_lightning.checkpointing import AtomicCheckpointIO, read_checkpoint
 from ddpm_lightning.evaluation import check_overrides
 from ddpm_lightning.guidance import load_classifier
 from ddpm_lightning.tasks import _read_checkpoint, evaluate, load_model, train
@@ -26,13 +27,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 RUN = ["trainer.max_steps=2", "callbacks.samples.every_n_steps=0", "logger=none"]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A 2-step tiny run (its run directory and last.ckpt)."""
-    root = tmp_path_factory.mktemp("safety")
-    torch.set_num_threads(1)
-    train(compose_cfg(RUN, root / "run"))
-    return root / "run", root / "run" / "checkpoints" / "last.ckpt"
+@pytest.fixture
+def trained(tiny_run):
+    return tiny_run
 
 
 def _copy_run(trained, dest: Path) -> tuple[Path, Path]:
@@ -77,21 +74,58 @@ def eval_cfg(ckpt, *overrides, out=None):
         return compose(config_name="evaluate", overrides=base + list(overrides))
 
 
-def test_allow_list():
-    for ok in ("ddpm_lightning.nets.UNet", "ddpm_lightning.schedules.linear", "ddpm_lightning.samplers.ddim",
-               "ddpm_lightning.guidance.ClassifierFree", "ddpm_lightning.data.DigitsDataModule", "torch.optim.Adam"):
-        assert allowed_target(ok), ok
+def _is_model_part(kind: str, obj) -> bool:
+    """Whether `obj` is a constructor of a model part of `kind` (and so free of side effects by construction)."""
+    import inspect
+    import typing
+
+    import lightning as L
+    from torch import nn
+
+    from ddpm_lightning.schedules import Schedule
+
+    if kind == "net":
+        return inspect.isclass(obj) and issubclass(obj, nn.Module)
+    if kind == "schedule":
+        made = obj if inspect.isclass(obj) else typing.get_type_hints(obj).get("return")
+        return inspect.isclass(made) and issubclass(made, Schedule)
+    if kind == "sampler":
+        return inspect.isfunction(obj) and obj.__module__.startswith("ddpm_lightning.samplers.") and \
+            list(inspect.signature(obj).parameters)[:3] == ["denoiser", "x", "noise"]
+    if kind == "condition":
+        return inspect.isclass(obj) and obj.__module__ == "ddpm_lightning.conditions" and hasattr(obj, "hint_channels")
+    if kind == "data":
+        return inspect.isclass(obj) and issubclass(obj, L.LightningDataModule)
+    if kind == "optimizer":
+        return inspect.isclass(obj) and issubclass(obj, torch.optim.Optimizer)
+    if kind == "module":
+        return inspect.isclass(obj) and issubclass(obj, L.LightningModule)
+    return False
+
+
+def test_the_registry_lists_only_model_part_constructors():
+    assert set(registry.KINDS) == {"net", "schedule", "sampler", "condition", "data", "optimizer", "module"}
+    for name, entry in registry.REGISTRY.items():
+        assert _is_model_part(entry.kind, entry.resolve()), name
+    # what the old allow-list admitted and a stored config must never name: processes, downloads, file writers
     for bad in ("os.system", "builtins.eval", "ddpm_lightning.tasks.os.system", "ddpm_lightning.module.torch.load",
-                "ddpm_lightning.module.instantiate", "ddpm_lightning.tasks.train", "ddpm_lightning.nets.torch",
-                "ddpm_lightning.module._plain", "ddpm_lightning_x.y", "torch.load", "subprocess.run", 3):
-        assert not allowed_target(bad), bad
-    assert "torch.optim.Adam" in THIRD_PARTY_TARGETS and "torch.optim.AdamW" in THIRD_PARTY_TARGETS
-    # every _target_ of the shipped module configs is allowed (the optimiser is the only third-party one)
+                "ddpm_lightning.tasks.train", "ddpm_lightning.nets.routes.background", "ddpm_lightning.diffusers_io.resolve",
+                "ddpm_lightning.diffusers_io.export", "ddpm_lightning.images.save_grid", "ddpm_lightning.plots.save_grid",
+                "ddpm_lightning.metrics.cached_features", "ddpm_lightning.physics_figures.main", "torch.load", 3, None):
+        assert bad not in registry.REGISTRY, bad
+        for kind in registry.KINDS:
+            with pytest.raises(ValueError, match="is not a"):
+                registry.lookup(bad, kind)
+    # a name is refused under another kind: a sampler config cannot name a network
+    with pytest.raises(ValueError, match="is not a sampler"):
+        registry.lookup("ddpm_lightning.nets.UNet", "sampler")
+    # every _target_ of the shipped model-part configs is registered under its group's kind
+    kinds = {"model": "net", "schedule": "schedule", "sampler": "sampler", "data": "data", "control": "condition"}
     for path in Path(CONF).rglob("*.yaml"):
         for line in path.read_text().splitlines():
             target = line.split("_target_:", 1)[1].split(",")[0].strip() if "_target_:" in line else ""
-            if path.parent.name in ("model", "schedule", "sampler", "module", "guidance", "data") and target:
-                assert allowed_target(target), (path, target)
+            if path.parent.name in kinds and target:
+                assert registry.lookup(target, kinds[path.parent.name]), (path, target)
 
 
 def test_our_checkpoint_loads_weights_only(trained):
@@ -151,7 +185,7 @@ def test_run_config_data_target_is_checked(trained, tmp_path):
     (run / "config.yaml").write_text(text)
     from ddpm_lightning.evaluation import _checkpoint_data_config
 
-    with pytest.raises(ValueError, match=r"config.yaml \(data\) names _target_ 'os.system'"):
+    with pytest.raises(ValueError, match=r"config.yaml: data._target_='os.system' is not a data module"):
         _checkpoint_data_config(ckpt)
 
 

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import compose_cfg
+from ddpm_lightning import registry
 from ddpm_lightning.conditions import Edges, LowRes, Mask
 from ddpm_lightning.control import ControlNetModule, split_hints
 from ddpm_lightning.guidance import ClassifierFree
@@ -50,8 +51,14 @@ def random_base(net: ControlledUNet, seed: int = 0) -> dict:
     return state
 
 
+def built(condition: str = "lowres", **unet) -> ControlledUNet:
+    """A ControlledUNet as a stored config builds it: base network and condition built first (ddpm_lightning.registry)."""
+    node = {"_target_": "ddpm_lightning.nets.controlnet.ControlledUNet", "base": {**UNET, **unet}, "condition": CONDITIONS[condition]}
+    return registry.build(node, "net")
+
+
 def controlled(condition: str = "lowres", **unet) -> ControlledUNet:
-    net = ControlledUNet({**UNET, **unet}, CONDITIONS[condition])
+    net = built(condition, **unet)
     random_base(net)
     return net.eval()
 
@@ -100,7 +107,7 @@ def test_conditioning_scale_zero_is_the_base_exactly_and_the_scale_sets_the_stre
 
 
 def test_the_base_stays_locked_in_eval_mode_and_parameter_counts():
-    net = ControlledUNet({**UNET, "dropout": 0.1}, CONDITIONS["mask"]).train()
+    net = built("mask", dropout=0.1).train()
     assert not net.base.training and all(not m.training for m in net.base.modules())
     assert net.control.training and all(not p.requires_grad for p in net.base.parameters())
     counts = net.parameter_counts()

@@ -14,17 +14,48 @@ from torchvision.datasets import CIFAR10
 from ddpm_lightning.data.base import Downloadable, ImageDataModule, missing_files
 
 
+# What a CIFAR-10 python batch is made of besides builtin containers, str, bytes and numbers: numpy arrays
+# (their reconstruction, as pickled by numpy 1.x and 2.x) and the bytes codec protocol 2 uses for them.
+_BATCH_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
+    ("numpy", "dtype"), ("_codecs", "encode"),
+})
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles data only: builtin containers, numbers, strings, bytes and numpy arrays. Any other global (a class
+    or function a pickle names, e.g. in a `__reduce__` that would run code) is refused."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _BATCH_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR-10 batch never holds")
+        return super().find_class(module, name)
+
+
+def read_batch(path: Path) -> dict:
+    """One CIFAR-10 python batch as data (`BatchUnpickler`), its arrays of numbers only."""
+    with open(path, "rb") as f:
+        entry = BatchUnpickler(f, encoding="latin1").load()
+    if not isinstance(entry, dict) or not {"data", "labels"} <= set(entry):
+        raise ValueError("not a dict with 'data' and 'labels'")
+    if not isinstance(entry["data"], np.ndarray) or entry["data"].dtype.kind not in "iu":
+        raise ValueError("'data' is not an array of integers")
+    return entry
+
+
 def read_cifar10_batches(folder: Path, names: list[str]) -> tuple[Tensor, Tensor]:
     """The official python pickles (dicts with 'data' [N, 3072] uint8 rows in R, G, B planes and
-    'labels') -> uint8 images [N, 3, 32, 32], labels [N]."""
+    'labels'), read as data (`read_batch`) -> uint8 images [N, 3, 32, 32], labels [N]."""
     data, labels = [], []
     for name in names:
         path = folder / name
         try:
-            with open(path, "rb") as f:
-                entry = pickle.load(f, encoding="latin1")
+            entry = read_batch(path)
             data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels += list(entry["labels"])
+            labels += [int(y) for y in entry["labels"]]
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path} is not a plain CIFAR-10 python batch ({e}), so it was not loaded; "
+                             f"delete {folder} and download again ({CIFAR10.url})") from None
         except Exception as e:  # truncated download, another file under the same name
             raise ValueError(
                 f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {e}); delete {folder} and download "

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from torch import Tensor, nn
 
 from ddpm_lightning.nets.unet import UNet, timestep_embedding, zero_init
@@ -64,7 +64,9 @@ class ControlNet(nn.Module):
 class ControlledUNet(nn.Module):
     """A locked base U-Net steered by a ControlNet: `forward(x, t, y=None, hint=None, conditioning_scale=1.0)`.
 
-    The base is frozen (no gradients, always in eval mode); only `control` trains. `conditioning_scale`
+    `base` is the built U-Net and `condition` the built condition operator (a stored config names both as nested
+    configs, built first by ddpm_lightning.registry). The base is frozen (no gradients, always in eval mode); only
+    `control` trains. `conditioning_scale`
     multiplies the residuals: 0 gives the base model exactly, 1 the trained strength. `condition` is the
     operator that makes a condition from an image (ddpm_lightning.conditions), kept with the network so a
     loaded model knows what it was trained on. `base_ckpt` and `base_sha256` record where the base weights
@@ -73,17 +75,17 @@ class ControlledUNet(nn.Module):
 
     def __init__(
         self,
-        base: Mapping,
-        condition: Mapping,
+        base: nn.Module,
+        condition: Any,
         hint_widths: Sequence[int] = (16, 32),
         base_ckpt: str | None = None,
         base_sha256: str | None = None,
     ):
         super().__init__()
-        self.base: UNet = instantiate(dict(base))
-        if not isinstance(self.base, UNet):
-            raise ValueError(f"a ControlNet needs a U-Net base model, got {type(self.base).__name__}")
-        self.condition = instantiate(dict(condition))
+        if not isinstance(base, UNet):
+            raise ValueError(f"a ControlNet needs a U-Net base model, got {type(base).__name__}")
+        self.base: UNet = base
+        self.condition = condition
         self.image_size, self.in_channels, self.num_classes = self.base.image_size, self.base.in_channels, self.base.num_classes
         self.hint_shape = (self.condition.hint_channels(self.in_channels), self.image_size, self.image_size)
         self.control = ControlNet(self.base, self.hint_shape[0], hint_widths)
