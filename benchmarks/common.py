@@ -7,6 +7,7 @@ count as ours) and denoising-diffusion-pytorch's `Unet` at the width whose param
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import statistics
@@ -130,6 +131,7 @@ def machine() -> dict:
         "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
+        "date": datetime.date.today().isoformat(),  # benchmarks/README.md names it for every result
         "amx": getattr(torch.cpu, "_is_amx_tile_supported", lambda: None)(),
         "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "kernels": routes.mode(),

@@ -1,9 +1,12 @@
 """A new user's first runs: a quiet log (benign third-party messages filtered, ours never), configs that compose
 (every data option with every model option), an end-of-run summary that names files that exist and commands
-that compose, and every `python train.py` / `python evaluate.py` command of README.md and the SLURM scripts."""
+that compose, and every command of the documentation (README.md, CONTRIBUTING.md, docs/**/*.md) and the SLURM
+scripts: `python train.py` / `python evaluate.py` composed with Hydra, `python -m <module>` and
+`python benchmarks/<script>.py` checked against the module or script they run."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 import shlex
@@ -146,15 +149,24 @@ def test_a_real_contradiction_is_still_refused(tmp_path):
         build(cfg.model)
 
 
-# Every command of README.md and the SLURM scripts -------------------------------------------------
+# Every command of the documentation and the SLURM scripts ----------------------------------------
 
 PLACEHOLDER = re.compile(r"<[^>\n]+>")
+# The pages a user reads: README.md, CONTRIBUTING.md and the MkDocs pages (the configuration reference among them,
+# whose commands are those of conf/'s comments).
+DOC_FILES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
-def _commands(text: str, fenced_only: bool = True) -> list[tuple[str, list[str]]]:
-    """(script, argv) of every `python train.py ...` / `python evaluate.py ...` in the text's fenced code blocks
-    (continuation lines joined, comments dropped, `<placeholders>` replaced by a path)."""
-    blocks = re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S) if fenced_only else [text]
+def _python_lines(text: str, fenced_only: bool = True) -> list[list[str]]:
+    """The words after `python` of every python command in the text's fenced code blocks and inline code spans that
+    start with `python ` (continuation lines joined, comments dropped, `<placeholders>` replaced by a path,
+    `a && b` split)."""
+    if fenced_only:
+        blocks = re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
+        outside = re.sub(r"```[a-z]*\n.*?```", "", text, flags=re.S)
+        blocks += [m for m in re.findall(r"``?([^`\n]+?)``?", outside) if m.strip().startswith("python ")]
+    else:
+        blocks = [text]
     found = []
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
@@ -162,8 +174,25 @@ def _commands(text: str, fenced_only: bool = True) -> list[tuple[str, list[str]]
             for part in line.split("&&"):
                 words = shlex.split(part, comments=True)
                 for i, w in enumerate(words[:-1]):
-                    if w == "python" and words[i + 1] in ("train.py", "evaluate.py"):
-                        found.append((words[i + 1], words[i + 2 :]))
+                    if w == "python":
+                        found.append(words[i + 1 :])
+    return found
+
+
+def _commands(text: str, fenced_only: bool = True) -> list[tuple[str, list[str]]]:
+    """(script, argv) of every `python train.py ...` / `python evaluate.py ...` in the text."""
+    return [(w[0], w[1:]) for w in _python_lines(text, fenced_only) if w[0] in ("train.py", "evaluate.py")]
+
+
+def _other_commands(text: str) -> list[tuple[str, list[str]]]:
+    """(`-m module` or a script path, argv) of every other `python -m ...` / `python <file>.py ...` command
+    (`python -c` snippets are left out)."""
+    found = []
+    for w in _python_lines(text):
+        if w[0] == "-m" and len(w) > 1 and re.fullmatch(r"[A-Za-z_][\w.]*", w[1]):  # not prose's `python -m ...`
+            found.append((f"-m {w[1]}", w[2:]))
+        elif w[0].endswith(".py") and w[0] not in ("train.py", "evaluate.py"):
+            found.append((w[0], w[1:]))
     return found
 
 
@@ -238,19 +267,52 @@ def check_command(script: str, args: list[str], tmp_path: Path) -> None:
 
 
 README_COMMANDS = _commands((ROOT / "README.md").read_text())
+DOC_COMMANDS = list(dict.fromkeys((s, tuple(a)) for p in DOC_FILES for s, a in _commands(p.read_text())))
+OTHER_COMMANDS = list(dict.fromkeys((s, tuple(a)) for p in DOC_FILES for s, a in _other_commands(p.read_text())))
 SBATCH_COMMANDS = [c for p in sorted((ROOT / "slurm").glob("*.sbatch")) for c in _sbatch_commands(p)]
 
 
-def test_the_readme_commands_are_found():
-    scripts = {s for s, _ in README_COMMANDS}
-    assert scripts == {"train.py", "evaluate.py"} and len(README_COMMANDS) >= 25
+def test_the_documented_commands_are_found():
+    assert {s for s, _ in README_COMMANDS} == {"train.py", "evaluate.py"}
     assert ("train.py", ["experiment=digits"]) in README_COMMANDS
+    assert {s for s, _ in DOC_COMMANDS} == {"train.py", "evaluate.py"} and len(DOC_COMMANDS) >= 60
+    # every guide of the site is read, the generated configuration reference aside
+    assert {"training.md", "data.md", "sampling.md", "controlnet.md", "clusters.md"} <= {p.name for p in DOC_FILES}
+    others = {s for s, _ in OTHER_COMMANDS}
+    assert {"-m pytest", "-m ddpm_lightning.diffusers_io", "-m ddpm_lightning.physics_figures"} <= others
+    assert any(s.startswith("benchmarks/") for s in others)
     assert {s for s, _ in SBATCH_COMMANDS} == {"train.py", "evaluate.py"}
 
 
-@pytest.mark.parametrize("script,args", README_COMMANDS + SBATCH_COMMANDS, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+@pytest.mark.parametrize("script,args", [(s, list(a)) for s, a in DOC_COMMANDS] + SBATCH_COMMANDS, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
 def test_every_documented_command_composes_and_builds(script, args, tmp_path):
     check_command(script, args, tmp_path)
+
+
+def _source_of(target: str) -> str:
+    """The source text of what `python -m <module>` or `python <script>.py` runs (a package: its __main__)."""
+    if target.startswith("-m "):
+        name = target.removeprefix("-m ")
+        spec = importlib.util.find_spec(name)
+        assert spec is not None, f"python -m {name}: no such module"
+        if spec.submodule_search_locations:  # a package runs its __main__
+            spec = importlib.util.find_spec(f"{name}.__main__")
+            assert spec is not None, f"python -m {name}: the package has no __main__"
+        return Path(spec.origin).read_text() if spec.origin and spec.origin.endswith(".py") else ""
+    path = ROOT / target
+    assert path.is_file(), f"python {target}: no such file"
+    return path.read_text()
+
+
+@pytest.mark.parametrize("target,args", OTHER_COMMANDS, ids=lambda v: " ".join(v) if isinstance(v, tuple) else v)
+def test_every_documented_module_and_script_command_exists_with_its_options(target, args):
+    """`python -m X` runs an installed module and `python benchmarks/Y.py` an existing script, and every `--option`
+    the documentation passes is one that module or script defines (`pytest`'s own options aside)."""
+    source = _source_of(target)
+    if target == "-m pytest":
+        return
+    for option in (a.split("=")[0] for a in args if a.startswith("--")):
+        assert f'"{option}"' in source or f"'{option}'" in source, f"python {target}: {option} is not an option of it"
 
 
 # The end-of-run summary ----------------------------------------------------------------------------
