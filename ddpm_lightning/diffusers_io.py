@@ -60,7 +60,9 @@ SCHEDULER_DEFAULTS: dict[str, Any] = {
     "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
     "trained_betas": None, "variance_type": "fixed_small", "clip_sample": True, "prediction_type": "epsilon",
     "thresholding": False, "clip_sample_range": 1.0, "rescale_betas_zero_snr": False,
+    "timestep_spacing": "leading", "steps_offset": 0,
 }
+DIFFUSERS_SPACINGS = ("trailing", "leading", "linspace")  # timestep_spacing: our discrete spacings of the same name
 
 
 class UnsupportedConfig(ValueError):
@@ -238,11 +240,16 @@ def schedule_from_diffusers(config: dict) -> tuple[dict, str, dict]:
         problems.append("rescale_betas_zero_snr=true: not supported")
     if c["clip_sample"] and c["clip_sample_range"] != 1.0:
         problems.append(f"clip_sample_range={c['clip_sample_range']}: our sampler clips x_0 to [-1, 1]")
+    if c["timestep_spacing"] not in DIFFUSERS_SPACINGS:
+        problems.append(f"timestep_spacing={c['timestep_spacing']!r}: one of {list(DIFFUSERS_SPACINGS)}")
+    elif c["timestep_spacing"] == "leading" and c["steps_offset"] != 0:
+        problems.append(f"steps_offset={c['steps_offset']!r}: our leading grid has no offset (0 only)")
     if problems:
         raise UnsupportedConfig("this scheduler config differs from what ddpm_lightning's schedules can express", problems)
     sampler = {
         "_target_": "ddpm_lightning.samplers.ddpm", "_partial_": True,
         "variance": VARIANCES[c["variance_type"]], "clip_denoised": bool(c["clip_sample"]),
+        "spacing": c["timestep_spacing"],
     }
     return schedule, PREDICTIONS[c["prediction_type"]], sampler
 
@@ -260,6 +267,7 @@ def diffusers_scheduler_config(schedule: dict, parameterization: str, sampler: d
         problems.append(f"schedule.s={schedule.get('s')}, schedule.max_beta={schedule.get('max_beta')}: squaredcos_cap_v2 fixes 0.008 and 0.999")
     if problems:
         raise UnsupportedConfig("this schedule cannot be written as a DDPMScheduler", problems)
+    spacing = _export_spacing(sampler)
     sampler = sampler if sampler and str(sampler.get("_target_", "")).endswith(".ddpm") else {}
     out = {
         "num_train_timesteps": int(schedule.get("T", 1000)),
@@ -270,12 +278,29 @@ def diffusers_scheduler_config(schedule: dict, parameterization: str, sampler: d
         "clip_sample_range": 1.0,
         "prediction_type": {v: k for k, v in PREDICTIONS.items()}[parameterization],
         "thresholding": False,
+        "timestep_spacing": spacing,
+        "steps_offset": 0,
     }
     if target.endswith("linear"):
         defaults = inspect.signature(_import_target(target)).parameters
         out["beta_start"] = float(schedule.get("beta_start", defaults["beta_start"].default))
         out["beta_end"] = float(schedule.get("beta_end", defaults["beta_end"].default))
     return out
+
+
+def _export_spacing(sampler: dict | None) -> str:
+    """diffusers' timestep_spacing for the grid of a (DDPM or DDIM) sampler config: the same name, "uniform" being
+    our old name of "leading"; our default (trailing) for other samplers. diffusers has no quadratic grid."""
+    from ddpm_lightning.schedules import DEFAULT_SPACING, discrete_spacing
+
+    target = str((sampler or {}).get("_target_", ""))
+    if not target.endswith((".ddpm", ".ddim")):
+        return DEFAULT_SPACING
+    spacing = discrete_spacing(sampler.get("spacing", DEFAULT_SPACING))
+    if spacing not in DIFFUSERS_SPACINGS:
+        raise UnsupportedConfig("this sampler cannot be written as a DDPMScheduler",
+                                [f"sampler.spacing={spacing!r}: diffusers' timestep_spacing is one of {list(DIFFUSERS_SPACINGS)}"])
+    return spacing
 
 
 def _import_target(target: str):

@@ -223,7 +223,8 @@ def test_exported_scheduler_has_our_betas_and_ancestral_step(schedule, parameter
     from hydra.utils import instantiate
 
     ours = instantiate(schedule)
-    sampler = {"_target_": "ddpm_lightning.samplers.ddpm", "_partial_": True, "variance": variance, "clip_denoised": True}
+    sampler = {"_target_": "ddpm_lightning.samplers.ddpm", "_partial_": True, "variance": variance, "clip_denoised": True,
+               "spacing": "trailing"}
     config = io.diffusers_scheduler_config(schedule, parameterization, sampler)
     theirs = diffusers.DDPMScheduler(**config)
     assert (theirs.betas - ours.betas).abs().max() < 1e-8
@@ -402,3 +403,34 @@ def test_missing_extra_names_it(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
     with pytest.raises(ImportError, match=r'pip install -e "\.\[diffusers\]"'):
         io.export(tmp_path / "any.ckpt", tmp_path / "out")
+
+
+LINEAR = {"_target_": "ddpm_lightning.schedules.linear", "T": 1000, "beta_start": 1e-4, "beta_end": 0.02}
+
+
+@pytest.mark.parametrize("target", ["ddpm", "ddim"])
+@pytest.mark.parametrize("spacing, written", [("trailing", "trailing"), ("leading", "leading"), ("linspace", "linspace"),
+                                              ("uniform", "leading")])
+def test_export_writes_the_samplers_timestep_spacing_and_import_reads_it(target, spacing, written):
+    """The exported scheduler visits the same steps as our sampler; `uniform` (the old name) is leading."""
+    sampler = {"_target_": f"ddpm_lightning.samplers.{target}", "_partial_": True, "spacing": spacing}
+    config = io.diffusers_scheduler_config(LINEAR, "eps", sampler)
+    assert config["timestep_spacing"] == written and config["steps_offset"] == 0
+    theirs = diffusers.DDPMScheduler(**config)
+    theirs.set_timesteps(60)
+    from ddpm_lightning import schedules
+
+    assert theirs.timesteps.tolist() == schedules.index_timesteps(1000, 60, spacing)
+    assert io.schedule_from_diffusers(config)[2]["spacing"] == written
+
+
+def test_spacing_diffusers_cannot_express_is_refused_both_ways():
+    sampler = {"_target_": "ddpm_lightning.samplers.ddim", "_partial_": True, "spacing": "quadratic"}
+    with pytest.raises(io.UnsupportedConfig, match="sampler.spacing='quadratic'"):
+        io.diffusers_scheduler_config(LINEAR, "eps", sampler)
+    assert io.schedule_from_diffusers({})[2]["spacing"] == "leading"  # diffusers' default
+    with pytest.raises(io.UnsupportedConfig, match="steps_offset=1"):
+        io.schedule_from_diffusers({"timestep_spacing": "leading", "steps_offset": 1})
+    with pytest.raises(io.UnsupportedConfig, match="timestep_spacing='odd'"):
+        io.schedule_from_diffusers({"timestep_spacing": "odd"})
+    assert io.schedule_from_diffusers({"timestep_spacing": "trailing", "steps_offset": 1})[2]["spacing"] == "trailing"
