@@ -189,7 +189,8 @@ def bits_per_dim(
 
     - "vlb/bpd" with its terms "vlb/L_T", "vlb/L_1:T-1", "vlb/L_0" (Ho et al. eq. 5, discretised decoder; a
       bound on the discrete data's NLL; T network evaluations per image), with the reverse variances
-      `vlb_variance` (None: the model's learned ones if it learns them, else fixed_large);
+      `vlb_variance` (None: the model's learned ones if it learns them, else the fixed ones it was trained with,
+      module.vlb_variance, fixed_large unless set);
     - "ode/bpd" (Song et al. App. D: uniform dequantisation (k + u) / 128 - 1 of each 8-bit value k, exact
       log-density by the probability-flow ODE, plus 7 bits/dim for the change of scale from [-1, 1] to the
       256 levels), and "ode/nfe", the mean number of network evaluations per batch.
@@ -200,7 +201,7 @@ def bits_per_dim(
             raise ValueError(f"estimators={list(estimators)}: each must be 'vlb' or 'ode'")
     denoiser, device = model.denoiser, model.device
     if vlb_variance is None:
-        vlb_variance = "learned" if denoiser.learn_sigma else "fixed_large"
+        vlb_variance = "learned" if denoiser.learn_sigma else getattr(model, "hparams", {}).get("vlb_variance", "fixed_large")
     sums: dict[str, float] = {}
     n = nfe_total = batches = 0
     was_training = model.training
