@@ -91,7 +91,7 @@ def vlb_eps_weights(schedule, vlb_variance: str = "fixed_large") -> Tensor:
 
 
 class LossAwareTimesteps:
-    """Nichol & Dhariwal 2021 §3.3 (eq. 17-18): importance sampling of t for L_vlb, p_t proportional to
+    """Nichol & Dhariwal 2021 §3.3 eq. 18 (eq. 17 is the cosine schedule): importance sampling of t for L_vlb, p_t proportional to
     sqrt(E[L_t^2]) over the last `history` values of L_t seen at each step, uniform until every step has them;
     an example drawn with p_t is weighted 1 / (T p_t), so the loss stays an unbiased estimate of L_vlb. As in
     their code, a share `uniform_prob` of p is uniform, so no step is starved."""
@@ -104,7 +104,7 @@ class LossAwareTimesteps:
         self.counts = torch.zeros(T, dtype=torch.long)
 
     def probs(self) -> Tensor:
-        """p_t of eq. 17 (uniform while some step has fewer than `history` values)."""
+        """p_t of eq. 18 (uniform while some step has fewer than `history` values)."""
         if bool((self.counts < self.history).any()):
             return torch.full((self.T,), 1.0 / self.T, dtype=torch.float64)
         p = self.values.pow(2).mean(1).sqrt()

@@ -139,6 +139,11 @@ class DiffusionModule(ImageModule):
             raise ValueError(f"module.warmup_steps={warmup_steps} must be non-negative")
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"module.p_uncond={p_uncond} must lie in [0, 1]")
+        if net.get("num_classes") and net.get("null_label", True) is False and p_uncond > 0:
+            raise ValueError(
+                f"module.p_uncond={p_uncond}: the model has no null label to drop labels to (model.null_label=false); "
+                "set module.p_uncond=0"
+            )
         learn_sigma = bool(net.get("learn_sigma", False))
         _check_loss(loss, hybrid_lambda, timestep_sampler, learn_sigma, vlb_variance)
         self.save_hyperparameters(

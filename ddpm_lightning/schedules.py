@@ -267,12 +267,15 @@ class DiscreteSchedule(Schedule):
         return self.sqrt_one_minus_alphas_cumprod[t]
 
     def _log_alphas_cumprod(self, t: Tensor) -> Tensor:
+        """log abar at a fractional index, linear between the steps (the index-time SDE's exact marginal, `sde`);
+        on [-1, 0] from log abar = 0 at t = -1 (the data) to log abar_0, clamped outside [-1, T - 1]."""
+        before = t.double().clamp(-1, 0) + 1  # in [0, 1]: the share of the first step taken, for t < 0
         t = t.clamp(0, self.T - 1)
         lo = t.floor().long()
         hi = (lo + 1).clamp(max=self.T - 1)
         log_abar = self.alphas_cumprod.double().log()
         w = (t - lo).double()
-        return (1 - w) * log_abar[lo] + w * log_abar[hi]
+        return torch.where(before < 1, before * log_abar[0], (1 - w) * log_abar[lo] + w * log_abar[hi])
 
     def t_of_noise_level(self, level: Tensor) -> Tensor:
         """The fractional step index whose interpolated log abar gives sigma / alpha = level (abar = 1 / (1 +

@@ -72,8 +72,8 @@ def save_pipeline(unet, folder, scheduler: dict = GOOGLE_SCHEDULER):
     return folder
 
 
-def imported(folder) -> DiffusionModule:
-    return io.load_module(folder, channels_last=False)  # contiguous: PyTorch's own GroupNorm / convolutions
+def imported(folder, null_label=None) -> DiffusionModule:
+    return io.load_module(folder, null_label, channels_last=False)  # contiguous: PyTorch's own GroupNorm / convolutions
 
 
 def inputs(unet, n: int = 2, seed: int = 1):
@@ -106,7 +106,7 @@ def test_google_ddpm_cifar10_config_imports_to_the_same_function(tmp_path):
 @pytest.mark.parametrize("config", [CLASS_COND, SIZE64], ids=["class_conditional", "64px_two_attention_levels"])
 def test_other_layouts_import_to_the_same_function(tmp_path, config):
     unet = diffusers_unet(config, seed=2)
-    module = imported(save_pipeline(unet, tmp_path / "pipe"))
+    module = imported(save_pipeline(unet, tmp_path / "pipe"), null_label=True if config.get("num_class_embeds") else None)
     x, t = inputs(unet, 4)
     cond = {}
     if config.get("num_class_embeds"):
@@ -170,7 +170,7 @@ def test_export_loads_in_diffusers_and_imports_back_bitwise(tmp_path):
     y = torch.tensor([0, 2, 3])  # 3: the null label
     with torch.no_grad():
         assert (pipe.unet(x, t, class_labels=y).sample - net(x, t.float(), y=y)).abs().max() < TOL
-    back = imported(tmp_path / "pipe")
+    back = imported(tmp_path / "pipe", null_label=True)
     assert all(torch.equal(v, back.net.state_dict()[k]) for k, v in net.state_dict().items())
     assert {k: v for k, v in back.hparams.net.items() if k not in ("fused_norm", "winograd")} == {
         **{k: v for k, v in ours.hparams.net.items() if k not in ("fused_norm", "winograd")},
@@ -434,3 +434,29 @@ def test_spacing_diffusers_cannot_express_is_refused_both_ways():
     with pytest.raises(io.UnsupportedConfig, match="timestep_spacing='odd'"):
         io.schedule_from_diffusers({"timestep_spacing": "odd"})
     assert io.schedule_from_diffusers({"timestep_spacing": "trailing", "steps_offset": 1})[2]["spacing"] == "trailing"
+
+
+def test_class_rows_need_an_explicit_null_label_and_a_model_without_one_never_draws_a_class_silently(tmp_path):
+    """diffusers' num_class_embeds = K does not say whether row K - 1 is a null label: importing asks. With
+    null_label=false all K rows are classes: label K - 1 samples as diffusers' class K - 1, and sampling without
+    labels is refused (it used to draw class K - 1); export writes K rows back."""
+    unet = diffusers_unet(CLASS_COND, seed=2)  # num_class_embeds = 5
+    folder = save_pipeline(unet, tmp_path / "pipe")
+    with pytest.raises(io.UnsupportedConfig, match="init_null_label=true .*init_null_label=false"):
+        imported(folder)
+    assert imported(folder, null_label=True).net.num_classes == 4
+    module = imported(folder, null_label=False)
+    assert module.net.num_classes == 5 and module.hparams.net["null_label"] is False
+    x, t = inputs(unet, 4)
+    y = torch.tensor([4, 0, 4, 2])
+    with torch.no_grad():
+        assert (module.net(x, t.float(), y=y) - unet(x, t, class_labels=y).sample).abs().max() < TOL
+        with pytest.raises(ValueError, match="no null label"):
+            module.net(x, t.float())
+    ddim = {"_target_": "ddpm_lightning.samplers.ddim", "_partial_": True, "steps": 2}
+    assert module.sample(range(2), sampler=ddim, labels=[4, 4]).shape[0] == 2  # class 4 is a class here
+    with pytest.raises(ValueError, match="no null label"):
+        module.sample(range(2), sampler=ddim)
+    assert io.diffusers_unet_config(module.hparams.net)["num_class_embeds"] == 5
+    with pytest.raises(ValueError, match="module.p_uncond"):
+        DiffusionModule(**{**dict(module.hparams), "p_uncond": 0.1})
