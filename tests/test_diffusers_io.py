@@ -460,3 +460,31 @@ def test_class_rows_need_an_explicit_null_label_and_a_model_without_one_never_dr
     assert io.diffusers_unet_config(module.hparams.net)["num_class_embeds"] == 5
     with pytest.raises(ValueError, match="module.p_uncond"):
         DiffusionModule(**{**dict(module.hparams), "p_uncond": 0.1})
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "leading"])
+def test_diffusers_ddim_with_clipped_model_output_is_our_ddim(tmp_path, spacing):
+    """Our DDIM (clip_denoised) recomputes eps from the clipped x_0; diffusers' DDIMScheduler does so only with
+    step(..., use_clipped_model_output=True). With it, on the exported scheduler config (same timestep_spacing), the
+    two give the same samples; with diffusers' default they differ wherever x_0 was clipped."""
+    unet = diffusers_unet({**CLASS_COND, "num_class_embeds": None}, seed=3)
+    sampler = {"_target_": "ddpm_lightning.samplers.ddim", "_partial_": True, "steps": 10, "eta": 0.0,
+               "clip_denoised": True, "spacing": spacing}
+    folder = save_pipeline(unet, tmp_path / "pipe", io.diffusers_scheduler_config(LINEAR, "eps", sampler))
+    module = imported(folder)
+    x_T = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    from ddpm_lightning.samplers import ddim
+
+    with torch.no_grad():
+        ours = ddim(module.denoiser, x_T.clone(), None, steps=10, eta=0.0, spacing=spacing, clip_denoised=True)
+        scheduler = diffusers.DDIMScheduler.from_config(diffusers.DDPMScheduler.from_pretrained(folder / "scheduler").config)
+        assert scheduler.config.timestep_spacing == spacing
+        scheduler.set_timesteps(10)
+        theirs = {}
+        for clipped in (True, False):
+            x = x_T.clone()
+            for t in scheduler.timesteps:
+                x = scheduler.step(unet(x, t).sample, t, x, eta=0.0, use_clipped_model_output=clipped).prev_sample
+            theirs[clipped] = x
+    assert (ours - theirs[True]).abs().max() < 1e-4
+    assert (ours - theirs[False]).abs().max() > 1e-2
