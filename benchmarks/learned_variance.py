@@ -1,13 +1,14 @@
 """Fixed against learned reverse variances on the digits (Nichol & Dhariwal 2021 §3.1, Table 1/2's finding):
-L_simple with fixed variances, L_vlb with learned ones (loss-aware timesteps, §3.3) and the hybrid loss.
+L_simple with fixed variances, L_vlb with learned ones (loss-aware timesteps, §3.3), the hybrid loss, and L_vlb
+with fixed variances beta_t and uniform t (Ho et al. 2020 Table 2, "L, fixed isotropic Sigma"; `vlb_fixed`).
 
     python benchmarks/learned_variance.py --runs RUN_DIR [--steps 1600] [--samples 500]
 
 Trains each objective with `python train.py experiment=digits` (8x8, batch 128, `--steps` steps; a run whose
-RUN_DIR/<objective>/checkpoints/last.ckpt exists is reused), the three side by side with `--threads` threads
+RUN_DIR/<objective>/checkpoints/last.ckpt exists is reused), all side by side with `--threads` threads
 each, recording the training times,
 then evaluates each EMA model: bits/dim on the 180 validation digits from the variational bound (Ho et al.
-eq. 5 with the model's variances: fixed_large for L_simple, learned otherwise) and the digits Frechet distance
+eq. 5 with the model's variances: fixed_large for L_simple and vlb_fixed, learned otherwise) and the digits Frechet distance
 (benchmarks/time_to_quality.py's FD-digits judge, lower is better) of `--samples` images from the respaced
 50-step DDPM ancestral sampler (Nichol & Dhariwal §4) with fixed and learned variances, and DDIM-50 (eps only).
 The evaluations also run side by side. Writes benchmarks/results/learned_variance.json.
@@ -34,6 +35,7 @@ OBJECTIVES = {
     "simple": [],
     "vlb": ["model.learn_sigma=true", "module.loss=vlb", "module.timestep_sampler=loss_aware", "sampler.variance=learned"],
     "hybrid": ["model.learn_sigma=true", "module.loss=hybrid", "sampler.variance=learned"],
+    "vlb_fixed": ["module.loss=vlb", "module.vlb_variance=fixed_large"],
 }
 
 
@@ -63,10 +65,10 @@ def train_runs(out: Path, steps: int, threads: int) -> None:
 
 
 SAMPLERS = {  # name: (sampler options, objectives it applies to)
-    "ddpm50_fixed_large": ({"variance": "fixed_large", "steps": 50}, ("simple", "vlb", "hybrid")),
-    "ddpm50_fixed_small": ({"variance": "fixed_small", "steps": 50}, ("simple", "vlb", "hybrid")),
+    "ddpm50_fixed_large": ({"variance": "fixed_large", "steps": 50}, ("simple", "vlb", "hybrid", "vlb_fixed")),
+    "ddpm50_fixed_small": ({"variance": "fixed_small", "steps": 50}, ("simple", "vlb", "hybrid", "vlb_fixed")),
     "ddpm50_learned": ({"variance": "learned", "steps": 50}, ("vlb", "hybrid")),
-    "ddim50": ({"_target_": "ddpm_lightning.samplers.ddim", "steps": 50, "eta": 0.0}, ("simple", "vlb", "hybrid")),
+    "ddim50": ({"_target_": "ddpm_lightning.samplers.ddim", "steps": 50, "eta": 0.0}, ("simple", "vlb", "hybrid", "vlb_fixed")),
 }
 
 
@@ -84,7 +86,7 @@ def evaluate_run(name: str, out: Path, samples: int, nll_images: int) -> dict:
     start = time.perf_counter()
     nll = bits_per_dim(model, x_val[:nll_images], estimators=["vlb"])
     row.update({"bpd": nll["vlb/bpd"], "bpd_L_0": nll["vlb/L_0"], "bpd_L_1:T-1": nll["vlb/L_1:T-1"],
-                "vlb_variance": "learned" if model.denoiser.learn_sigma else "fixed_large",
+                "vlb_variance": "learned" if model.denoiser.learn_sigma else model.hparams.get("vlb_variance", "fixed_large"),
                 "nll_seconds": time.perf_counter() - start})
     for sampler, (options, objectives) in SAMPLERS.items():
         if name in objectives:
@@ -101,7 +103,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--samples", type=int, default=500, help="samples per sampler for FD-digits")
     p.add_argument("--nll-images", type=int, default=180, help="validation digits for bits/dim (180: all)")
-    p.add_argument("--threads", type=int, default=1, help="threads per process (the three run side by side)")
+    p.add_argument("--threads", type=int, default=1, help="threads per process (the runs go side by side)")
     p.add_argument("--train-only", action="store_true")
     p.add_argument("--evaluate", choices=list(OBJECTIVES), help="evaluate this objective only (internal)")
     args = p.parse_args()

@@ -6,8 +6,11 @@ set of parameter names to the other plus the two numerical options diffusers' DD
 (`downsample_padding=0`: the strided convolution pads (0, 1, 0, 1); `norm_eps`). The scheduler config maps to a
 schedule, a parameterisation and the DDPM sampler's variance and clipping.
 
-Class labels: diffusers' `num_class_embeds` = K rows are our `num_classes` = K - 1 classes plus the null label of
-classifier-free guidance (our last row, index num_classes), so export and import are exact inverses.
+Class labels: diffusers' `num_class_embeds` = K rows are either our `num_classes` = K - 1 classes plus the null label
+of classifier-free guidance (our last row, index num_classes; what our export writes), or K classes and no null
+label (`model.null_label=false`: such a model samples only with labels). diffusers' config does not say which, so
+importing a class-conditional UNet needs `null_label` (Hydra: `init_null_label=true|false`); export and import are
+exact inverses either way.
 
 Import needs only `safetensors` (or a `.bin` read with `torch.load(weights_only=True)`); export needs diffusers:
 `pip install -e ".[diffusers]"`. Command line (see README "Pretrained weights"):
@@ -62,7 +65,9 @@ SCHEDULER_DEFAULTS: dict[str, Any] = {
     "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "beta_schedule": "linear",
     "trained_betas": None, "variance_type": "fixed_small", "clip_sample": True, "prediction_type": "epsilon",
     "thresholding": False, "clip_sample_range": 1.0, "rescale_betas_zero_snr": False,
+    "timestep_spacing": "leading", "steps_offset": 0,
 }
+DIFFUSERS_SPACINGS = ("trailing", "leading", "linspace")  # timestep_spacing: our discrete spacings of the same name
 
 
 class UnsupportedConfig(ValueError):
@@ -89,9 +94,10 @@ def _unet_defaults() -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- config mapping
 
 
-def net_config_from_diffusers(config: dict) -> dict:
+def net_config_from_diffusers(config: dict, null_label: bool | None = None) -> dict:
     """Our model config (UNet keyword arguments with `_target_`) computing the same function as a UNet2DModel
-    config; raises UnsupportedConfig listing every key our U-Net cannot express."""
+    config; raises UnsupportedConfig listing every key our U-Net cannot express. For K class rows, `null_label`
+    says whether the last is the null label (K - 1 classes) or a class (K classes); it must be given."""
     c = {**UNET_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
     if c.get("attn_num_head_channels") is not None:  # the key's name before diffusers 0.13
         c["attention_head_dim"] = c.pop("attn_num_head_channels")
@@ -144,8 +150,15 @@ def net_config_from_diffusers(config: dict) -> dict:
             f"attention_head_dim={head_dim}: multi-head attention ({[x // head_dim for x in attn_channels]} heads); "
             "our U-Net's attention is single-head (attention_head_dim null or the block's channels)"
         )
-    if c["num_class_embeds"] is not None and c["num_class_embeds"] < 2:
-        problems.append(f"num_class_embeds={c['num_class_embeds']}: at least 2 rows (classes + the null label)")
+    if c["num_class_embeds"] is not None:
+        if null_label is None:
+            problems.append(
+                f"num_class_embeds={c['num_class_embeds']}: say whether the last class row is the null label of "
+                f"classifier-free guidance: init_null_label=true ({c['num_class_embeds'] - 1} classes + null, as our "
+                f"export writes) or init_null_label=false ({c['num_class_embeds']} classes, sampled only with labels)"
+            )
+        elif c["num_class_embeds"] < 1 + int(null_label):
+            problems.append(f"num_class_embeds={c['num_class_embeds']}: at least {1 + int(null_label)} rows")
     if problems:
         raise UnsupportedConfig("this UNet2DModel config differs from what ddpm_lightning.nets.UNet can express", problems)
     return {
@@ -159,7 +172,8 @@ def net_config_from_diffusers(config: dict) -> dict:
         "attn_resolutions": [size // 2**level for level, b in enumerate(down) if DOWN_BLOCKS[b]],
         "dropout": float(c["dropout"]),
         "image_size": size,
-        "num_classes": c["num_class_embeds"] - 1 if c["num_class_embeds"] else None,
+        "num_classes": c["num_class_embeds"] - int(bool(null_label)) if c["num_class_embeds"] else None,
+        **({"null_label": False} if c["num_class_embeds"] and null_label is False else {}),
         "norm_groups": c["norm_num_groups"],
         "norm_eps": float(c["norm_eps"]),
         "downsample_padding": "tf_same" if c["downsample_padding"] == 0 else "symmetric",
@@ -210,7 +224,7 @@ def diffusers_unet_config(net: dict) -> dict:
         "resnet_time_scale_shift": "default",
         "add_attention": True,
         "class_embed_type": None,
-        "num_class_embeds": a["num_classes"] + 1 if a["num_classes"] else None,
+        "num_class_embeds": a["num_classes"] + int(bool(a["null_label"])) if a["num_classes"] else None,
     }
 
 
@@ -240,11 +254,16 @@ def schedule_from_diffusers(config: dict) -> tuple[dict, str, dict]:
         problems.append("rescale_betas_zero_snr=true: not supported")
     if c["clip_sample"] and c["clip_sample_range"] != 1.0:
         problems.append(f"clip_sample_range={c['clip_sample_range']}: our sampler clips x_0 to [-1, 1]")
+    if c["timestep_spacing"] not in DIFFUSERS_SPACINGS:
+        problems.append(f"timestep_spacing={c['timestep_spacing']!r}: one of {list(DIFFUSERS_SPACINGS)}")
+    elif c["timestep_spacing"] == "leading" and c["steps_offset"] != 0:
+        problems.append(f"steps_offset={c['steps_offset']!r}: our leading grid has no offset (0 only)")
     if problems:
         raise UnsupportedConfig("this scheduler config differs from what ddpm_lightning's schedules can express", problems)
     sampler = {
         "_target_": "ddpm_lightning.samplers.ddpm", "_partial_": True,
         "variance": VARIANCES[c["variance_type"]], "clip_denoised": bool(c["clip_sample"]),
+        "spacing": c["timestep_spacing"],
     }
     return schedule, PREDICTIONS[c["prediction_type"]], sampler
 
@@ -262,6 +281,7 @@ def diffusers_scheduler_config(schedule: dict, parameterization: str, sampler: d
         problems.append(f"schedule.s={schedule.get('s')}, schedule.max_beta={schedule.get('max_beta')}: squaredcos_cap_v2 fixes 0.008 and 0.999")
     if problems:
         raise UnsupportedConfig("this schedule cannot be written as a DDPMScheduler", problems)
+    spacing = _export_spacing(sampler)
     sampler = sampler if sampler and str(sampler.get("_target_", "")).endswith(".ddpm") else {}
     out = {
         "num_train_timesteps": int(schedule.get("T", 1000)),
@@ -272,12 +292,29 @@ def diffusers_scheduler_config(schedule: dict, parameterization: str, sampler: d
         "clip_sample_range": 1.0,
         "prediction_type": {v: k for k, v in PREDICTIONS.items()}[parameterization],
         "thresholding": False,
+        "timestep_spacing": spacing,
+        "steps_offset": 0,
     }
     if target.endswith("linear"):
         defaults = inspect.signature(_import_target(target)).parameters
         out["beta_start"] = float(schedule.get("beta_start", defaults["beta_start"].default))
         out["beta_end"] = float(schedule.get("beta_end", defaults["beta_end"].default))
     return out
+
+
+def _export_spacing(sampler: dict | None) -> str:
+    """diffusers' timestep_spacing for the grid of a (DDPM or DDIM) sampler config: the same name, "uniform" being
+    our old name of "leading"; our default (trailing) for other samplers. diffusers has no quadratic grid."""
+    from ddpm_lightning.schedules import DEFAULT_SPACING, discrete_spacing
+
+    target = str((sampler or {}).get("_target_", ""))
+    if not target.endswith((".ddpm", ".ddim")):
+        return DEFAULT_SPACING
+    spacing = discrete_spacing(sampler.get("spacing", DEFAULT_SPACING))
+    if spacing not in DIFFUSERS_SPACINGS:
+        raise UnsupportedConfig("this sampler cannot be written as a DDPMScheduler",
+                                [f"sampler.spacing={spacing!r}: diffusers' timestep_spacing is one of {list(DIFFUSERS_SPACINGS)}"])
+    return spacing
 
 
 def _import_target(target: str):
@@ -489,9 +526,10 @@ def _folders(root: Path) -> tuple[Path, Path | None]:
     )
 
 
-def import_config(source: str | Path) -> tuple[dict, Path]:
+def import_config(source: str | Path, null_label: bool | None = None) -> tuple[dict, Path]:
     """The module hyperparameters (net, schedule, sampler, parameterization, image_size, channels) of a diffusers
-    folder or Hub id, and its UNet folder. Reads only the JSON files: every refusal comes before any weights load."""
+    folder or Hub id, and its UNet folder. Reads only the JSON files: every refusal comes before any weights load.
+    `null_label`: whether a class-conditional UNet's last class row is the null label (needed only for one)."""
     root = resolve(source)
     unet_dir, scheduler_file = _folders(root)
     unet_config = _read_json(unet_dir / "config.json")
@@ -499,7 +537,7 @@ def import_config(source: str | Path) -> tuple[dict, Path]:
         raise FileNotFoundError(f"{unet_dir}: no weights file; expected {WEIGHT_FILES[0]} or {WEIGHT_FILES[1]}")
     problems = []
     try:
-        net = net_config_from_diffusers(unet_config)
+        net = net_config_from_diffusers(unet_config, null_label)
     except UnsupportedConfig as e:
         net, problems = None, [f"unet: {p}" for p in e.problems]
     except (TypeError, ValueError, ZeroDivisionError, IndexError) as e:  # a value of the wrong type or range
@@ -541,12 +579,15 @@ def import_net_state(source: str | Path, net: dict, unet_dir: Path, flip_sin_to_
         raise ValueError(f"init_from={source}: {e}") from None
 
 
-def load_module(source: str | Path, **module_kwargs: Any):
-    """A DiffusionModule (eval mode) with the weights and schedule of a diffusers folder or Hub id."""
+def load_module(source: str | Path, null_label: bool | None = None, **module_kwargs: Any):
+    """A DiffusionModule (eval mode) with the weights and schedule of a diffusers folder or Hub id; `null_label` as
+    for `import_config`."""
     from ddpm_lightning.module import DiffusionModule
 
-    hp, unet_dir = import_config(source)
+    hp, unet_dir = import_config(source, null_label)
     flip = hp.pop("flip_sin_to_cos")
+    if hp["net"].get("null_label") is False:
+        module_kwargs.setdefault("p_uncond", 0.0)  # no null label to train towards
     module = DiffusionModule(optimizer=OPTIMIZER, **hp, **module_kwargs)
     load_net_state(module.net, import_net_state(source, hp["net"], unet_dir, flip), str(unet_dir))
     module.global_step_loaded = 0
@@ -575,7 +616,7 @@ def init_train_config(cfg) -> dict:
     from omegaconf import OmegaConf, open_dict
 
     source = cfg.init_from
-    hp, unet_dir = import_config(source)
+    hp, unet_dir = import_config(source, cfg.get("init_null_label"))
     defaults = _unet_defaults()
     derived = {"model": hp["net"], "schedule": hp["schedule"], "module.parameterization": hp["parameterization"]}
     conflicts = []

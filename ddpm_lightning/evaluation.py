@@ -238,7 +238,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("init_from"):  # diffusers weights (README "Pretrained weights"); ckpt_path: their weights file
         from ddpm_lightning.diffusers_io import load_module, weights_file
 
-        ckpt_path, module = weights_file(cfg.init_from), load_module(cfg.init_from)
+        ckpt_path, module = weights_file(cfg.init_from), load_module(cfg.init_from, cfg.get("init_null_label"))
     else:
         ckpt_path = Path(cfg.ckpt_path)
         module = load_model(ckpt_path, use_ema=cfg.use_ema)

@@ -28,15 +28,27 @@ def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) ->
     return 0.5 * (-1.0 + logvar2 - logvar1 + (logvar1 - logvar2).exp() + (mean1 - mean2) ** 2 * (-logvar2).exp())
 
 
+def log_normal_mass(lower: Tensor, upper: Tensor) -> Tensor:
+    """log (Phi(upper) - Phi(lower)) of the standard normal for lower < upper (-inf / +inf allowed), from log-CDFs
+    alone: log Phi(b) + log(1 - exp(log Phi(a) - log Phi(b))) on the side of zero where the tail is small (b = upper,
+    a = lower where lower < -upper; else reflected, b = -lower, a = -upper), so no bin underflows to 0 or is floored."""
+    reflect = lower > -upper  # the bin lies more in the upper tail: use Phi(-l) - Phi(-u)
+    a = torch.where(reflect, -upper, lower)
+    b = torch.where(reflect, -lower, upper)
+    log_b, log_a = torch.special.log_ndtr(b), torch.special.log_ndtr(a)
+    return log_b + torch.log(-torch.expm1(log_a - log_b))
+
+
 def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
     """Ho et al. 2020 §3.3 eq. 13: log of the N(mean, e^{2 log_scale}) mass of the bin [x - 1/255, x + 1/255] of
-    8-bit data in [-1, 1], the edge bins extended to -inf / +inf. Per element, in nats."""
+    8-bit data in [-1, 1], the edge bins extended to -inf / +inf. Per element, in nats; every bin in log space
+    (`log_normal_mass`, float64), exact however improbable."""
+    dtype = torch.result_type(mean, log_scale)
+    x, mean, log_scale = (v.double() for v in torch.broadcast_tensors(x, mean, log_scale))
     inv = (-log_scale).exp()
-    upper, lower = inv * (x - mean + 1 / 255), inv * (x - mean - 1 / 255)
-    log_cdf_upper = torch.special.log_ndtr(upper)
-    log_sf_lower = torch.special.log_ndtr(-lower)
-    mid = (torch.special.ndtr(upper) - torch.special.ndtr(lower)).clamp(min=1e-12).log()
-    return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_sf_lower, mid))
+    upper = torch.where(x > 0.999, torch.full_like(x, math.inf), inv * (x - mean + 1 / 255))
+    lower = torch.where(x < -0.999, torch.full_like(x, -math.inf), inv * (x - mean - 1 / 255))
+    return log_normal_mass(lower, upper).to(dtype)
 
 
 def _flat_sum(x: Tensor) -> Tensor:
@@ -177,7 +189,8 @@ def bits_per_dim(
 
     - "vlb/bpd" with its terms "vlb/L_T", "vlb/L_1:T-1", "vlb/L_0" (Ho et al. eq. 5, discretised decoder; a
       bound on the discrete data's NLL; T network evaluations per image), with the reverse variances
-      `vlb_variance` (None: the model's learned ones if it learns them, else fixed_large);
+      `vlb_variance` (None: the model's learned ones if it learns them, else the fixed ones it was trained with,
+      module.vlb_variance, fixed_large unless set);
     - "ode/bpd" (Song et al. App. D: uniform dequantisation (k + u) / 128 - 1 of each 8-bit value k, exact
       log-density by the probability-flow ODE, plus 7 bits/dim for the change of scale from [-1, 1] to the
       256 levels), and "ode/nfe", the mean number of network evaluations per batch.
@@ -188,7 +201,7 @@ def bits_per_dim(
             raise ValueError(f"estimators={list(estimators)}: each must be 'vlb' or 'ode'")
     denoiser, device = model.denoiser, model.device
     if vlb_variance is None:
-        vlb_variance = "learned" if denoiser.learn_sigma else "fixed_large"
+        vlb_variance = "learned" if denoiser.learn_sigma else getattr(model, "hparams", {}).get("vlb_variance", "fixed_large")
     sums: dict[str, float] = {}
     n = nfe_total = batches = 0
     was_training = model.training

@@ -33,15 +33,18 @@ def eps_mse(
 
 
 def diffusion_losses(
-    denoiser: Denoiser, x0: Tensor, t: Tensor, eps: Tensor, loss: str = "simple", hybrid_lambda: float = 0.001, **cond
+    denoiser: Denoiser, x0: Tensor, t: Tensor, eps: Tensor, loss: str = "simple", hybrid_lambda: float = 0.001,
+    vlb_variance: str = "fixed_large", **cond
 ) -> dict[str, Tensor]:
     """Per-example training losses at the given t and eps, from one network evaluation:
 
     - "mse": ||eps - eps_theta(x_t, t)||^2 averaged over dimensions (Ho et al. 2020 eq. 14, L_simple);
-    - "vlb" (loss vlb or hybrid, learned variances): T L_{t-1}, the one-step estimate of L_vlb = L_0 + ... +
-      L_{T-1} (Ho et al. eq. 5; L_T has no parameters) in bits/dim, with the KL of Gaussians for t > 1 and the
-      discretised decoder for t = 1. For "hybrid" the mean's gradient is stopped, so that L_vlb trains only
-      the variance (Nichol & Dhariwal 2021 §3.1);
+    - "vlb" (loss vlb or hybrid): T L_{t-1}, the one-step estimate of L_vlb = L_0 + ... + L_{T-1} (Ho et al. eq. 5;
+      L_T has no parameters) in bits/dim, with the KL of Gaussians for t > 1 and the discretised decoder for t = 1.
+      With learned variances p's variance is the network's (Nichol & Dhariwal 2021 eq. 15), and for "hybrid" the
+      mean's gradient is stopped, so that L_vlb trains only the variance (§3.1). Without them ("vlb" only) it is
+      `vlb_variance`, beta_t ("fixed_large") or beta~_t ("fixed_small"): Ho et al.'s "L, fixed isotropic Sigma"
+      (Table 2), whose t > 1 terms are `vlb_eps_weights` times ||eps - eps_theta||^2 plus a constant (eq. 12);
     - "loss": mse ("simple"), vlb ("vlb") or mse + lambda vlb ("hybrid", Nichol & Dhariwal eq. 16)."""
     if loss not in LOSSES:
         raise ValueError(f"module.loss={loss!r} must be one of {LOSSES}")
@@ -50,16 +53,45 @@ def diffusion_losses(
     if loss == "simple":
         mse = (eps - denoiser.eps(x_t, t, **cond)).float().pow(2).flatten(1).mean(1)
         return {"mse": mse, "loss": mse}
-    eps_hat, v = denoiser.eps_and_v(x_t, t, **cond)
+    if getattr(denoiser, "learn_sigma", False):
+        eps_hat, v = denoiser.eps_and_v(x_t, t, **cond)
+        variance, v = "learned", v.float()
+    elif loss == "vlb":
+        check_vlb_variance(vlb_variance)
+        eps_hat, v, variance = denoiser.eps(x_t, t, **cond), None, vlb_variance
+    else:
+        raise ValueError(f"module.loss={loss} trains learned variances: it needs model.learn_sigma=true")
     mse = (eps - eps_hat).float().pow(2).flatten(1).mean(1)
     mean_eps = eps_hat.detach() if loss == "hybrid" else eps_hat
-    mean, log_var = p_mean_log_variance(denoiser, schedule, x_t, t, t, mean_eps.float(), v.float(), "learned", False)
+    mean, log_var = p_mean_log_variance(denoiser, schedule, x_t, t, t, mean_eps.float(), v, variance, False)
     vlb = schedule.T * vlb_term(schedule, x0.float(), x_t.float(), t, mean, log_var) / (x0[0].numel() * math.log(2))
     return {"mse": mse, "vlb": vlb, "loss": vlb if loss == "vlb" else mse + hybrid_lambda * vlb}
 
 
+VLB_FIXED_VARIANCES = ("fixed_large", "fixed_small")
+
+
+def check_vlb_variance(vlb_variance: str) -> None:
+    if vlb_variance not in VLB_FIXED_VARIANCES:
+        raise ValueError(f"module.vlb_variance={vlb_variance!r} must be one of {VLB_FIXED_VARIANCES}")
+
+
+def vlb_eps_weights(schedule, vlb_variance: str = "fixed_large") -> Tensor:
+    """Ho et al. 2020 eq. 12: with p's variance fixed at sigma_t^2, L_{t-1} = beta_t^2 / (2 sigma_t^2 alpha_t
+    (1 - abar_t)) ||eps - eps_theta||^2 + C for t > 1, per step index (float64); sigma_t^2 = beta_t ("fixed_large")
+    or beta~_t ("fixed_small"). Index 0 (t = 1) is the decoder, not a weighted MSE: its entry is NaN."""
+    check_vlb_variance(vlb_variance)
+    betas = schedule.betas.double()
+    abar = torch.cumprod(1 - betas, 0)
+    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+    sigma2 = betas if vlb_variance == "fixed_large" else betas * (1 - abar_prev) / (1 - abar)
+    w = betas**2 / (2 * sigma2 * (1 - betas) * (1 - abar))
+    w[0] = math.nan
+    return w
+
+
 class LossAwareTimesteps:
-    """Nichol & Dhariwal 2021 §3.3 (eq. 17-18): importance sampling of t for L_vlb, p_t proportional to
+    """Nichol & Dhariwal 2021 §3.3 eq. 18 (eq. 17 is the cosine schedule): importance sampling of t for L_vlb, p_t proportional to
     sqrt(E[L_t^2]) over the last `history` values of L_t seen at each step, uniform until every step has them;
     an example drawn with p_t is weighted 1 / (T p_t), so the loss stays an unbiased estimate of L_vlb. As in
     their code, a share `uniform_prob` of p is uniform, so no step is starved."""
@@ -72,7 +104,7 @@ class LossAwareTimesteps:
         self.counts = torch.zeros(T, dtype=torch.long)
 
     def probs(self) -> Tensor:
-        """p_t of eq. 17 (uniform while some step has fewer than `history` values)."""
+        """p_t of eq. 18 (uniform while some step has fewer than `history` values)."""
         if bool((self.counts < self.history).any()):
             return torch.full((self.T,), 1.0 / self.T, dtype=torch.float64)
         p = self.values.pow(2).mean(1).sqrt()

@@ -15,7 +15,7 @@ from ddpm_lightning import guidance as guidance_lib
 from ddpm_lightning import registry
 from ddpm_lightning.checkpointing import correct_epoch_after_resume, step_seed
 from ddpm_lightning.denoiser import Denoiser
-from ddpm_lightning.losses import LOSSES, LossAwareTimesteps, diffusion_losses, eps_mse
+from ddpm_lightning.losses import LOSSES, LossAwareTimesteps, check_vlb_variance, diffusion_losses, eps_mse
 from ddpm_lightning.nets import routes
 from ddpm_lightning.nets.conv import fixed_weights
 from ddpm_lightning.samplers import PerSampleNoise, check_compatible
@@ -130,6 +130,7 @@ class DiffusionModule(ImageModule):
         hybrid_lambda: float = 0.001,
         timestep_sampler: str = "uniform",
         timestep_history: int = 10,
+        vlb_variance: str = "fixed_large",
     ):
         super().__init__()
         net, schedule, sampler, optimizer, data_shape = (_plain(c) for c in (net, schedule, sampler, optimizer, data_shape))
@@ -138,8 +139,13 @@ class DiffusionModule(ImageModule):
             raise ValueError(f"module.warmup_steps={warmup_steps} must be non-negative")
         if not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"module.p_uncond={p_uncond} must lie in [0, 1]")
+        if net.get("num_classes") and net.get("null_label", True) is False and p_uncond > 0:
+            raise ValueError(
+                f"module.p_uncond={p_uncond}: the model has no null label to drop labels to (model.null_label=false); "
+                "set module.p_uncond=0"
+            )
         learn_sigma = bool(net.get("learn_sigma", False))
-        _check_loss(loss, hybrid_lambda, timestep_sampler, learn_sigma)
+        _check_loss(loss, hybrid_lambda, timestep_sampler, learn_sigma, vlb_variance)
         self.save_hyperparameters(
             {
                 "net": net,
@@ -159,6 +165,7 @@ class DiffusionModule(ImageModule):
                 "hybrid_lambda": hybrid_lambda,
                 "timestep_sampler": timestep_sampler,
                 "timestep_history": timestep_history,
+                "vlb_variance": vlb_variance,
             }
         )
         self.net = registry.build(net, "net", where="module.net")
@@ -168,6 +175,11 @@ class DiffusionModule(ImageModule):
             raise ValueError(
                 f"model.learn_sigma=true interpolates between beta_t and beta~_t of a discrete DDPM schedule "
                 f"(schedule=linear or cosine); {type(self.schedule).__name__} has none"
+            )
+        if loss == "vlb" and not hasattr(self.schedule, "posterior_log_variance_clipped"):
+            raise ValueError(
+                f"module.loss=vlb is the variational bound of a discrete DDPM schedule (schedule=linear, cosine or "
+                f"scaled_linear); {type(self.schedule).__name__} has none. Use module.loss=simple"
             )
         # an invalid schedule/sampler pair fails before training
         check_compatible(self.sampler, self.schedule, learn_sigma)
@@ -239,7 +251,8 @@ class DiffusionModule(ImageModule):
             t, weights = (v[part] for v in self.timestep_sampler.sample(world * n, x0.device, g))
         eps = torch.randn((world * n, *x0.shape[1:]), device=x0.device, dtype=x0.dtype, generator=g)[part]
         hp = self.hparams
-        losses = diffusion_losses(self.denoiser, x0, t, eps, hp.get("loss", "simple"), hp.get("hybrid_lambda", 0.001), **cond)
+        losses = diffusion_losses(self.denoiser, x0, t, eps, hp.get("loss", "simple"), hp.get("hybrid_lambda", 0.001),
+                                  hp.get("vlb_variance", "fixed_large"), **cond)
         if self.timestep_sampler is not None:
             self._update_timesteps(t, losses["loss"].detach())
             losses["loss"] = losses["loss"] * weights
@@ -327,15 +340,18 @@ class DiffusionModule(ImageModule):
             self.train(was_training)
 
 
-def _check_loss(loss: str, hybrid_lambda: float, timestep_sampler: str, learn_sigma: bool) -> None:
+def _check_loss(loss: str, hybrid_lambda: float, timestep_sampler: str, learn_sigma: bool,
+                vlb_variance: str = "fixed_large") -> None:
     """Refuse a loss setting that cannot train, naming the config keys."""
     if loss not in LOSSES:
         raise ValueError(f"module.loss={loss!r} must be one of {LOSSES}")
-    if loss != "simple" and not learn_sigma:
+    if loss == "hybrid" and not learn_sigma:
         raise ValueError(
-            f"module.loss={loss} trains the reverse variances (Nichol & Dhariwal 2021): set model.learn_sigma=true, "
-            "or use module.loss=simple"
+            "module.loss=hybrid trains the reverse variances (Nichol & Dhariwal 2021): set model.learn_sigma=true, "
+            "or use module.loss=simple, or module.loss=vlb (the bound with module.vlb_variance fixed)"
         )
+    if loss == "vlb" and not learn_sigma:
+        check_vlb_variance(vlb_variance)
     if hybrid_lambda < 0:
         raise ValueError(f"module.hybrid_lambda={hybrid_lambda} must be non-negative")
     if timestep_sampler not in TIMESTEP_SAMPLERS:

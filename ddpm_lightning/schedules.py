@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -45,19 +46,76 @@ def cosine_betas(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Te
     return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
 
 
-def index_timesteps(T: int, steps: int | None = None, spacing: str = "uniform") -> list[int]:
-    """Decreasing indices of `steps` of T discrete steps (all of them for None)."""
-    if steps is None or steps == T:
-        return list(range(T - 1, -1, -1))
-    if not 1 <= steps <= T:
-        raise ValueError(f"sampler.steps={steps} must lie in [1, schedule.T={T}]")
-    if spacing == "uniform":
-        seq = [i * (T // steps) for i in range(steps)]
-    elif spacing == "quadratic":
-        seq = sorted({int(v) for v in torch.linspace(0, math.sqrt(T * 0.8), steps).pow(2).tolist()})
-    else:
-        raise ValueError(f"sampler.spacing={spacing!r} must be 'uniform' or 'quadratic'")
+# Discrete time grids: which `steps` of the T step indices a sampler visits (Lin et al. 2024, "Common diffusion noise
+# schedules and sample steps are flawed", Table 2, names them). "uniform", the only even spacing before these names,
+# was i * (T // steps), i.e. "leading": old configs and checkpoints that say `spacing: uniform` sample as before.
+DISCRETE_SPACINGS = ("trailing", "leading", "linspace", "quadratic")
+SPACING_ALIASES = {"uniform": "leading"}
+DEFAULT_SPACING = "trailing"
+
+
+def trailing_timesteps(T: int, steps: int) -> list[int]:
+    """Lin et al. 2024 Table 2, "trailing": t_i = round(T - i T / steps) - 1, i = 0 .. steps - 1. Starts at T - 1 for
+    every steps; consecutive entries are T / steps >= 1 apart, so all are distinct. Computed as diffusers'
+    timestep_spacing="trailing" does (numpy's float arange, rounded half to even), so a tie such as 937.5 lands
+    where diffusers' does; unlike diffusers' arange, which can overshoot to an extra index -1, it stops at `steps`."""
+    return [int(v) - 1 for v in np.arange(T, 0, -T / steps).round()[:steps]]
+
+
+def leading_timesteps(T: int, steps: int) -> list[int]:
+    """Lin et al. 2024 Table 2, "leading" (diffusers' default timestep_spacing, steps_offset 0; DDIM's code's
+    uniform skip): t_i = i (T // steps), i = steps - 1 .. 0. Starts at (steps - 1)(T // steps), which is T - 1 only
+    when steps = T; for steps > T / 2 it is steps - 1, the middle of the chain."""
+    return [i * (T // steps) for i in range(steps - 1, -1, -1)]
+
+
+def linspace_timesteps(T: int, steps: int) -> list[int]:
+    """Lin et al. 2024 Table 2, "linspace": t_i = round(i (T - 1) / (steps - 1)), i = steps - 1 .. 0: both T - 1 and
+    0. Computed as diffusers' timestep_spacing="linspace" does (numpy's float linspace, rounded half to even), so an
+    exact tie such as 499.5 lands where diffusers' does. One step is [T - 1] (diffusers' would be [0])."""
+    if steps == 1:
+        return [T - 1]
+    return [int(v) for v in np.linspace(0, T - 1, steps).round()[::-1]]
+
+
+def quadratic_timesteps(T: int, steps: int) -> list[int]:
+    """Song, Meng & Ermon 2021 (DDIM) App. D.2, CIFAR-10's quadratic grid as in their code: tau_i = floor(c i^2),
+    c = 0.8 T / (steps - 1)^2 (computed exactly), dense near t = 0 and topping at floor(0.8 T). Where the floor
+    repeats an index (small i), tau_i is lifted to tau_{i-1} + 1, so the grid has exactly `steps` distinct entries
+    (at most max(steps - 1, floor(0.8 T)) <= T - 1). One step is [floor(0.8 T)]."""
+    top = 4 * T // 5
+    if steps == 1:
+        return [top]
+    seq: list[int] = []
+    for i in range(steps):
+        tau = 4 * T * i * i // (5 * (steps - 1) ** 2)
+        seq.append(tau if not seq or tau > seq[-1] else seq[-1] + 1)
     return seq[::-1]
+
+
+_GRIDS = {"trailing": trailing_timesteps, "leading": leading_timesteps, "linspace": linspace_timesteps,
+          "quadratic": quadratic_timesteps}
+
+
+def discrete_spacing(spacing: str) -> str:
+    """The canonical name of a discrete spacing ("uniform" -> "leading"); refuses an unknown one."""
+    name = SPACING_ALIASES.get(spacing, spacing)
+    if name not in _GRIDS:
+        raise ValueError(
+            f"sampler.spacing={spacing!r} must be one of {DISCRETE_SPACINGS} (or 'uniform', the old name of 'leading')"
+        )
+    return name
+
+
+def index_timesteps(T: int, steps: int | None = None, spacing: str = DEFAULT_SPACING) -> list[int]:
+    """`steps` distinct, decreasing indices of T discrete steps (all of them for None), spaced by `spacing`:
+    trailing (the default; starts at T - 1), leading, linspace or quadratic (see their functions)."""
+    name = discrete_spacing(spacing)
+    if steps is None:
+        return list(range(T - 1, -1, -1))
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+        raise ValueError(f"sampler.steps={steps!r} must lie in [1, schedule.T={T}] (an integer)")
+    return _GRIDS[name](T, steps)
 
 
 def gaussian_logp(z: Tensor, std: float) -> Tensor:
@@ -209,12 +267,15 @@ class DiscreteSchedule(Schedule):
         return self.sqrt_one_minus_alphas_cumprod[t]
 
     def _log_alphas_cumprod(self, t: Tensor) -> Tensor:
+        """log abar at a fractional index, linear between the steps (the index-time SDE's exact marginal, `sde`);
+        on [-1, 0] from log abar = 0 at t = -1 (the data) to log abar_0, clamped outside [-1, T - 1]."""
+        before = t.double().clamp(-1, 0) + 1  # in [0, 1]: the share of the first step taken, for t < 0
         t = t.clamp(0, self.T - 1)
         lo = t.floor().long()
         hi = (lo + 1).clamp(max=self.T - 1)
         log_abar = self.alphas_cumprod.double().log()
         w = (t - lo).double()
-        return (1 - w) * log_abar[lo] + w * log_abar[hi]
+        return torch.where(before < 1, before * log_abar[0], (1 - w) * log_abar[lo] + w * log_abar[hi])
 
     def t_of_noise_level(self, level: Tensor) -> Tensor:
         """The fractional step index whose interpolated log abar gives sigma / alpha = level (abar = 1 / (1 +
@@ -244,10 +305,9 @@ class DiscreteSchedule(Schedule):
         """t ~ Uniform({1, ..., T}) per example (Algorithm 1), as 0-based indices."""
         return torch.randint(0, self.T, (n,), device=device, generator=generator)
 
-    def timesteps(self, steps: int | None = None, spacing: str = "uniform") -> list[int]:
-        """Decreasing step indices for a sampler that visits `steps` of the T steps.
-
-        spacing "uniform" or "quadratic" follows Song et al. 2021 (DDIM) App. D.2: quadratic for CIFAR-10."""
+    def timesteps(self, steps: int | None = None, spacing: str = DEFAULT_SPACING) -> list[int]:
+        """Decreasing step indices for a sampler that visits `steps` of the T steps (`index_timesteps`: trailing,
+        leading, linspace or quadratic, the last Song et al. 2021 (DDIM) App. D.2's for CIFAR-10)."""
         return index_timesteps(self.T, steps, spacing)
 
     def respace(self, timesteps: list[int]) -> DiscreteSchedule:
@@ -319,7 +379,8 @@ class NCSNSchedule(Schedule):
         """A level i ~ Uniform({1, ..., L}) per example (§4.2)."""
         return torch.randint(0, self.T, (n,), device=device, generator=generator)
 
-    def timesteps(self, steps: int | None = None, spacing: str = "uniform") -> list[int]:
+    def timesteps(self, steps: int | None = None, spacing: str = DEFAULT_SPACING) -> list[int]:
+        """Decreasing level indices (`index_timesteps`); the default starts at the largest level sigma_1."""
         return index_timesteps(self.T, steps, spacing)
 
     def prior_std(self) -> float:
@@ -364,16 +425,15 @@ class ContinuousSchedule(Schedule):
         """t ~ U(t_eps, 1) per example (Song et al. 2021 eq. 7)."""
         return self.t_eps + (1 - self.t_eps) * torch.rand(n, device=device, generator=generator)
 
-    def timesteps(self, steps: int | None = None, spacing: str = "uniform") -> list[float]:
-        """`steps` decreasing times from 1 to t_min (uniform, or quadratic: denser near t_min)."""
+    def timesteps(self, steps: int | None = None, spacing: str = DEFAULT_SPACING) -> list[float]:
+        """`steps` decreasing times from 1 to t_min: even (trailing, leading, linspace and uniform all name the
+        even grid here, which always starts at t = 1) or quadratic (denser near t_min)."""
         steps = 1000 if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
             raise ValueError(f"sampler.steps={steps!r} must be an integer >= 2 for a continuous schedule")
         u = torch.linspace(1, 0, steps, dtype=torch.float64)
-        if spacing == "quadratic":
+        if discrete_spacing(spacing) == "quadratic":
             u = u**2
-        elif spacing != "uniform":
-            raise ValueError(f"sampler.spacing={spacing!r} must be 'uniform' or 'quadratic'")
         return (self.t_min + (1 - self.t_min) * u).tolist()
 
 

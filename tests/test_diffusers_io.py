@@ -72,8 +72,8 @@ def save_pipeline(unet, folder, scheduler: dict = GOOGLE_SCHEDULER):
     return folder
 
 
-def imported(folder) -> DiffusionModule:
-    return io.load_module(folder, channels_last=False)  # contiguous: PyTorch's own GroupNorm / convolutions
+def imported(folder, null_label=None) -> DiffusionModule:
+    return io.load_module(folder, null_label, channels_last=False)  # contiguous: PyTorch's own GroupNorm / convolutions
 
 
 def inputs(unet, n: int = 2, seed: int = 1):
@@ -106,7 +106,7 @@ def test_google_ddpm_cifar10_config_imports_to_the_same_function(tmp_path):
 @pytest.mark.parametrize("config", [CLASS_COND, SIZE64], ids=["class_conditional", "64px_two_attention_levels"])
 def test_other_layouts_import_to_the_same_function(tmp_path, config):
     unet = diffusers_unet(config, seed=2)
-    module = imported(save_pipeline(unet, tmp_path / "pipe"))
+    module = imported(save_pipeline(unet, tmp_path / "pipe"), null_label=True if config.get("num_class_embeds") else None)
     x, t = inputs(unet, 4)
     cond = {}
     if config.get("num_class_embeds"):
@@ -170,7 +170,7 @@ def test_export_loads_in_diffusers_and_imports_back_bitwise(tmp_path):
     y = torch.tensor([0, 2, 3])  # 3: the null label
     with torch.no_grad():
         assert (pipe.unet(x, t, class_labels=y).sample - net(x, t.float(), y=y)).abs().max() < TOL
-    back = imported(tmp_path / "pipe")
+    back = imported(tmp_path / "pipe", null_label=True)
     assert all(torch.equal(v, back.net.state_dict()[k]) for k, v in net.state_dict().items())
     assert {k: v for k, v in back.hparams.net.items() if k not in ("fused_norm", "winograd")} == {
         **{k: v for k, v in ours.hparams.net.items() if k not in ("fused_norm", "winograd")},
@@ -223,7 +223,8 @@ def test_exported_scheduler_has_our_betas_and_ancestral_step(schedule, parameter
     from hydra.utils import instantiate
 
     ours = instantiate(schedule)
-    sampler = {"_target_": "ddpm_lightning.samplers.ddpm", "_partial_": True, "variance": variance, "clip_denoised": True}
+    sampler = {"_target_": "ddpm_lightning.samplers.ddpm", "_partial_": True, "variance": variance, "clip_denoised": True,
+               "spacing": "trailing"}
     config = io.diffusers_scheduler_config(schedule, parameterization, sampler)
     theirs = diffusers.DDPMScheduler(**config)
     assert (theirs.betas - ours.betas).abs().max() < 1e-8
@@ -402,3 +403,88 @@ def test_missing_extra_names_it(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
     with pytest.raises(ImportError, match=r'pip install -e "\.\[diffusers\]"'):
         io.export(tmp_path / "any.ckpt", tmp_path / "out")
+
+
+LINEAR = {"_target_": "ddpm_lightning.schedules.linear", "T": 1000, "beta_start": 1e-4, "beta_end": 0.02}
+
+
+@pytest.mark.parametrize("target", ["ddpm", "ddim"])
+@pytest.mark.parametrize("spacing, written", [("trailing", "trailing"), ("leading", "leading"), ("linspace", "linspace"),
+                                              ("uniform", "leading")])
+def test_export_writes_the_samplers_timestep_spacing_and_import_reads_it(target, spacing, written):
+    """The exported scheduler visits the same steps as our sampler; `uniform` (the old name) is leading."""
+    sampler = {"_target_": f"ddpm_lightning.samplers.{target}", "_partial_": True, "spacing": spacing}
+    config = io.diffusers_scheduler_config(LINEAR, "eps", sampler)
+    assert config["timestep_spacing"] == written and config["steps_offset"] == 0
+    theirs = diffusers.DDPMScheduler(**config)
+    theirs.set_timesteps(60)
+    from ddpm_lightning import schedules
+
+    assert theirs.timesteps.tolist() == schedules.index_timesteps(1000, 60, spacing)
+    assert io.schedule_from_diffusers(config)[2]["spacing"] == written
+
+
+def test_spacing_diffusers_cannot_express_is_refused_both_ways():
+    sampler = {"_target_": "ddpm_lightning.samplers.ddim", "_partial_": True, "spacing": "quadratic"}
+    with pytest.raises(io.UnsupportedConfig, match="sampler.spacing='quadratic'"):
+        io.diffusers_scheduler_config(LINEAR, "eps", sampler)
+    assert io.schedule_from_diffusers({})[2]["spacing"] == "leading"  # diffusers' default
+    with pytest.raises(io.UnsupportedConfig, match="steps_offset=1"):
+        io.schedule_from_diffusers({"timestep_spacing": "leading", "steps_offset": 1})
+    with pytest.raises(io.UnsupportedConfig, match="timestep_spacing='odd'"):
+        io.schedule_from_diffusers({"timestep_spacing": "odd"})
+    assert io.schedule_from_diffusers({"timestep_spacing": "trailing", "steps_offset": 1})[2]["spacing"] == "trailing"
+
+
+def test_class_rows_need_an_explicit_null_label_and_a_model_without_one_never_draws_a_class_silently(tmp_path):
+    """diffusers' num_class_embeds = K does not say whether row K - 1 is a null label: importing asks. With
+    null_label=false all K rows are classes: label K - 1 samples as diffusers' class K - 1, and sampling without
+    labels is refused (it used to draw class K - 1); export writes K rows back."""
+    unet = diffusers_unet(CLASS_COND, seed=2)  # num_class_embeds = 5
+    folder = save_pipeline(unet, tmp_path / "pipe")
+    with pytest.raises(io.UnsupportedConfig, match="init_null_label=true .*init_null_label=false"):
+        imported(folder)
+    assert imported(folder, null_label=True).net.num_classes == 4
+    module = imported(folder, null_label=False)
+    assert module.net.num_classes == 5 and module.hparams.net["null_label"] is False
+    x, t = inputs(unet, 4)
+    y = torch.tensor([4, 0, 4, 2])
+    with torch.no_grad():
+        assert (module.net(x, t.float(), y=y) - unet(x, t, class_labels=y).sample).abs().max() < TOL
+        with pytest.raises(ValueError, match="no null label"):
+            module.net(x, t.float())
+    ddim = {"_target_": "ddpm_lightning.samplers.ddim", "_partial_": True, "steps": 2}
+    assert module.sample(range(2), sampler=ddim, labels=[4, 4]).shape[0] == 2  # class 4 is a class here
+    with pytest.raises(ValueError, match="no null label"):
+        module.sample(range(2), sampler=ddim)
+    assert io.diffusers_unet_config(module.hparams.net)["num_class_embeds"] == 5
+    with pytest.raises(ValueError, match="module.p_uncond"):
+        DiffusionModule(**{**dict(module.hparams), "p_uncond": 0.1})
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "leading"])
+def test_diffusers_ddim_with_clipped_model_output_is_our_ddim(tmp_path, spacing):
+    """Our DDIM (clip_denoised) recomputes eps from the clipped x_0; diffusers' DDIMScheduler does so only with
+    step(..., use_clipped_model_output=True). With it, on the exported scheduler config (same timestep_spacing), the
+    two give the same samples; with diffusers' default they differ wherever x_0 was clipped."""
+    unet = diffusers_unet({**CLASS_COND, "num_class_embeds": None}, seed=3)
+    sampler = {"_target_": "ddpm_lightning.samplers.ddim", "_partial_": True, "steps": 10, "eta": 0.0,
+               "clip_denoised": True, "spacing": spacing}
+    folder = save_pipeline(unet, tmp_path / "pipe", io.diffusers_scheduler_config(LINEAR, "eps", sampler))
+    module = imported(folder)
+    x_T = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    from ddpm_lightning.samplers import ddim
+
+    with torch.no_grad():
+        ours = ddim(module.denoiser, x_T.clone(), None, steps=10, eta=0.0, spacing=spacing, clip_denoised=True)
+        scheduler = diffusers.DDIMScheduler.from_config(diffusers.DDPMScheduler.from_pretrained(folder / "scheduler").config)
+        assert scheduler.config.timestep_spacing == spacing
+        scheduler.set_timesteps(10)
+        theirs = {}
+        for clipped in (True, False):
+            x = x_T.clone()
+            for t in scheduler.timesteps:
+                x = scheduler.step(unet(x, t).sample, t, x, eta=0.0, use_clipped_model_output=clipped).prev_sample
+            theirs[clipped] = x
+    assert (ours - theirs[True]).abs().max() < 1e-4
+    assert (ours - theirs[False]).abs().max() > 1e-2

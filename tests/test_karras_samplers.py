@@ -92,9 +92,9 @@ def test_few_step_solvers_beat_ddim_on_the_mixture_at_equal_nfe():
     assert run(heun, 79, steps=40) < run(ddim, 80, steps=80)
 
 
-def ddim_grid(schedule, steps):
-    """The noise levels DDIM visits with `steps` uniform steps (then the data, 0)."""
-    ts = torch.tensor(schedule.timesteps(steps), dtype=torch.float64)
+def ddim_grid(schedule, steps, spacing=schedules.DEFAULT_SPACING):
+    """The noise levels DDIM visits with `steps` steps of the given spacing (then the data, 0)."""
+    ts = torch.tensor(schedule.timesteps(steps, spacing), dtype=torch.float64)
     return schedule.noise_level(ts).double().tolist() + [0.0]
 
 
@@ -111,14 +111,14 @@ def test_dpmpp_first_step_is_ddim_and_euler_is_ddim_on_its_grid():
     schedule = schedules.linear()
     denoiser = MixtureDenoiser(MIXTURE, schedule)
     x_T = BatchNoise(0).randn_like(torch.empty(500, 2, dtype=torch.float64))
-    sigmas = ddim_grid(schedule, 10)
-    ref = trajectory(ddim, denoiser, x_T, None, steps=10)
+    sigmas = ddim_grid(schedule, 10, "leading")  # from t = 900, where the second step is visibly second order
+    ref = trajectory(ddim, denoiser, x_T, None, steps=10, spacing="leading")
     dpm = trajectory(dpmpp_2m, denoiser, x_T, None, sigmas=sigmas)
     torch.testing.assert_close(dpm[0], ref[0], rtol=1e-5, atol=1e-5)
     assert (dpm[1] - ref[1]).abs().max() > 1e-3  # the second step is second order, no longer DDIM
     for a, b in zip(trajectory(euler, denoiser, x_T, None, sigmas=sigmas), ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    ref1 = trajectory(ddim, denoiser, x_T, BatchNoise(1), steps=10, eta=1.0)
+    ref1 = trajectory(ddim, denoiser, x_T, BatchNoise(1), steps=10, eta=1.0, spacing="leading")
     for a, b in zip(trajectory(euler_ancestral, denoiser, x_T, BatchNoise(1), sigmas=sigmas, eta=1.0), ref1):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 

@@ -6,14 +6,14 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from conftest import compose_cfg
 from ddpm_lightning import schedules
 from ddpm_lightning.denoiser import Denoiser
 from ddpm_lightning.guidance import ClassifierFree
 from ddpm_lightning.likelihood import vlb_terms
-from ddpm_lightning.losses import LossAwareTimesteps, diffusion_losses
+from ddpm_lightning.losses import LossAwareTimesteps, diffusion_losses, vlb_eps_weights
 from ddpm_lightning.samplers import PerSampleNoise, check_compatible, ddpm
 from ddpm_lightning.tasks import build, load_model, train
 from oracles import GaussianEps
@@ -264,7 +264,8 @@ def test_learned_variance_checkpoint_round_trips_and_samples_with_every_compatib
 @pytest.mark.parametrize(
     "overrides, key",
     [
-        (["module.loss=vlb"], "model.learn_sigma"),
+        (["module.loss=vlb", "module.vlb_variance=learned"], "module.vlb_variance"),
+        (["module.loss=vlb", "schedule=vp_sde"], "module.loss=vlb"),
         (["module.loss=hybrid"], "model.learn_sigma"),
         (["module.loss=l1"], "module.loss"),
         (["sampler=ddpm", "sampler.variance=learned"], "sampler.variance=learned"),
@@ -285,3 +286,60 @@ def test_learned_sampler_refused_for_a_fixed_variance_model():
         module.sample(range(2), sampler=sampler)
     with pytest.raises(ValueError, match="learn_sigma"):
         check_compatible(build(compose_cfg(["sampler=ddpm", "sampler.variance=learned"]).sampler), module.schedule)
+
+
+# ---- L_vlb with fixed variances (Ho et al. 2020 Table 2, "L, fixed isotropic Sigma") ------------------------------
+
+
+class Constant(nn.Module):
+    """A network whose eps-output is a given tensor."""
+
+    def __init__(self, out: Tensor):
+        super().__init__()
+        self.out = out
+
+    def forward(self, x, label, **cond):
+        return self.out
+
+
+@pytest.mark.parametrize("vlb_variance", ["fixed_large", "fixed_small"])
+def test_fixed_variance_vlb_loss_is_eps_mse_weighted_as_ho_eq_12(vlb_variance):
+    """With p's variance fixed at sigma_t^2, L_{t-1} = beta_t^2 / (2 sigma_t^2 alpha_t (1 - abar_t)) ||eps -
+    eps_theta||^2 + C (Ho et al. eq. 12): the training loss's change when eps_theta moves off the true eps by d is
+    that weight times ||d||^2, at every t > 1, and the weights are the closed form from the betas alone."""
+    sch = schedules.linear()
+    betas = schedules.linear_betas(1000)
+    abar = torch.cumprod(1 - betas, 0)
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    sigma2 = betas if vlb_variance == "fixed_large" else betas * (1 - abar_prev) / (1 - abar)
+    closed = betas**2 / (2 * sigma2 * (1 - betas) * (1 - abar))
+    weights = vlb_eps_weights(sch, vlb_variance)
+    assert torch.isnan(weights[0]) and torch.allclose(weights[1:], closed[1:], rtol=1e-5)
+    if vlb_variance == "fixed_large":  # beta_t / (2 alpha_t (1 - abar_t)): 1/2 at t = 1 ... about 0.01 at t = T
+        assert weights[-1].item() == pytest.approx(0.02 / (2 * 0.98 * (1 - abar[-1].item())), rel=1e-5)
+    g = torch.Generator().manual_seed(0)
+    t = torch.tensor([1, 2, 10, 100, 500, 999])
+    x0 = torch.rand(6, 1, 4, 4, generator=g) * 2 - 1
+    eps = torch.randn(x0.shape, generator=g)
+    d = 0.1 * torch.randn(x0.shape, generator=g)
+    D = x0[0].numel()
+
+    def nats(out):
+        terms = diffusion_losses(Denoiser(Constant(out), sch), x0, t, eps, loss="vlb", vlb_variance=vlb_variance)
+        assert torch.equal(terms["loss"], terms["vlb"])
+        return terms["vlb"].double() / 1000 * D * math.log(2)  # T L_{t-1} in bits/dim back to L_{t-1} in nats
+
+    change = nats(eps + d) - nats(eps)
+    want = closed[t] * d.double().pow(2).flatten(1).sum(1)
+    assert torch.allclose(change, want, rtol=2e-3), (change, want)
+
+
+def test_fixed_variance_vlb_trains_through_the_module():
+    """module.loss=vlb without learned variances builds, and its loss sends gradients to the network."""
+    module = build(compose_cfg(["module.loss=vlb", "module.vlb_variance=fixed_small"]).module)
+    assert not module.denoiser.learn_sigma and module.hparams.vlb_variance == "fixed_small"
+    x0 = torch.rand(4, *module.data_shape) * 2 - 1
+    terms, _ = module._loss(x0)
+    assert torch.isfinite(terms["loss"]).all()
+    terms["loss"].mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.net.parameters())

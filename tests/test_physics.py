@@ -189,3 +189,16 @@ def test_figures_command_draws_the_five_small_figures(tmp_path):
     assert numbers["forward_vp"]["max_l1_fp_vs_closed_form"] < 1e-2
     assert numbers["reverse"]["reverse SDE"]["weight_left"] == pytest.approx(W[0], abs=0.03)
     assert (tmp_path / "numbers.json").is_file()
+
+
+@pytest.mark.parametrize("schedule", [S.linear(), S.cosine()], ids=["linear", "cosine"])
+def test_discrete_marginal_scales_start_from_the_data_at_t_minus_1(schedule):
+    """In index time the discrete process starts from the data at t = -1 (alpha 1, sigma 0), and its first step
+    (-1, 0] follows the SDE's exact marginal: log abar linear from 0 to log abar_0."""
+    assert P.marginal_scales(schedule, -1.0) == (1.0, 0.0)
+    assert P.marginal_scales(schedule, -5.0) == (1.0, 0.0)
+    abar0 = schedule.alphas_cumprod.double()[0].item()
+    alpha, sigma = P.marginal_scales(schedule, -0.5)
+    assert alpha == pytest.approx(abar0**0.25, rel=1e-12) and sigma == pytest.approx((1 - abar0**0.5) ** 0.5, rel=1e-9)
+    alpha0, sigma0 = P.marginal_scales(schedule, 0.0)
+    assert alpha0 == pytest.approx(abar0**0.5, rel=1e-12) and sigma0 == pytest.approx((1 - abar0) ** 0.5, rel=1e-6)

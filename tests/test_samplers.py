@@ -79,3 +79,14 @@ def test_ddpm_refuses_a_schedule_without_ddpm_buffers():
         draw(ddpm, n=2, variance="fixed_medium")
     with pytest.raises(ValueError, match="model.learn_sigma"):  # a fixed-variance model has no learned variance
         draw(ddpm, n=2, variance="learned")
+
+
+@pytest.mark.parametrize("steps", [501, 600, 999])
+def test_ddim_with_more_than_half_the_steps_matches_ddim_1000(steps):
+    """Gaussian data N(0.3, 0.5^2) with the exact eps: DDIM at 501, 600 and 999 steps gives DDIM-1000's mean and
+    variance (the old grid started at t = 500 / 599: mean 0.257 / 0.276, variance 0.266 / 0.255)."""
+    reference = draw(ddim, steps=1000)
+    x = draw(ddim, steps=steps)
+    assert x.mean().item() == pytest.approx(reference.mean().item(), abs=0.003)
+    assert x.var().item() == pytest.approx(reference.var().item(), abs=0.003)
+    assert reference.mean().item() == pytest.approx(MEAN, abs=0.015) and reference.std().item() == pytest.approx(STD, rel=0.02)

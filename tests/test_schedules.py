@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,3 +107,75 @@ def test_timesteps_are_decreasing_and_leave_schedule_untouched():
         s.timesteps(2000)
     with pytest.raises(ValueError, match="sampler.spacing"):
         s.timesteps(10, "cubic")
+
+
+# ----------------------------------------------------------------------------------- discrete time grids (spacing)
+
+
+def _is_grid(seq, T, steps):
+    return len(seq) == steps and len(set(seq)) == steps and seq == sorted(seq, reverse=True) and 0 <= seq[-1] and seq[0] <= T - 1
+
+
+@pytest.mark.parametrize("T", [1000, 1, 2, 7, 10])
+def test_every_spacing_gives_exactly_steps_distinct_decreasing_indices(T):
+    """Lin et al. 2024 Table 2: for every steps in [1, T], `steps` distinct decreasing indices; trailing and linspace
+    start at T - 1 (linspace also ends at 0), leading starts at (steps - 1)(T // steps), quadratic tops at 0.8 T."""
+    for steps in range(1, T + 1):
+        grids = {name: schedules.index_timesteps(T, steps, name) for name in schedules.DISCRETE_SPACINGS}
+        for name, seq in grids.items():
+            assert _is_grid(seq, T, steps), (name, steps, seq[:5], seq[-5:])
+        assert grids["trailing"][0] == T - 1 and grids["linspace"][0] == T - 1
+        assert steps == 1 or grids["linspace"][-1] == 0
+        assert grids["leading"][0] == (steps - 1) * (T // steps) and grids["leading"][-1] == 0
+        assert grids["quadratic"][0] == max(4 * T // 5, steps - 1)
+        if steps == T:
+            assert all(seq == list(range(T - 1, -1, -1)) for seq in grids.values())
+
+
+def test_default_spacing_is_trailing_and_uniform_is_the_old_leading_grid():
+    s = schedules.linear()
+    assert schedules.DEFAULT_SPACING == "trailing" and s.timesteps(50) == s.timesteps(50, "trailing")
+    assert s.timesteps(50) == list(range(999, 0, -20))  # 999, 979, ..., 19
+    for steps in (1, 3, 50, 333, 501, 600, 999):
+        old = [i * (1000 // steps) for i in range(steps)][::-1]  # the formula `uniform` had
+        assert s.timesteps(steps, "uniform") == s.timesteps(steps, "leading") == old
+    assert s.timesteps(600, "leading")[0] == 599 and s.timesteps(600)[0] == 999
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace"])
+def test_spacings_match_diffusers_timestep_spacing(spacing):
+    """The same indices as diffusers' DDIMScheduler with timestep_spacing=spacing (steps_offset 0). diffusers'
+    trailing grid comes from a float arange that can overshoot by one entry, index -1 (e.g. 499 steps): ours stops
+    at `steps` entries."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing)
+    for steps in range(2, 1001):
+        sched.set_timesteps(steps)
+        theirs = sched.timesteps.tolist()
+        if len(theirs) == steps + 1 and spacing == "trailing":
+            assert theirs.pop() == -1
+        assert schedules.index_timesteps(1000, steps, spacing) == theirs, steps
+
+
+def test_quadratic_is_ddims_grid_where_its_floor_is_distinct():
+    """Song et al. 2021 App. D.2 / their code: floor(c i^2), c = 0.8 T / (steps - 1)^2. Where the floor repeats
+    (small i) the grid counts up one index at a time until the floor overtakes it, then follows the floor."""
+    for steps in (10, 20, 50, 100, 500, 801, 900, 1000):
+        seq = schedules.index_timesteps(1000, steps, "quadratic")[::-1]
+        floor = [int(v) for v in np.linspace(0, np.sqrt(800), steps) ** 2]  # the DDIM code's expression
+        k = next((i for i in range(steps) if floor[i] > i), steps)  # where the floor overtakes 0, 1, 2, ...
+        assert seq[:k] == list(range(k))
+        assert seq[k:] == floor[k:]
+    assert schedules.index_timesteps(1000, 10, "quadratic")[::-1] == [0, 9, 39, 88, 158, 246, 355, 483, 632, 800]
+    assert len(schedules.index_timesteps(1000, 100, "quadratic")) == 100  # was 96 before the lift
+    assert len(schedules.index_timesteps(1000, 500, "quadratic")) == 500  # was 422
+
+
+def test_bad_spacing_and_steps_name_the_key():
+    with pytest.raises(ValueError, match="sampler.spacing='cubic'.*trailing"):
+        schedules.index_timesteps(1000, 10, "cubic")
+    with pytest.raises(ValueError, match="sampler.spacing"):
+        schedules.index_timesteps(1000, None, "cubic")
+    for steps in (0, 1001, 2.5, True):
+        with pytest.raises(ValueError, match="sampler.steps"):
+            schedules.index_timesteps(1000, steps)

@@ -169,6 +169,7 @@ class UNet(nn.Module):
         learn_sigma: bool = False,
         norm_eps: float = 1e-5,
         downsample_padding: str = "symmetric",
+        null_label: bool = True,
     ):
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
@@ -178,11 +179,12 @@ class UNet(nn.Module):
         if not norm_eps > 0:
             raise ValueError(f"model.norm_eps={norm_eps} must be positive (GroupNorm's epsilon)")
         self.in_channels, self.image_size, self.ch = in_channels, image_size, ch
-        self.num_classes, self.learn_sigma = num_classes, bool(learn_sigma)
+        self.num_classes, self.learn_sigma, self.null_label = num_classes, bool(learn_sigma), bool(null_label)
         temb_ch = 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
-        # Class labels 0..num_classes-1; index num_classes is the null label (classifier-free guidance).
-        self.label_emb = nn.Embedding(num_classes + 1, temb_ch) if num_classes else None
+        # Class labels 0..num_classes-1; index num_classes is the null label (classifier-free guidance), unless
+        # null_label=false (e.g. an imported class-conditional model trained without label dropout).
+        self.label_emb = nn.Embedding(num_classes + int(self.null_label), temb_ch) if num_classes else None
 
         def res(i: int, o: int, resolution: int) -> list[nn.Module]:
             block = [ResBlock(i, o, temb_ch, dropout, norm_groups, norm_eps)]
@@ -227,6 +229,11 @@ class UNet(nn.Module):
         check_input(x, self.in_channels, self.image_size, "UNet")
         temb = self.temb(timestep_embedding(t.expand(x.shape[0]), self.ch))
         if self.label_emb is not None:
+            if not self.null_label and (y is None or bool((y == self.num_classes).any())):
+                raise ValueError(
+                    "this class-conditional model has no null label (model.null_label=false): sample it with class "
+                    "labels (labels=[...] or labels=all), without classifier-free guidance or label dropout"
+                )
             if y is None:
                 y = torch.full((x.shape[0],), self.num_classes, device=x.device, dtype=torch.long)
             temb = temb + self.label_emb(y)

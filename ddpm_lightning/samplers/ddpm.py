@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ddpm_lightning.denoiser import Denoiser, interpolated_log_variance
 from ddpm_lightning.samplers.noise import PerSampleNoise
-from ddpm_lightning.schedules import expand_as
+from ddpm_lightning.schedules import DEFAULT_SPACING, expand_as
 
 VARIANCES = ("fixed_large", "fixed_small", "learned")
 
@@ -67,7 +67,7 @@ def eps_and_v(denoiser: Denoiser, x: Tensor, t: Tensor, variance: str, **cond) -
     return denoiser.eps(x, t, **cond), None
 
 
-def respaced(schedule, steps: int | None, spacing: str = "uniform") -> tuple[list[int], object]:
+def respaced(schedule, steps: int | None, spacing: str = DEFAULT_SPACING) -> tuple[list[int], object]:
     """The increasing indices S a sampler visits and the process on them (Nichol & Dhariwal 2021 §4); all T
     indices and the schedule itself when steps is None or T."""
     if steps is None or steps == schedule.T:
@@ -84,7 +84,7 @@ def ddpm(
     variance: str = "fixed_large",
     clip_denoised: bool = True,
     steps: int | None = None,
-    spacing: str = "uniform",
+    spacing: str = DEFAULT_SPACING,
     callback: Callable[[int, Tensor], None] | None = None,
     **cond,
 ) -> Tensor:
@@ -104,7 +104,7 @@ def ddpm(
     return x
 
 
-def check_ddpm(schedule, variance: str = "fixed_large", steps: int | None = None, spacing: str = "uniform", **_) -> None:
+def check_ddpm(schedule, variance: str = "fixed_large", steps: int | None = None, spacing: str = DEFAULT_SPACING, **_) -> None:
     _require(schedule, ("betas", "posterior_mean_coef1", "posterior_variance"), "ddpm")
     if variance not in VARIANCES:
         raise ValueError(f"sampler.variance={variance!r} must be one of {VARIANCES}")
@@ -122,7 +122,7 @@ def ddim(
     noise: PerSampleNoise,
     steps: int = 50,
     eta: float = 0.0,
-    spacing: str = "uniform",
+    spacing: str = DEFAULT_SPACING,
     clip_denoised: bool = False,
     callback: Callable[[int, Tensor], None] | None = None,
     **cond,
@@ -156,7 +156,7 @@ def ddim(
     return x
 
 
-def check_ddim(schedule, steps: int = 50, eta: float = 0.0, spacing: str = "uniform", **_) -> None:
+def check_ddim(schedule, steps: int = 50, eta: float = 0.0, spacing: str = DEFAULT_SPACING, **_) -> None:
     if eta < 0:
         raise ValueError(f"sampler.eta={eta} must be non-negative")
     schedule.timesteps(steps, spacing)

@@ -74,11 +74,13 @@ def ald(
 ) -> Tensor:
     """Song & Ermon 2019 Algorithm 1: at each level sigma_i, T steps x <- x + alpha_i/2 s(x, sigma_i) + sqrt(alpha_i) z
     with alpha_i = eps sigma_i^2 / sigma_L^2 (written here with step = alpha_i / 2, as the official code:
-    x + step s + sqrt(2 step) z). `denoise` adds NCSNv2's final Tweedie step x + sigma_L^2 s(x, sigma_L)."""
+    x + step s + sqrt(2 step) z). `levels` < L visits that many levels from sigma_1 down (the schedule's default
+    spacing, trailing); sigma_L stays the schedule's smallest level. `denoise` adds NCSNv2's final Tweedie step x + sigma_L^2 s(x, sigma_L)."""
     check_ald(denoiser.schedule, n_steps_each=n_steps_each, step_lr=step_lr, levels=levels)
     schedule = denoiser.schedule
     ts = schedule.timesteps(levels)
-    sigma_L = schedule.sigma(_times(x[:1], ts[-1]))[0]
+    # The paper's sigma_L is the schedule's smallest level, so a level's step size is the same whichever levels run.
+    sigma_L = schedule.sigma(_times(x[:1], time_range(schedule)[1]).to(torch.long))[0]
     for k, t_now in enumerate(ts):
         t = _times(x, t_now)
         step = expand_as(step_lr * (schedule.sigma(t) / sigma_L) ** 2, x)
