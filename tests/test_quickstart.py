@@ -249,7 +249,9 @@ def check_command(script: str, args: list[str], tmp_path: Path) -> None:
         with torch.device("meta"):  # the network's shapes and checks; its 35M weights need not be drawn
             build(cfg.model)
         if cfg.module._target_.endswith("DiffusionModule"):  # schedule, sampler and their pairing, optimiser
-            build(cfg.module, net={"_target_": "torch.nn.Identity"})
+            # the same kind of network at its smallest (the full one was built above on the meta device)
+            small = {"ch": 32, "ch_mult": [1], "num_res_blocks": 1, "attn_resolutions": []} if str(cfg.model._target_).endswith("UNet") else {}
+            build(cfg.module, net=small)
         else:  # the (small) noise-aware classifier
             build(cfg.module)
         if not cfg.data._target_.endswith("ImageFolderDataModule"):  # which needs its folder to exist
