@@ -46,13 +46,13 @@ def train(base: str, condition: str, out: Path, minutes: float, every: int) -> f
 
 @torch.no_grad()
 def score(ckpt: Path, x_val: torch.Tensor, judge: DigitJudge, n: int, scale: float = 1.0) -> dict:
-    from ddpm_lightning.control import split_hints
-    from ddpm_lightning.tasks import load_model
+    from ddpm_lightning.control.module import split_hints
+    from ddpm_lightning.loading import load_model
 
     model = load_model(ckpt)
     seeds = list(range(n))
     hints = split_hints(model, x_val[[i % len(x_val) for i in seeds]], seeds)
-    sampler = {"_target_": "ddpm_lightning.samplers.ddim", "_partial_": True, "steps": 50}
+    sampler = {"_target_": "ddpm_lightning.diffusion.samplers.ddim", "_partial_": True, "steps": 50}
     samples = torch.cat([model.sample(seeds[a : a + 250], sampler=sampler, hint=hints[a : a + 250], conditioning_scale=scale) for a in range(0, n, 250)])
     adherence = float(model.net.condition.adherence(samples, hints).mean())
     return {"step": model.global_step_loaded, "adherence": adherence, "fd_digits": judge.frechet(samples, x_val), "confidence": judge.confidence(samples)}
@@ -116,7 +116,7 @@ def main() -> None:
         last = out / "checkpoints" / "last.ckpt"
         final = score(last, x_val, judge, args.samples)
         base = score(last, x_val, judge, args.samples, scale=0.0)
-        from ddpm_lightning.tasks import load_model
+        from ddpm_lightning.loading import load_model
 
         counts = load_model(last).net.parameter_counts()
         results[condition] = {"train_wall_s": wall, "steps": final["step"], "params": counts, "base": base, "final": final, "curve": curve}

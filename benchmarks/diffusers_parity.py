@@ -1,4 +1,4 @@
-"""Output differences between diffusers and this package for the same weights (ddpm_lightning.diffusers_io):
+"""Output differences between diffusers and this package for the same weights (ddpm_lightning.interop.diffusers):
 UNet2DModels with random weights in every layer imported (google/ddpm-cifar10-32's config and the test suite's
 two other layouts), and the exported scheduler's betas, alphas_cumprod and DDPM ancestral steps. fp32, CPU.
 
@@ -20,9 +20,9 @@ import test_diffusers_io as T  # noqa: E402  (the published configs and the rand
 
 from hydra.utils import instantiate  # noqa: E402
 
-from ddpm_lightning import diffusers_io as io  # noqa: E402
-from ddpm_lightning.denoiser import Denoiser  # noqa: E402
-from ddpm_lightning.samplers import ddpm  # noqa: E402
+from ddpm_lightning.interop import diffusers as io  # noqa: E402
+from ddpm_lightning.diffusion.denoiser import Denoiser  # noqa: E402
+from ddpm_lightning.diffusion.samplers import ddpm  # noqa: E402
 
 
 def unet_rows(tmp: Path) -> list[dict]:
@@ -46,12 +46,12 @@ def unet_rows(tmp: Path) -> list[dict]:
 def scheduler_rows() -> list[dict]:
     rows = []
     for schedule, parameterization, variance in (
-        ({"_target_": "ddpm_lightning.schedules.linear", "T": 1000, "beta_start": 1e-4, "beta_end": 0.02}, "eps", "fixed_large"),
-        ({"_target_": "ddpm_lightning.schedules.cosine", "T": 1000, "s": 0.008, "max_beta": 0.999}, "v", "fixed_small"),
-        ({"_target_": "ddpm_lightning.schedules.scaled_linear", "T": 500, "beta_start": 8.5e-4, "beta_end": 0.012}, "x0", "fixed_small"),
+        ({"_target_": "ddpm_lightning.diffusion.schedules.linear", "T": 1000, "beta_start": 1e-4, "beta_end": 0.02}, "eps", "fixed_large"),
+        ({"_target_": "ddpm_lightning.diffusion.schedules.cosine", "T": 1000, "s": 0.008, "max_beta": 0.999}, "v", "fixed_small"),
+        ({"_target_": "ddpm_lightning.diffusion.schedules.scaled_linear", "T": 500, "beta_start": 8.5e-4, "beta_end": 0.012}, "x0", "fixed_small"),
     ):
         ours = instantiate(schedule)
-        sampler = {"_target_": "ddpm_lightning.samplers.ddpm", "_partial_": True, "variance": variance, "clip_denoised": True}
+        sampler = {"_target_": "ddpm_lightning.diffusion.samplers.ddpm", "_partial_": True, "variance": variance, "clip_denoised": True}
         theirs = T.diffusers.DDPMScheduler(**io.diffusers_scheduler_config(schedule, parameterization, sampler))
         g = torch.Generator().manual_seed(0)
         x, out = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)

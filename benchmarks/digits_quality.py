@@ -34,18 +34,18 @@ def main() -> None:
     p.add_argument("--name", default=None, help="results file suffix (default: the run directory's name)")
     args = p.parse_args()
 
-    from ddpm_lightning.tasks import load_model
+    from ddpm_lightning.loading import load_model
 
     torch.manual_seed(0)
     x_train, y_train, x_val = digits()
     judge = DigitJudge(x_train, y_train)
     model = load_model(args.ckpt)
-    sampler = {"_target_": "ddpm_lightning.samplers.ddim", "_partial_": True, "steps": args.ddim_steps, "clip_denoised": True}
+    sampler = {"_target_": "ddpm_lightning.diffusion.samplers.ddim", "_partial_": True, "steps": args.ddim_steps, "clip_denoised": True}
     seeds = list(range(args.samples))
     cond = {}
     if args.w is not None:
         cond = {"labels": [i % 10 for i in seeds],
-                "guidance": {"_target_": "ddpm_lightning.guidance.ClassifierFree", "_partial_": True, "w": args.w}}
+                "guidance": {"_target_": "ddpm_lightning.diffusion.guidance.ClassifierFree", "_partial_": True, "w": args.w}}
     name = args.name or args.ckpt.resolve().parent.parent.name
     t0 = time.perf_counter()
     images = torch.cat([model.sample(seeds[a : a + 250], sampler=sampler,

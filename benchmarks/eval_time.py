@@ -40,9 +40,9 @@ def main() -> None:
         cfg = compose("train", overrides=[f"model={a.model}", f"data.image_size={a.image_size}", "paths.output_dir=/tmp"])
     module = instantiate(cfg.module).eval()
     samplers = {
-        "ddpm-1000": ({"_target_": "ddpm_lightning.samplers.ddpm", "_partial_": True}, 1000),
-        "ddim-50": ({"_target_": "ddpm_lightning.samplers.ddim", "_partial_": True, "steps": 50}, 50),
-        "ddim-100": ({"_target_": "ddpm_lightning.samplers.ddim", "_partial_": True, "steps": 100}, 100),
+        "ddpm-1000": ({"_target_": "ddpm_lightning.diffusion.samplers.ddpm", "_partial_": True}, 1000),
+        "ddim-50": ({"_target_": "ddpm_lightning.diffusion.samplers.ddim", "_partial_": True, "steps": 50}, 50),
+        "ddim-100": ({"_target_": "ddpm_lightning.diffusion.samplers.ddim", "_partial_": True, "steps": 100}, 100),
     }
     for name, (sampler, nfe) in samplers.items():
         fn = instantiate(sampler)

@@ -65,9 +65,10 @@ def main() -> None:
     args = p.parse_args()
 
     from ddpm_lightning.data.digits import load_digits_uint8
-    from ddpm_lightning.guidance import ClassifierFree, ClassifierGuidance
+    from ddpm_lightning.diffusion.guidance import ClassifierFree
+    from ddpm_lightning.loading import classifier_guidance
     from ddpm_lightning.images import save_grid
-    from ddpm_lightning.tasks import load_model
+    from ddpm_lightning.loading import load_model
 
     start = time.perf_counter()
     cfg_ckpt = args.cfg_ckpt or train_run("cfg_digits", args.out, args.steps)
@@ -82,7 +83,7 @@ def main() -> None:
     per = args.samples // 10
     labels = torch.arange(10).repeat_interleave(per)
     seeds = range(len(labels))
-    sampler = {"_target_": "ddpm_lightning.samplers.ddim", "_partial_": True, "steps": args.ddim_steps}
+    sampler = {"_target_": "ddpm_lightning.diffusion.samplers.ddim", "_partial_": True, "steps": args.ddim_steps}
 
     def row(kind: str, strength: float, images: torch.Tensor, y: torch.Tensor) -> dict:
         pred = torch.as_tensor(judge.clf.predict(judge._flat(images)))
@@ -96,7 +97,7 @@ def main() -> None:
     real = torch.cat([torch.nonzero(y_train == k).flatten()[:per] for k in range(10)])
     rows = [row("real validation digits", float("nan"), x_val, y_val) | {"fd_digits": judge.frechet(x_train[real], x_val)}]
     settings = [("classifier-free w", w, lambda d, w=w: ClassifierFree(d, w)) for w in args.w]
-    settings += [("classifier scale", s, lambda d, s=s: ClassifierGuidance(d, str(clf_ckpt), s, conditional=False)) for s in args.scales]
+    settings += [("classifier scale", s, lambda d, s=s: classifier_guidance(d, str(clf_ckpt), s, conditional=False)) for s in args.scales]
     for kind, strength, guidance in settings:
         t = time.perf_counter()
         images = model.sample(seeds, sampler=sampler, labels=labels, guidance=guidance)

@@ -68,14 +68,14 @@ SAMPLERS = {  # name: (sampler options, objectives it applies to)
     "ddpm50_fixed_large": ({"variance": "fixed_large", "steps": 50}, ("simple", "vlb", "hybrid", "vlb_fixed")),
     "ddpm50_fixed_small": ({"variance": "fixed_small", "steps": 50}, ("simple", "vlb", "hybrid", "vlb_fixed")),
     "ddpm50_learned": ({"variance": "learned", "steps": 50}, ("vlb", "hybrid")),
-    "ddim50": ({"_target_": "ddpm_lightning.samplers.ddim", "steps": 50, "eta": 0.0}, ("simple", "vlb", "hybrid", "vlb_fixed")),
+    "ddim50": ({"_target_": "ddpm_lightning.diffusion.samplers.ddim", "steps": 50, "eta": 0.0}, ("simple", "vlb", "hybrid", "vlb_fixed")),
 }
 
 
 def evaluate_run(name: str, out: Path, samples: int, nll_images: int) -> dict:
     """Bits/dim (variational bound, the model's own variances) and FD-digits of each applicable sampler."""
-    from ddpm_lightning.likelihood import bits_per_dim
-    from ddpm_lightning.tasks import load_model
+    from ddpm_lightning.diffusion.likelihood import bits_per_dim
+    from ddpm_lightning.loading import load_model
 
     model = load_model(out / name / "checkpoints" / "last.ckpt")
     x_train, y_train, x_val = digits()
@@ -90,7 +90,7 @@ def evaluate_run(name: str, out: Path, samples: int, nll_images: int) -> dict:
                 "nll_seconds": time.perf_counter() - start})
     for sampler, (options, objectives) in SAMPLERS.items():
         if name in objectives:
-            cfg = {"_target_": "ddpm_lightning.samplers.ddpm", "_partial_": True, **options}
+            cfg = {"_target_": "ddpm_lightning.diffusion.samplers.ddpm", "_partial_": True, **options}
             x = torch.cat([model.sample(range(i, min(i + 250, samples)), sampler=cfg) for i in range(0, samples, 250)])
             row[f"fd_{sampler}"] = judge.frechet(x, x_val)
     (out / name / "eval.json").write_text(json.dumps(row, indent=2))

@@ -62,10 +62,10 @@ def ours_loop(net, sampler: str, steps: int, batch: int, shape, device):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from ddpm_lightning.denoiser import Denoiser
+    from ddpm_lightning.diffusion.denoiser import Denoiser
     from ddpm_lightning.nets.conv import fixed_weights
-    from ddpm_lightning.samplers import PerSampleNoise
-    from ddpm_lightning.schedules import linear
+    from ddpm_lightning.diffusion.samplers import PerSampleNoise
+    from ddpm_lightning.diffusion.schedules import linear
 
     denoiser = Denoiser(net, linear().to(device))
     cfg = OmegaConf.load(common.CONF / "sampler" / f"{sampler}.yaml")

@@ -41,7 +41,7 @@ def sampler_config(name: str, **overrides) -> dict:
 
 def measure(module, judge, x_val, sampler: dict, n: int, batch: int) -> dict:
     """FD-digits, NFE per image and seconds for n samples (seeds 0..n-1)."""
-    from ddpm_lightning.module import count_nfe
+    from ddpm_lightning.training.module import count_nfe
 
     calls, handle = count_nfe(module)
     images, nfe = [], 0
@@ -95,7 +95,7 @@ def main() -> None:
     if args.replot:
         return plot(json.loads((common.RESULTS / "sampler_nfe.json").read_text())["rows"], common.RESULTS / "sampler_nfe.png")
     common.set_allocator(args)
-    from ddpm_lightning.tasks import load_model
+    from ddpm_lightning.loading import load_model
 
     module = load_model(args.ckpt)
     x_train, y_train, x_val = digits()

@@ -15,10 +15,10 @@ import torch
 
 from ddpm_lightning.data.digits import DigitsDataModule
 from ddpm_lightning.images import save_grid
-from ddpm_lightning.likelihood import bits_per_dim
-from ddpm_lightning.samplers import PerSampleNoise, ald, ddim, ddpm, ode, pc
-from ddpm_lightning.schedules import expand_as
-from ddpm_lightning.tasks import load_model
+from ddpm_lightning.diffusion.likelihood import bits_per_dim
+from ddpm_lightning.diffusion.samplers import PerSampleNoise, ald, ddim, ddpm, ode, pc
+from ddpm_lightning.diffusion.schedules import expand_as
+from ddpm_lightning.loading import load_model
 
 
 class CountingDenoiser:

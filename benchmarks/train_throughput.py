@@ -50,9 +50,9 @@ class Run:
         build = {"diffusers": common.diffusers_unet, "denoising_diffusion_pytorch": common.lucidrains_unet}.get(impl, common.ours)
         self.net = build(model, image_size, channels, arch).to(device)
         if impl.startswith("ours"):
-            from ddpm_lightning.callbacks import EMA
-            from ddpm_lightning.denoiser import Denoiser
-            from ddpm_lightning.schedules import linear
+            from ddpm_lightning.training.callbacks import EMA
+            from ddpm_lightning.diffusion.denoiser import Denoiser
+            from ddpm_lightning.diffusion.schedules import linear
 
             if impl != "ours_nchw":  # conf/module/diffusion.yaml channels_last: true; ours_nchw is the contiguous layout
                 self.net = self.net.to(memory_format=torch.channels_last)
@@ -81,7 +81,7 @@ class Run:
     def loss(self) -> torch.Tensor:
         x0 = self.x0
         if self.impl.startswith("ours"):
-            from ddpm_lightning.losses import eps_mse
+            from ddpm_lightning.diffusion.losses import eps_mse
 
             if self.impl != "ours_nchw":
                 x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -117,8 +117,8 @@ class Run:
         ddim_sample do so by default; ours with clip_denoised=True)."""
         shape = (n, *self.x0.shape[1:])
         if self.impl.startswith("ours"):
-            from ddpm_lightning.denoiser import Denoiser
-            from ddpm_lightning.samplers import PerSampleNoise, ddim
+            from ddpm_lightning.diffusion.denoiser import Denoiser
+            from ddpm_lightning.diffusion.samplers import PerSampleNoise, ddim
 
             net = copy.deepcopy(self.net).eval()
             for p, s in zip(net.parameters(), self.shadow):
@@ -178,7 +178,7 @@ def main() -> None:
     OURS_ADAM = args.ours_adam
     device = common.device()
     if args.memory_of:
-        import ddpm_lightning.callbacks  # noqa: F401  (imports are not the model's memory)
+        import ddpm_lightning.training.callbacks  # noqa: F401  (imports are not the model's memory)
         import diffusers.training_utils  # noqa: F401
         import ema_pytorch  # noqa: F401
         import denoising_diffusion_pytorch  # noqa: F401

@@ -1,12 +1,18 @@
-"""Making config groups compose: settings of one group that depend on another (the U-Net's attention
-resolutions on the data's image size) are adjusted here, with a logged note, before anything is built."""
+"""Building from the user's config: settings of one group that depend on another (the U-Net's attention
+resolutions on the data's image size) are adjusted here, with a logged note, before anything is built; `build`
+instantiates a config node (Hydra), its values type-checked against the target's annotations first."""
 
 from __future__ import annotations
 
 import logging
+import types
+import typing
+from typing import Any
 
 import torch
-from omegaconf import DictConfig, open_dict
+from hydra.errors import InstantiationException
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
@@ -64,3 +70,48 @@ def resolve_precision(trainer: DictConfig) -> None:
         log.info("trainer.precision=auto: %s", picked)
         with open_dict(trainer):
             trainer.precision = picked
+
+
+def _simple_types(hint: Any) -> tuple[type, ...] | None:
+    """The isinstance() types a value annotated `hint` may have, for int / float / bool / str and their `| None`;
+    None for any other annotation (not checked)."""
+    if hint in (int, float, bool, str):
+        return {int: (int,), float: (int, float), bool: (bool,), str: (str,)}[hint]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        parts = [_simple_types(a) if a is not type(None) else (type(None),) for a in typing.get_args(hint)]
+        return None if any(p is None for p in parts) else tuple(t for p in parts for t in p)
+    return None
+
+
+def check_types(node: DictConfig) -> None:
+    """Refuse a config value whose type contradicts its parameter's annotation (e.g. data.batch_size=abc, which
+    would fail later as a bare TypeError), naming the key and the expected type."""
+    try:
+        target = get_object(node["_target_"])
+        hints = typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
+    except Exception:  # noqa: BLE001 - an unresolvable target or annotation: instantiate reports it
+        return
+    prefix = node._get_full_key(None) or "config"
+    for key, value in node.items():
+        allowed = _simple_types(hints.get(key))
+        if allowed is None or isinstance(key, str) and key.startswith("_"):
+            continue
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+            raise ValueError(f"{prefix}.{key}={value!r} must be {names}")
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, re-raising a config error (ValueError) as itself rather than wrapped; values of the
+    wrong type for the target's annotated parameters are refused first, naming the key."""
+    if OmegaConf.is_dict(node) and "_target_" in node:
+        check_types(node)
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while isinstance(cause, InstantiationException):  # nested instantiate calls wrap once per level
+            cause = cause.__cause__
+        if isinstance(cause, ValueError):
+            raise cause from None
+        raise

@@ -21,16 +21,21 @@ from omegaconf import DictConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ddpm_lightning import control as control_lib
-from ddpm_lightning import guidance as guidance_lib
 from ddpm_lightning import metrics as M
-from ddpm_lightning.images import save_grid, to_model_range, to_uint8
-from ddpm_lightning.module import DiffusionModule, _plain, count_nfe
 from ddpm_lightning import registry
 from ddpm_lightning.checkpointing import file_sha256
-from ddpm_lightning.samplers import check_compatible
+from ddpm_lightning.compose import build
+from ddpm_lightning.control import module as control_lib
+from ddpm_lightning.diffusion import guidance as guidance_lib
+from ddpm_lightning.diffusion.likelihood import bits_per_dim
+from ddpm_lightning.diffusion.samplers import check_compatible
+from ddpm_lightning.images import save_grid, to_model_range, to_uint8
+from ddpm_lightning.interop.diffusers import load_module, weights_file
+from ddpm_lightning.loading import load_model
+from ddpm_lightning.nets.conv import fixed_weights
+from ddpm_lightning.plots import data_images, save_process_strips
 from ddpm_lightning.summary import evaluate_next_steps
-from ddpm_lightning.tasks import build, load_model
+from ddpm_lightning.training.module import DiffusionModule, _plain, count_nfe
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +145,6 @@ def _nll_data(cfg: DictConfig, datamodule) -> torch.Tensor:
 
 def _nll(cfg: DictConfig, module: DiffusionModule, data: torch.Tensor) -> dict[str, float]:
     """Bits/dim (Ho et al. 2020 §3.3 variational bound; Song et al. 2021 App. D probability-flow ODE)."""
-    from ddpm_lightning.likelihood import bits_per_dim
-    from ddpm_lightning.nets.conv import fixed_weights
 
     estimators = cfg.nll.get("estimators")
     if estimators is None:  # every estimator that applies: the bound needs DDPM's discrete buffers
@@ -236,7 +239,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError("give ckpt_path=<checkpoint> or init_from=<diffusers folder or Hub id>, exactly one of them")
     check_overrides([f"+{k}" for k in MODEL_KEYS if cfg.get(k) is not None])
     if cfg.get("init_from"):  # diffusers weights (README "Pretrained weights"); ckpt_path: their weights file
-        from ddpm_lightning.diffusers_io import load_module, weights_file
 
         ckpt_path, module = weights_file(cfg.init_from), load_module(cfg.init_from, cfg.get("init_null_label"))
     else:
@@ -310,7 +312,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 )
             fp_file.write_text(json.dumps(fingerprint, indent=2))
             if cfg.get("process_strip"):  # the forward and reverse processes, README "From a random walk to DDPM"
-                from ddpm_lightning.plots import data_images, save_process_strips
 
                 log.info("Wrote %s", save_process_strips(module, data_images(datamodule(), 8), out, sampler, cfg.seed_offset))
         except Exception as e:  # noqa: BLE001 - re-raised on every rank below

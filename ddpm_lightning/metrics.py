@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ddpm_lightning.checkpointing import load_file
 from ddpm_lightning.images import to_uint8
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,6 @@ def check_inception_weights(path: Path, key: str, hint: str = "") -> str:
 
 @functools.lru_cache(maxsize=4)
 def _check_state_dict_file(path: str, size: int, mtime_ns: int, key: str, hint: str) -> None:
-    from ddpm_lightning.checkpointing import load_file
 
     try:
         state = load_file(path, key, what="Inception weights file")
@@ -236,7 +236,6 @@ def cache_key(description: Mapping[str, Any], extractor: str = "inception-v3-com
 def cached_features(path: Path, compute) -> dict[str, Tensor]:
     """Load features from `path`, or compute and save them there atomically (a crash leaves no partial file)."""
     if path.is_file():
-        from ddpm_lightning.checkpointing import load_file
 
         log.info("Reference features from cache %s", path)
         return load_file(path, "reference.cache_dir", what="reference feature cache")
@@ -260,7 +259,6 @@ def load_stats_file(path: str | Path) -> dict[str, Any]:
             if not {"mu", "sigma"} <= set(f.files):
                 raise ValueError(f"{path} holds {f.files}, expected 'mu' and 'sigma' (reference.stats)")
             return {"mu": f["mu"].astype(np.float64), "sigma": f["sigma"].astype(np.float64)}
-    from ddpm_lightning.checkpointing import load_file
 
     data = load_file(path, "reference.stats", what="reference statistics file")
     if not isinstance(data, dict) or not (set(FEATURES) & set(data) or {"mu", "sigma"} <= set(data)):

@@ -64,10 +64,11 @@ def _entries(kind: str, module: str, names: tuple[str, ...], aliases: tuple[str,
     return out
 
 
-_SAMPLERS = {  # module -> sampler functions (all also reachable as ddpm_lightning.samplers.<name>)
-    "ddpm_lightning.samplers.ddpm": ("ddpm", "ddim"),
-    "ddpm_lightning.samplers.karras": ("dpmpp_2m", "heun", "euler", "euler_ancestral"),
-    "ddpm_lightning.samplers.score": ("ald", "pc", "ode"),
+_D = "ddpm_lightning.diffusion"
+_SAMPLERS = {  # module -> sampler functions (all also reachable as <package>.<name>)
+    f"{_D}.samplers.ddpm": ("ddpm", "ddim"),
+    f"{_D}.samplers.karras": ("dpmpp_2m", "heun", "euler", "euler_ancestral"),
+    f"{_D}.samplers.score": ("ald", "pc", "ode"),
 }
 _DATA = {
     "ddpm_lightning.data.digits": ("DigitsDataModule",),
@@ -79,21 +80,30 @@ _DATA = {
 _DOWNLOADS = ("CIFAR10DataModule", "CelebADataModule")  # data modules that can fetch files: never from a stored config
 _MODULE_CONFIGS = {"net": "net", "schedule": "schedule", "sampler": "sampler", "optimizer": "optimizer"}
 
-# The reviewed list: every `_target_` a stored config may name, by kind.
+
+def _old(module: str) -> str:
+    """Where a module of ddpm_lightning.diffusion lived before the package had layers (checkpoints name it so)."""
+    return module.replace(f"{_D}.", "ddpm_lightning.")
+
+
+# The reviewed list: every `_target_` a stored config may name, by kind, under today's module paths and under the
+# paths checkpoints written before the package had layers name (ddpm_lightning.schedules.linear, ...).
 REGISTRY: dict[str, Entry] = {
     **_entries("net", "ddpm_lightning.nets.unet", ("UNet",), ("ddpm_lightning.nets",)),
     **_entries("net", "ddpm_lightning.nets.mlp", ("MLP",), ("ddpm_lightning.nets",)),
     **_entries("net", "ddpm_lightning.nets.classifier", ("EncoderClassifier",), ("ddpm_lightning.nets",)),
     **_entries("net", "ddpm_lightning.nets.controlnet", ("ControlledUNet",), nested={"base": "net", "condition": "condition"}),
-    **_entries("schedule", "ddpm_lightning.schedules", ("linear", "cosine", "scaled_linear", "ncsn", "NCSNSchedule", "VPSDE", "SubVPSDE", "VESDE")),
-    **{k: v for module, names in _SAMPLERS.items() for k, v in _entries("sampler", module, names, ("ddpm_lightning.samplers",), partial=True).items()},
-    **_entries("condition", "ddpm_lightning.conditions", ("LowRes", "Edges", "Mask")),
+    **_entries("schedule", f"{_D}.schedules", ("linear", "cosine", "scaled_linear", "ncsn", "NCSNSchedule", "VPSDE", "SubVPSDE", "VESDE"),
+               (_old(f"{_D}.schedules"),)),
+    **{k: v for module, names in _SAMPLERS.items()
+       for k, v in _entries("sampler", module, names, (f"{_D}.samplers", _old(module), _old(f"{_D}.samplers")), partial=True).items()},
+    **_entries("condition", "ddpm_lightning.control.conditions", ("LowRes", "Edges", "Mask"), ("ddpm_lightning.conditions",)),
     **{k: v for module, names in _DATA.items() for name in names
        for k, v in _entries("data", module, (name,), ("ddpm_lightning.data",), stored={"download": False} if name in _DOWNLOADS else {}).items()},
     **_entries("optimizer", "torch.optim", ("Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam"), partial=True),
     # LightningModules: never named by a stored config; their stored hyper-parameters are checked against them.
-    **_entries("module", "ddpm_lightning.module", ("DiffusionModule",), configs=_MODULE_CONFIGS),
-    **_entries("module", "ddpm_lightning.classifier_module", ("NoisyClassifierModule",), configs=_MODULE_CONFIGS),
+    **_entries("module", "ddpm_lightning.training.module", ("DiffusionModule",), configs=_MODULE_CONFIGS),
+    **_entries("module", "ddpm_lightning.training.classifier_module", ("NoisyClassifierModule",), configs=_MODULE_CONFIGS),
 }
 KINDS = tuple(sorted({e.kind for e in REGISTRY.values()}))
 _KIND_NAMES = {"net": "network", "data": "data module", "module": "LightningModule"}

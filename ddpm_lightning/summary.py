@@ -8,6 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from ddpm_lightning import registry
+from ddpm_lightning.diffusion.samplers import check_compatible
+from ddpm_lightning.training.callbacks import SampleGrid
 
 # Overrides a follow-up command must not repeat: they name this run's files or are replaced by the command.
 _RUN_KEYS = ("ckpt_path", "hydra.run.dir", "paths.output_dir", "trainer.max_steps")
@@ -17,7 +23,6 @@ def cli_overrides() -> list[str]:
     """The Hydra overrides of this process's command line (`python train.py a=b c=d` -> [a=b, c=d]); [] when not
     run through Hydra (e.g. `tasks.train(cfg)` called from Python)."""
     try:
-        from hydra.core.hydra_config import HydraConfig
 
         return list(HydraConfig.get().overrides.task)
     except ValueError:  # HydraConfig not set
@@ -44,8 +49,6 @@ _OTHER_SAMPLERS = (("ddim", ["sampler=ddim", "sampler.steps=50"]), ("ddpm", ["sa
 def other_sampler(sampler_cfg: Mapping | None, schedule: Any = None) -> list[str]:
     """Overrides choosing a sampler other than `sampler_cfg` that `schedule` accepts: DDIM with 50 steps, else
     ancestral DDPM sampling (discrete DDPM schedules), else predictor-corrector."""
-    from ddpm_lightning import registry
-    from ddpm_lightning.samplers import check_compatible
 
     current = str((sampler_cfg or {}).get("_target_", "")).rsplit(".", 1)[-1]
     for name, overrides in _OTHER_SAMPLERS:
@@ -53,7 +56,7 @@ def other_sampler(sampler_cfg: Mapping | None, schedule: Any = None) -> list[str
             continue
         try:
             if schedule is not None:
-                check_compatible(registry.build({"_target_": f"ddpm_lightning.samplers.{name}"}, "sampler"), schedule)
+                check_compatible(registry.build({"_target_": f"ddpm_lightning.diffusion.samplers.{name}"}, "sampler"), schedule)
         except ValueError:
             continue
         return overrides
@@ -68,9 +71,7 @@ def _metrics_line(metrics: Mapping[str, float]) -> str:
 def train_summary(trainer: L.Trainer, run_dir: Path, metrics: Mapping[str, float], overrides: Sequence[str] = ()) -> str:
     """The end-of-run text of `train.py`: run directory, last / best checkpoint, latest sample grid, final
     metrics, and the commands to continue training, evaluate, and sample with another sampler."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from ddpm_lightning.callbacks import SampleGrid
 
     ckpts = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
     last = next((Path(c.last_model_path) for c in ckpts if c.last_model_path and Path(c.last_model_path).is_file()), None)

@@ -7,26 +7,30 @@ import ctypes
 import inspect
 import logging
 import platform
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import get_object, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ddpm_lightning.benign_warnings import filter_benign_messages
 from ddpm_lightning import registry
-from ddpm_lightning.checkpointing import RunLock, hpc_checkpoint, last_checkpoint, load_model, read_checkpoint, resume_checkpoint
-from ddpm_lightning.compose import fit_model_to_data, resolve_precision
-from ddpm_lightning.module import DiffusionModule
+from ddpm_lightning.benign_warnings import filter_benign_messages
+from ddpm_lightning.checkpointing import read_checkpoint
+from ddpm_lightning.compose import build, fit_model_to_data, resolve_precision
+from ddpm_lightning.evaluation import evaluate as run
+from ddpm_lightning.interop.diffusers import init_train_config
+from ddpm_lightning.runs import (
+    RunLock,
+    hpc_checkpoint,
+    last_checkpoint,
+    resume_checkpoint,
+)
 from ddpm_lightning.summary import cli_overrides, train_summary
+from ddpm_lightning.training.module import DiffusionModule
 
 log = logging.getLogger(__name__)
-_read_checkpoint = read_checkpoint  # the one checkpoint reader lives in ddpm_lightning.checkpointing
 
 
 def _diff(a: Any, b: Any, prefix: str) -> list[str]:
@@ -53,7 +57,7 @@ def _with_defaults(net: dict) -> dict:
 def check_resumable(ckpt_path: str | Path, module: DiffusionModule, found_in: Path | None = None) -> None:
     """Refuse to resume from a checkpoint of another model, before any compute is spent. `found_in`: the run
     directory the checkpoint was found in (no ckpt_path given), for the hint."""
-    hp = _read_checkpoint(ckpt_path)["hyper_parameters"]
+    hp = read_checkpoint(ckpt_path)["hyper_parameters"]
     diffs = []
     for key, cfg_key in (("net", "model"), ("schedule", "schedule"), ("image_size", "data.image_size"), ("channels", "data.channels"), ("parameterization", "module.parameterization")):
         a, b = hp.get(key), module.hparams.get(key)
@@ -98,51 +102,6 @@ def speed_settings(cfg: DictConfig) -> None:
     torch.backends.cudnn.benchmark = bool(cfg.get("cudnn_benchmark", True))
 
 
-def _simple_types(hint: Any) -> tuple[type, ...] | None:
-    """The isinstance() types a value annotated `hint` may have, for int / float / bool / str and their `| None`;
-    None for any other annotation (not checked)."""
-    if hint in (int, float, bool, str):
-        return {int: (int,), float: (int, float), bool: (bool,), str: (str,)}[hint]
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        parts = [_simple_types(a) if a is not type(None) else (type(None),) for a in typing.get_args(hint)]
-        return None if any(p is None for p in parts) else tuple(t for p in parts for t in p)
-    return None
-
-
-def check_types(node: DictConfig) -> None:
-    """Refuse a config value whose type contradicts its parameter's annotation (e.g. data.batch_size=abc, which
-    would fail later as a bare TypeError), naming the key and the expected type."""
-    try:
-        target = get_object(node["_target_"])
-        hints = typing.get_type_hints(target.__init__ if isinstance(target, type) else target)
-    except Exception:  # noqa: BLE001 - an unresolvable target or annotation: instantiate reports it
-        return
-    prefix = node._get_full_key(None) or "config"
-    for key, value in node.items():
-        allowed = _simple_types(hints.get(key))
-        if allowed is None or isinstance(key, str) and key.startswith("_"):
-            continue
-        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
-            names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-            raise ValueError(f"{prefix}.{key}={value!r} must be {names}")
-
-
-def build(node: DictConfig, **kwargs: Any) -> Any:
-    """hydra.utils.instantiate, re-raising a config error (ValueError) as itself rather than wrapped; values of the
-    wrong type for the target's annotated parameters are refused first, naming the key."""
-    if OmegaConf.is_dict(node) and "_target_" in node:
-        check_types(node)
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as e:
-        cause = e.__cause__
-        while isinstance(cause, InstantiationException):  # nested instantiate calls wrap once per level
-            cause = cause.__cause__
-        if isinstance(cause, ValueError):
-            raise cause from None
-        raise
-
-
 def _check_control(cfg: DictConfig) -> None:
     """A ControlNet run needs module=controlnet (experiment=controlnet_*), control=... and base_ckpt=... together."""
     controlnet = str(cfg.module.get("_target_", "")).endswith("ControlNetModule")
@@ -176,7 +135,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     filter_benign_messages()
     init_state = None
     if cfg.get("init_from"):  # fine-tune diffusers weights: the model config comes from the import
-        from ddpm_lightning.diffusers_io import init_train_config
 
         init_state = init_train_config(cfg)
     fit_model_to_data(cfg)
@@ -235,7 +193,6 @@ def _train(cfg: DictConfig, out: Path, init_state: dict | None = None) -> dict[s
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Sample a checkpoint and compute FID / IS / KID (see ddpm_lightning.evaluation)."""
-    from ddpm_lightning.evaluation import evaluate as run
 
     filter_benign_messages()
     if cfg.get("retain_freed_memory"):

@@ -7,8 +7,8 @@ import math
 import torch
 from torch import nn
 
-from ddpm_lightning.denoiser import Denoiser
-from ddpm_lightning.schedules import expand_as
+from ddpm_lightning.diffusion.denoiser import Denoiser
+from ddpm_lightning.diffusion.schedules import expand_as
 
 
 class GaussianEps(nn.Module):

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ddpm_lightning.callbacks import EMA
+from ddpm_lightning.training.callbacks import EMA
 
 
 class KillAt(L.Callback):

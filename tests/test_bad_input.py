@@ -14,7 +14,8 @@ from PIL import Image
 from conftest import compose_cfg
 from ddpm_lightning.data import ImageFolderDataModule
 from ddpm_lightning.data.base import BadImage
-from ddpm_lightning.tasks import build, train
+from ddpm_lightning.compose import build
+from ddpm_lightning.tasks import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,7 +80,7 @@ def test_config_values_of_the_wrong_type_name_the_key(override, message):
 
 
 def test_grid_sampler_steps_beyond_T_fail_at_setup(tmp_path):
-    cfg = compose_cfg(["callbacks.samples.sampler={_target_:ddpm_lightning.samplers.ddim,_partial_:true,steps:5000}",
+    cfg = compose_cfg(["callbacks.samples.sampler={_target_:ddpm_lightning.diffusion.samplers.ddim,_partial_:true,steps:5000}",
                        "logger=none"], tmp_path)
     with pytest.raises(ValueError, match=r"callbacks.samples.sampler: sampler.steps=5000 must lie in \[1, schedule.T=1000\]"):
         train(cfg)

@@ -4,7 +4,6 @@ a refused resume leaves the run's config.yaml alone, and evaluation keys its sam
 
 from __future__ import annotations
 
-import os
 import pathlib
 import shutil
 from pathlib import Path
@@ -20,8 +19,9 @@ from ddpm_lightning import metrics as M
 from ddpm_lightning import registry
 from ddpm_lightning.checkpointing import AtomicCheckpointIO, read_checkpoint
 from ddpm_lightning.evaluation import check_overrides
-from ddpm_lightning.guidance import load_classifier
-from ddpm_lightning.tasks import _read_checkpoint, evaluate, load_model, train
+from ddpm_lightning.loading import load_classifier
+from ddpm_lightning.loading import load_model
+from ddpm_lightning.tasks import evaluate, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RUN = ["trainer.max_steps=2", "callbacks.samples.every_n_steps=0", "logger=none"]
@@ -82,7 +82,7 @@ def _is_model_part(kind: str, obj) -> bool:
     import lightning as L
     from torch import nn
 
-    from ddpm_lightning.schedules import Schedule
+    from ddpm_lightning.diffusion.schedules import Schedule
 
     if kind == "net":
         return inspect.isclass(obj) and issubclass(obj, nn.Module)
@@ -90,10 +90,10 @@ def _is_model_part(kind: str, obj) -> bool:
         made = obj if inspect.isclass(obj) else typing.get_type_hints(obj).get("return")
         return inspect.isclass(made) and issubclass(made, Schedule)
     if kind == "sampler":
-        return inspect.isfunction(obj) and obj.__module__.startswith("ddpm_lightning.samplers.") and \
+        return inspect.isfunction(obj) and obj.__module__.startswith("ddpm_lightning.diffusion.samplers.") and \
             list(inspect.signature(obj).parameters)[:3] == ["denoiser", "x", "noise"]
     if kind == "condition":
-        return inspect.isclass(obj) and obj.__module__ == "ddpm_lightning.conditions" and hasattr(obj, "hint_channels")
+        return inspect.isclass(obj) and obj.__module__ == "ddpm_lightning.control.conditions" and hasattr(obj, "hint_channels")
     if kind == "data":
         return inspect.isclass(obj) and issubclass(obj, L.LightningDataModule)
     if kind == "optimizer":
@@ -108,10 +108,10 @@ def test_the_registry_lists_only_model_part_constructors():
     for name, entry in registry.REGISTRY.items():
         assert _is_model_part(entry.kind, entry.resolve()), name
     # what the old allow-list admitted and a stored config must never name: processes, downloads, file writers
-    for bad in ("os.system", "builtins.eval", "ddpm_lightning.tasks.os.system", "ddpm_lightning.module.torch.load",
-                "ddpm_lightning.tasks.train", "ddpm_lightning.nets.routes.background", "ddpm_lightning.diffusers_io.resolve",
-                "ddpm_lightning.diffusers_io.export", "ddpm_lightning.images.save_grid", "ddpm_lightning.plots.save_grid",
-                "ddpm_lightning.metrics.cached_features", "ddpm_lightning.physics_figures.main", "torch.load", 3, None):
+    for bad in ("os.system", "builtins.eval", "ddpm_lightning.tasks.os.system", "ddpm_lightning.training.module.torch.load",
+                "ddpm_lightning.tasks.train", "ddpm_lightning.nets.routes.background", "ddpm_lightning.interop.diffusers.resolve",
+                "ddpm_lightning.interop.diffusers.export", "ddpm_lightning.images.save_grid", "ddpm_lightning.plots.save_grid",
+                "ddpm_lightning.metrics.cached_features", "ddpm_lightning.physics.figures.main", "torch.load", 3, None):
         assert bad not in registry.REGISTRY, bad
         for kind in registry.KINDS:
             with pytest.raises(ValueError, match="is not a"):
@@ -131,7 +131,6 @@ def test_the_registry_lists_only_model_part_constructors():
 def test_our_checkpoint_loads_weights_only(trained):
     _, ckpt = trained
     assert read_checkpoint(ckpt)["global_step"] == 2
-    assert _read_checkpoint is read_checkpoint
     assert load_model(ckpt).global_step_loaded == 2
 
 

@@ -16,13 +16,15 @@ from PIL import Image
 
 from conftest import compose_cfg
 from ddpm_lightning import registry
-from ddpm_lightning.conditions import Edges, LowRes, Mask
-from ddpm_lightning.control import ControlNetModule, split_hints
-from ddpm_lightning.guidance import ClassifierFree
+from ddpm_lightning.control.conditions import Edges, LowRes, Mask
+from ddpm_lightning.control.module import ControlNetModule, split_hints
+from ddpm_lightning.diffusion.guidance import ClassifierFree
 from ddpm_lightning.images import to_model_range
-from ddpm_lightning.module import DiffusionModule
+from ddpm_lightning.training.module import DiffusionModule
 from ddpm_lightning.nets.controlnet import ControlledUNet
-from ddpm_lightning.tasks import build, load_model, train
+from ddpm_lightning.compose import build
+from ddpm_lightning.loading import load_model
+from ddpm_lightning.tasks import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,9 +33,9 @@ UNET = {
     "attn_resolutions": [4], "dropout": 0.0, "image_size": 8,
 }
 CONDITIONS = {
-    "lowres": {"_target_": "ddpm_lightning.conditions.LowRes", "factor": 2},
-    "edges": {"_target_": "ddpm_lightning.conditions.Edges"},
-    "mask": {"_target_": "ddpm_lightning.conditions.Mask"},
+    "lowres": {"_target_": "ddpm_lightning.control.conditions.LowRes", "factor": 2},
+    "edges": {"_target_": "ddpm_lightning.control.conditions.Edges"},
+    "mask": {"_target_": "ddpm_lightning.control.conditions.Mask"},
 }
 CN = ["experiment=controlnet_digits", "logger=none", "callbacks.samples.num_samples=4", "callbacks.samples.every_n_steps=2",
       "trainer.val_check_interval=2", "callbacks.checkpoint.every_n_train_steps=2", "sampler.steps=5"]
@@ -157,8 +159,8 @@ def test_condition_operators():
 
 def test_classifier_free_guidance_takes_the_condition_unchanged():
     """eps~ = (1 + w) eps(x, c, hint) - w eps(x, null, hint): the hint is doubled with the batch."""
-    from ddpm_lightning.denoiser import Denoiser
-    from ddpm_lightning.schedules import linear
+    from ddpm_lightning.diffusion.denoiser import Denoiser
+    from ddpm_lightning.diffusion.schedules import linear
 
     net = controlled(num_classes=3)
     perturb_control(net)
@@ -172,11 +174,11 @@ def test_classifier_free_guidance_takes_the_condition_unchanged():
 
 
 SAMPLERS = {
-    "ddpm": {"_target_": "ddpm_lightning.samplers.ddpm", "_partial_": True},
-    "ddim": {"_target_": "ddpm_lightning.samplers.ddim", "_partial_": True, "steps": 3},
-    "ald": {"_target_": "ddpm_lightning.samplers.ald", "_partial_": True, "n_steps_each": 1, "levels": 3},
-    "pc": {"_target_": "ddpm_lightning.samplers.pc", "_partial_": True, "steps": 3},
-    "ode": {"_target_": "ddpm_lightning.samplers.ode", "_partial_": True, "method": "euler", "steps": 3},
+    "ddpm": {"_target_": "ddpm_lightning.diffusion.samplers.ddpm", "_partial_": True},
+    "ddim": {"_target_": "ddpm_lightning.diffusion.samplers.ddim", "_partial_": True, "steps": 3},
+    "ald": {"_target_": "ddpm_lightning.diffusion.samplers.ald", "_partial_": True, "n_steps_each": 1, "levels": 3},
+    "pc": {"_target_": "ddpm_lightning.diffusion.samplers.pc", "_partial_": True, "steps": 3},
+    "ode": {"_target_": "ddpm_lightning.diffusion.samplers.ode", "_partial_": True, "method": "euler", "steps": 3},
 }
 
 
@@ -185,7 +187,7 @@ SAMPLERS = {
 def test_every_sampler_runs_under_every_condition_and_scale_zero_samples_the_base(sampler, condition):
     """Samplers pass the condition through **cond to the network; at conditioning_scale 0 the samples are the base
     model's, bitwise."""
-    schedule = {"_target_": "ddpm_lightning.schedules.linear", "T": 8}
+    schedule = {"_target_": "ddpm_lightning.diffusion.schedules.linear", "T": 8}
     common = {"schedule": schedule, "sampler": SAMPLERS[sampler], "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True}, "image_size": 8, "channels": 1}
     ctrl = DiffusionModule(net={"_target_": "ddpm_lightning.nets.controlnet.ControlledUNet", "_recursive_": False, "base": UNET, "condition": CONDITIONS[condition]}, **common)
     state = random_base(ctrl.net)
@@ -235,7 +237,7 @@ def test_one_optimiser_step_moves_the_zero_convolutions_and_only_the_branch_is_o
 def test_the_ema_averages_only_the_trainable_branch(base):
     from torch.optim.swa_utils import AveragedModel
 
-    from ddpm_lightning.callbacks import EMA
+    from ddpm_lightning.training.callbacks import EMA
 
     module = build(compose_cfg(CN + [f"base_ckpt={base}"]).module)
     ema = EMA(decay=0.9)
@@ -266,7 +268,7 @@ def test_controlnet_digits_trains_writes_condition_sample_grids_and_loads_in_one
     assert isinstance(model.net, ControlledUNet) and isinstance(model.net.condition, LowRes)
     assert model.net.base_sha256 == sha(base)
     hint = split_hints(model, torch.zeros(2, 1, 8, 8), [0, 1])
-    sampler = {"_target_": "ddpm_lightning.samplers.ddim", "_partial_": True, "steps": 3}
+    sampler = {"_target_": "ddpm_lightning.diffusion.samplers.ddim", "_partial_": True, "steps": 3}
     images = model.sample([0, 1], sampler=sampler, hint=hint)
     assert images.shape == (2, 1, 8, 8) and torch.allclose(model.sample([1], sampler=sampler, hint=hint[1:]), images[1:], atol=1e-5)
 
@@ -360,7 +362,7 @@ def test_bad_controlnet_configs_stop_before_training(base, run, tmp_path):
     fails(CN + [f"base_ckpt={other}"], ValueError, "base_ckpt=.*another architecture")
     fails(CN + [f"base_ckpt={run / 'checkpoints' / 'last.ckpt'}"], ValueError, "is a ControlNet checkpoint")
     fails(CN + [f"base_ckpt={base}", "data.image_size=16"], ValueError, "data.image_size=16 differs")
-    fails(CN + [f"base_ckpt={base}", "callbacks.samples._target_=ddpm_lightning.callbacks.SampleGrid"], ValueError, "ControlSampleGrid")
+    fails(CN + [f"base_ckpt={base}", "callbacks.samples._target_=ddpm_lightning.training.callbacks.SampleGrid"], ValueError, "ControlSampleGrid")
     # the base run's own directory as the output: refused before anything is written there
     inside = tmp_path / "baserun"
     (inside / "checkpoints").mkdir(parents=True)
@@ -393,8 +395,8 @@ def test_when_the_condition_carries_the_answer_short_training_improves_adherence
     (and that of the one-step x_0 estimate at t = 500) falls clearly below the base model's (conditioning_scale 0)."""
     g = torch.Generator().manual_seed(0)
     optimizer = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 2e-3}
-    sampler = {"_target_": "ddpm_lightning.samplers.ddim", "_partial_": True, "steps": 10}
-    schedule = {"_target_": "ddpm_lightning.schedules.linear", "T": 1000}
+    sampler = {"_target_": "ddpm_lightning.diffusion.samplers.ddim", "_partial_": True, "steps": 10}
+    schedule = {"_target_": "ddpm_lightning.diffusion.schedules.linear", "T": 1000}
     base = DiffusionModule(net=UNET, schedule=schedule, sampler=sampler, optimizer=optimizer, image_size=8, channels=1, warmup_steps=0)
     fit(base, 100, g)
     torch.save({"hyper_parameters": dict(base.hparams), "state_dict": base.state_dict()}, tmp_path / "base.ckpt")

@@ -1,4 +1,4 @@
-"""diffusers UNet2DModel / DDPMPipeline folders in and out (ddpm_lightning.diffusers_io), offline: the diffusers
+"""diffusers UNet2DModel / DDPMPipeline folders in and out (ddpm_lightning.interop.diffusers), offline: the diffusers
 models are built locally from the published configs and given random weights everywhere (no layer left at zero),
 so that a wrong mapping changes the output."""
 
@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from conftest import compose_cfg
-from ddpm_lightning import diffusers_io as io
-from ddpm_lightning.module import DiffusionModule
+from ddpm_lightning.interop import diffusers as io
+from ddpm_lightning.training.module import DiffusionModule
 from ddpm_lightning.nets import UNet
 from ddpm_lightning.nets.norm import GroupNorm
-from ddpm_lightning.denoiser import Denoiser
-from ddpm_lightning.samplers import ddpm as ddpm_sampler
+from ddpm_lightning.diffusion.denoiser import Denoiser
+from ddpm_lightning.diffusion.samplers import ddpm as ddpm_sampler
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -90,7 +90,7 @@ def test_google_ddpm_cifar10_config_imports_to_the_same_function(tmp_path):
     assert {k: module.hparams.net[k] for k in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions")} == {
         "ch": 128, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 2, "attn_resolutions": [16]}
     assert {m.eps for m in net.modules() if isinstance(m, GroupNorm)} == {1e-6}
-    assert module.hparams.schedule == {"_target_": "ddpm_lightning.schedules.linear", "T": 1000, "beta_start": 1e-4, "beta_end": 0.02}
+    assert module.hparams.schedule == {"_target_": "ddpm_lightning.diffusion.schedules.linear", "T": 1000, "beta_start": 1e-4, "beta_end": 0.02}
     assert (module.hparams.sampler["variance"], module.hparams.sampler["clip_denoised"], module.hparams.parameterization) == ("fixed_small", True, "eps")
     x, t = inputs(unet)
     with torch.no_grad():
@@ -213,9 +213,9 @@ class _Noise:
 @pytest.mark.parametrize(
     "schedule, parameterization, variance",
     [
-        ({"_target_": "ddpm_lightning.schedules.linear", "T": 1000, "beta_start": 1e-4, "beta_end": 0.02}, "eps", "fixed_large"),
-        ({"_target_": "ddpm_lightning.schedules.cosine", "T": 1000, "s": 0.008, "max_beta": 0.999}, "v", "fixed_small"),
-        ({"_target_": "ddpm_lightning.schedules.scaled_linear", "T": 500, "beta_start": 8.5e-4, "beta_end": 0.012}, "x0", "fixed_small"),
+        ({"_target_": "ddpm_lightning.diffusion.schedules.linear", "T": 1000, "beta_start": 1e-4, "beta_end": 0.02}, "eps", "fixed_large"),
+        ({"_target_": "ddpm_lightning.diffusion.schedules.cosine", "T": 1000, "s": 0.008, "max_beta": 0.999}, "v", "fixed_small"),
+        ({"_target_": "ddpm_lightning.diffusion.schedules.scaled_linear", "T": 500, "beta_start": 8.5e-4, "beta_end": 0.012}, "x0", "fixed_small"),
     ],
     ids=["linear", "squaredcos_cap_v2", "scaled_linear"],
 )
@@ -223,7 +223,7 @@ def test_exported_scheduler_has_our_betas_and_ancestral_step(schedule, parameter
     from hydra.utils import instantiate
 
     ours = instantiate(schedule)
-    sampler = {"_target_": "ddpm_lightning.samplers.ddpm", "_partial_": True, "variance": variance, "clip_denoised": True,
+    sampler = {"_target_": "ddpm_lightning.diffusion.samplers.ddpm", "_partial_": True, "variance": variance, "clip_denoised": True,
                "spacing": "trailing"}
     config = io.diffusers_scheduler_config(schedule, parameterization, sampler)
     theirs = diffusers.DDPMScheduler(**config)
@@ -342,7 +342,8 @@ RUN = ["data.image_size=16", "data.batch_size=4", "trainer.max_steps=2", "traine
 def test_train_init_from_fine_tunes_the_import_and_refuses_contradictions(small_pipe, tmp_path):
     from hydra.core.hydra_config import HydraConfig
 
-    from ddpm_lightning.tasks import build, train
+    from ddpm_lightning.compose import build
+    from ddpm_lightning.tasks import train
 
     folder, unet = small_pipe
     try:
@@ -405,7 +406,7 @@ def test_missing_extra_names_it(monkeypatch, tmp_path):
         io.export(tmp_path / "any.ckpt", tmp_path / "out")
 
 
-LINEAR = {"_target_": "ddpm_lightning.schedules.linear", "T": 1000, "beta_start": 1e-4, "beta_end": 0.02}
+LINEAR = {"_target_": "ddpm_lightning.diffusion.schedules.linear", "T": 1000, "beta_start": 1e-4, "beta_end": 0.02}
 
 
 @pytest.mark.parametrize("target", ["ddpm", "ddim"])
@@ -413,19 +414,19 @@ LINEAR = {"_target_": "ddpm_lightning.schedules.linear", "T": 1000, "beta_start"
                                               ("uniform", "leading")])
 def test_export_writes_the_samplers_timestep_spacing_and_import_reads_it(target, spacing, written):
     """The exported scheduler visits the same steps as our sampler; `uniform` (the old name) is leading."""
-    sampler = {"_target_": f"ddpm_lightning.samplers.{target}", "_partial_": True, "spacing": spacing}
+    sampler = {"_target_": f"ddpm_lightning.diffusion.samplers.{target}", "_partial_": True, "spacing": spacing}
     config = io.diffusers_scheduler_config(LINEAR, "eps", sampler)
     assert config["timestep_spacing"] == written and config["steps_offset"] == 0
     theirs = diffusers.DDPMScheduler(**config)
     theirs.set_timesteps(60)
-    from ddpm_lightning import schedules
+    from ddpm_lightning.diffusion import schedules
 
     assert theirs.timesteps.tolist() == schedules.index_timesteps(1000, 60, spacing)
     assert io.schedule_from_diffusers(config)[2]["spacing"] == written
 
 
 def test_spacing_diffusers_cannot_express_is_refused_both_ways():
-    sampler = {"_target_": "ddpm_lightning.samplers.ddim", "_partial_": True, "spacing": "quadratic"}
+    sampler = {"_target_": "ddpm_lightning.diffusion.samplers.ddim", "_partial_": True, "spacing": "quadratic"}
     with pytest.raises(io.UnsupportedConfig, match="sampler.spacing='quadratic'"):
         io.diffusers_scheduler_config(LINEAR, "eps", sampler)
     assert io.schedule_from_diffusers({})[2]["spacing"] == "leading"  # diffusers' default
@@ -453,7 +454,7 @@ def test_class_rows_need_an_explicit_null_label_and_a_model_without_one_never_dr
         assert (module.net(x, t.float(), y=y) - unet(x, t, class_labels=y).sample).abs().max() < TOL
         with pytest.raises(ValueError, match="no null label"):
             module.net(x, t.float())
-    ddim = {"_target_": "ddpm_lightning.samplers.ddim", "_partial_": True, "steps": 2}
+    ddim = {"_target_": "ddpm_lightning.diffusion.samplers.ddim", "_partial_": True, "steps": 2}
     assert module.sample(range(2), sampler=ddim, labels=[4, 4]).shape[0] == 2  # class 4 is a class here
     with pytest.raises(ValueError, match="no null label"):
         module.sample(range(2), sampler=ddim)
@@ -468,12 +469,12 @@ def test_diffusers_ddim_with_clipped_model_output_is_our_ddim(tmp_path, spacing)
     step(..., use_clipped_model_output=True). With it, on the exported scheduler config (same timestep_spacing), the
     two give the same samples; with diffusers' default they differ wherever x_0 was clipped."""
     unet = diffusers_unet({**CLASS_COND, "num_class_embeds": None}, seed=3)
-    sampler = {"_target_": "ddpm_lightning.samplers.ddim", "_partial_": True, "steps": 10, "eta": 0.0,
+    sampler = {"_target_": "ddpm_lightning.diffusion.samplers.ddim", "_partial_": True, "steps": 10, "eta": 0.0,
                "clip_denoised": True, "spacing": spacing}
     folder = save_pipeline(unet, tmp_path / "pipe", io.diffusers_scheduler_config(LINEAR, "eps", sampler))
     module = imported(folder)
     x_T = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    from ddpm_lightning.samplers import ddim
+    from ddpm_lightning.diffusion.samplers import ddim
 
     with torch.no_grad():
         ours = ddim(module.denoiser, x_T.clone(), None, steps=10, eta=0.0, spacing=spacing, clip_denoised=True)

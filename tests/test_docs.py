@@ -119,7 +119,7 @@ def test_mkdocs_build_strict(tmp_path):
     config = (site / "reference" / "config" / "index.html").read_text()
     assert "sampler=dpmpp_2m" in config and "data.image_size" in config
     api = (site / "reference" / "api" / "index.html").read_text()
-    assert "ddpm_lightning.samplers.dpmpp_2m" in api and "ddpm_lightning.schedules" in api
+    assert "ddpm_lightning.diffusion.samplers.dpmpp_2m" in api and "ddpm_lightning.diffusion.schedules" in api
     assert "Results at a glance" in (site / "benchmarks" / "index.html").read_text()
     assert (site / "physics" / "1_random_walk.png").is_file()
 
@@ -224,12 +224,15 @@ def _layout_paths() -> list[str]:
 
 def test_the_contributing_layout_matches_the_tree():
     paths = _layout_paths()
-    assert "ddpm_lightning/samplers" in paths and "train.py" in paths
+    assert "ddpm_lightning/diffusion/samplers" in paths and "train.py" in paths
     for path in paths:
         assert (ROOT / path).exists(), f"CONTRIBUTING.md's layout lists {path}, which does not exist"
     listed = set(paths)
     package = ROOT / "ddpm_lightning"
-    for item in sorted(package.iterdir()):
-        if item.name.startswith("_") or item.name == "__pycache__" or (item.is_file() and item.suffix != ".py"):
-            continue
-        assert f"ddpm_lightning/{item.name}" in listed, f"ddpm_lightning/{item.name} is missing from CONTRIBUTING.md's layout"
+    for folder in [package, *(d for d in package.iterdir() if d.is_dir() and f"ddpm_lightning/{d.name}" in listed and any(
+            p.startswith(f"ddpm_lightning/{d.name}/") for p in listed))]:
+        for item in sorted(folder.iterdir()):
+            if item.name.startswith("_") or item.name == "__pycache__" or (item.is_file() and item.suffix != ".py"):
+                continue
+            name = item.relative_to(ROOT).as_posix()
+            assert name in listed, f"{name} is missing from CONTRIBUTING.md's layout"

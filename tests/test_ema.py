@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from ddpm_lightning.callbacks import EMA
+from ddpm_lightning.training.callbacks import EMA
 
 
 class Tiny(L.LightningModule):

@@ -259,7 +259,7 @@ def test_reference_stats_file_gives_fid_against_its_mu_and_sigma(run, tmp_path):
 
 
 def test_fid_callback_checks_weights_before_training(tmp_path):
-    from ddpm_lightning.callbacks import FID
+    from ddpm_lightning.training.callbacks import FID
 
     callback = FID(weights_path=str(tmp_path / "missing.pth"))
     with pytest.raises(FileNotFoundError, match="callbacks.fid.weights_path"):
@@ -268,8 +268,8 @@ def test_fid_callback_checks_weights_before_training(tmp_path):
 
 def test_nll_metric_is_bits_per_dim_of_the_validation_split_without_sampling(run, tmp_path):
     from ddpm_lightning.data import DigitsDataModule
-    from ddpm_lightning.likelihood import bits_per_dim
-    from ddpm_lightning.tasks import load_model
+    from ddpm_lightning.diffusion.likelihood import bits_per_dim
+    from ddpm_lightning.loading import load_model
 
     _, _, ckpt, *_ = run
     with mock.patch.object(evaluation, "sample_shard", _no_sampling):

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from conftest import CONF, compose_cfg
 from fake_datasets import make_celeba, make_cifar10, make_image_folder
-from ddpm_lightning.tasks import build
+from ddpm_lightning.compose import build
 
 # controlnet_* need a trained base checkpoint: tests/test_controlnet.py builds and trains them on one.
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml") if not p.stem.startswith("controlnet_"))

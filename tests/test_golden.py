@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm_lightning.checkpointing import load_model
+from ddpm_lightning.loading import load_model
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 SEEDS = [0, 1, 2, 3]

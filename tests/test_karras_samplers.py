@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_lightning import schedules
-from ddpm_lightning.samplers import PerSampleNoise, check_compatible, ddim, dpmpp_2m, euler, euler_ancestral, heun
+from ddpm_lightning.diffusion import schedules
+from ddpm_lightning.diffusion.samplers import PerSampleNoise, check_compatible, ddim, dpmpp_2m, euler, euler_ancestral, heun
 from oracles import BatchNoise, GaussianMixture, MixtureDenoiser
 from test_score_samplers import MIXTURE, SCHEDULES, mixture_z_scores
 
@@ -212,4 +212,4 @@ def test_quickstart_and_grids_sample_with_dpmpp_2m_10_steps():
 
     cfg = compose_cfg(["experiment=digits"], tiny=False)
     for sampler in (cfg.sampler, cfg.callbacks.samples.sampler):
-        assert sampler._target_ == "ddpm_lightning.samplers.dpmpp_2m" and sampler.steps == 10
+        assert sampler._target_ == "ddpm_lightning.diffusion.samplers.dpmpp_2m" and sampler.steps == 10

@@ -9,13 +9,15 @@ import torch
 from torch import Tensor, nn
 
 from conftest import compose_cfg
-from ddpm_lightning import schedules
-from ddpm_lightning.denoiser import Denoiser
-from ddpm_lightning.guidance import ClassifierFree
-from ddpm_lightning.likelihood import vlb_terms
-from ddpm_lightning.losses import LossAwareTimesteps, diffusion_losses, vlb_eps_weights
-from ddpm_lightning.samplers import PerSampleNoise, check_compatible, ddpm
-from ddpm_lightning.tasks import build, load_model, train
+from ddpm_lightning.diffusion import schedules
+from ddpm_lightning.diffusion.denoiser import Denoiser
+from ddpm_lightning.diffusion.guidance import ClassifierFree
+from ddpm_lightning.diffusion.likelihood import vlb_terms
+from ddpm_lightning.diffusion.losses import LossAwareTimesteps, diffusion_losses, vlb_eps_weights
+from ddpm_lightning.diffusion.samplers import PerSampleNoise, check_compatible, ddpm
+from ddpm_lightning.compose import build
+from ddpm_lightning.loading import load_model
+from ddpm_lightning.tasks import train
 from oracles import GaussianEps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -247,17 +249,17 @@ def test_learned_variance_checkpoint_round_trips_and_samples_with_every_compatib
         "ddpm_learned": {"variance": "learned"},
         "ddpm_learned_respaced": {"variance": "learned", "steps": 2},
         "ddpm_fixed_large": {"variance": "fixed_large"},
-        "ddim": {"_target_": "ddpm_lightning.samplers.ddim", "steps": 3},
-        "ode": {"_target_": "ddpm_lightning.samplers.ode", "method": "euler", "steps": 3},
-        "pc": {"_target_": "ddpm_lightning.samplers.pc", "steps": 3},
+        "ddim": {"_target_": "ddpm_lightning.diffusion.samplers.ddim", "steps": 3},
+        "ode": {"_target_": "ddpm_lightning.diffusion.samplers.ode", "method": "euler", "steps": 3},
+        "pc": {"_target_": "ddpm_lightning.diffusion.samplers.pc", "steps": 3},
     }
     for name, options in samplers.items():
-        cfg = {"_target_": "ddpm_lightning.samplers.ddpm", "_partial_": True, **options}
+        cfg = {"_target_": "ddpm_lightning.diffusion.samplers.ddpm", "_partial_": True, **options}
         x = model.sample(range(3), sampler=cfg)
         assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all(), name
         assert torch.equal(x[1:], model.sample(range(1, 3), sampler=cfg)), name  # the same seed, the same image
     again = load_model(straight)
-    cfg = {"_target_": "ddpm_lightning.samplers.ddpm", "_partial_": True, "variance": "learned"}
+    cfg = {"_target_": "ddpm_lightning.diffusion.samplers.ddpm", "_partial_": True, "variance": "learned"}
     assert torch.equal(model.sample(range(2), sampler=cfg), again.sample(range(2), sampler=cfg))
 
 
@@ -281,7 +283,7 @@ def test_incompatible_settings_stop_before_training(overrides, key):
 
 def test_learned_sampler_refused_for_a_fixed_variance_model():
     module = build(compose_cfg([]).module)
-    sampler = {"_target_": "ddpm_lightning.samplers.ddpm", "_partial_": True, "variance": "learned"}
+    sampler = {"_target_": "ddpm_lightning.diffusion.samplers.ddpm", "_partial_": True, "variance": "learned"}
     with pytest.raises(ValueError, match="model.learn_sigma"):
         module.sample(range(2), sampler=sampler)
     with pytest.raises(ValueError, match="learn_sigma"):

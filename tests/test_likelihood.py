@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-from ddpm_lightning import schedules
+from ddpm_lightning.diffusion import schedules
 from ddpm_lightning.data.digits import load_digits_uint8
-from ddpm_lightning.denoiser import Denoiser
+from ddpm_lightning.diffusion.denoiser import Denoiser
 from ddpm_lightning.images import to_model_range
-from ddpm_lightning.likelihood import discretized_gaussian_log_likelihood, ode_logp, prior_kl, vlb_terms
-from ddpm_lightning.samplers import PerSampleNoise
-from ddpm_lightning.samplers.score import time_range
+from ddpm_lightning.diffusion.likelihood import discretized_gaussian_log_likelihood, ode_logp, prior_kl, vlb_terms
+from ddpm_lightning.diffusion.samplers import PerSampleNoise
+from ddpm_lightning.diffusion.samplers.score import time_range
 from oracles import GaussianEps, MixtureDenoiser
 from test_score_samplers import MIXTURE, SCHEDULES
 

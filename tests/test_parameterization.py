@@ -9,8 +9,8 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import compose_cfg
-from ddpm_lightning.denoiser import PARAMETERIZATIONS, Denoiser
-from ddpm_lightning.losses import eps_mse
+from ddpm_lightning.diffusion.denoiser import PARAMETERIZATIONS, Denoiser
+from ddpm_lightning.diffusion.losses import eps_mse
 
 SCHEDULES = ["linear", "cosine", "ncsn", "vp_sde", "subvp_sde", "ve_sde"]
 

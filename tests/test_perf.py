@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 
-from ddpm_lightning.denoiser import Denoiser
-from ddpm_lightning.losses import eps_mse
+from ddpm_lightning.diffusion.denoiser import Denoiser
+from ddpm_lightning.diffusion.losses import eps_mse
 from ddpm_lightning.nets import UNet, routes
-from ddpm_lightning.samplers import PerSampleNoise, ddim
-from ddpm_lightning.schedules import linear
+from ddpm_lightning.diffusion.samplers import PerSampleNoise, ddim
+from ddpm_lightning.diffusion.schedules import linear
 
 
 def small_unet():
@@ -121,7 +121,7 @@ def test_optimizer_state_takes_the_parameter_layout_before_fused_steps():
     # a checkpoint of a contiguous run resumed with module.channels_last=true: fused Adam steps in memory order
     import copy as copy_
 
-    from ddpm_lightning.module import match_state_layout
+    from ddpm_lightning.training.module import match_state_layout
 
     torch.manual_seed(0)
     start, grads = torch.randn(8, 3, 3, 3), [torch.randn(8, 3, 3, 3) for _ in range(6)]
@@ -155,7 +155,7 @@ def test_fused_adam_trains_with_gradient_clipping(precision, tmp_path):
     import lightning as L
 
     from conftest import compose_cfg
-    from ddpm_lightning.tasks import build
+    from ddpm_lightning.compose import build
 
     cfg = compose_cfg([], tmp_path)
     assert cfg.module.optimizer.fused
@@ -185,10 +185,10 @@ def test_training_start_re_lays_out_restored_optimizer_states(monkeypatch):
     # ImageModule.on_train_start runs match_state_layout on every optimiser of the trainer
     from types import SimpleNamespace
 
-    import ddpm_lightning.module
-    from ddpm_lightning.module import ImageModule
+    import ddpm_lightning.training.module
+    from ddpm_lightning.training.module import ImageModule
 
-    monkeypatch.setattr(ddpm_lightning.module, "correct_epoch_after_resume", lambda trainer: None)  # no fit loop here
+    monkeypatch.setattr(ddpm_lightning.training.module, "correct_epoch_after_resume", lambda trainer: None)  # no fit loop here
 
     p = torch.nn.Parameter(torch.randn(4, 3, 3, 3).contiguous(memory_format=torch.channels_last))
     opt = torch.optim.Adam([p], fused=True)

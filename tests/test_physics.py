@@ -1,4 +1,4 @@
-"""The seed's physics (ddpm_lightning.physics): random walk, master equation, Fokker-Planck, OU, and DDPM's
+"""The seed's physics (ddpm_lightning.physics.processes): random walk, master equation, Fokker-Planck, OU, and DDPM's
 forward process as a VP SDE, each against its closed form."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ddpm_lightning import physics as P
-from ddpm_lightning import schedules as S
+from ddpm_lightning.physics import processes as P
+from ddpm_lightning.diffusion import schedules as S
 
 # A 1-D two-mode data density for the VP SDE tests.
 W, M, SD = [0.3, 0.7], [-0.6, 0.5], [0.1, 0.15]
@@ -179,7 +179,7 @@ def test_mixture_score_is_the_derivative_of_the_log_density():
 
 @pytest.mark.slow
 def test_figures_command_draws_the_five_small_figures(tmp_path):
-    from ddpm_lightning import physics_figures
+    from ddpm_lightning.physics import figures as physics_figures
 
     numbers = physics_figures.main(["--out", str(tmp_path)])
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))

@@ -12,7 +12,8 @@ from PIL import Image
 
 from conftest import CONF, compose_cfg
 from ddpm_lightning.plots import data_images, forward_strip, reverse_chain
-from ddpm_lightning.tasks import build, evaluate, train
+from ddpm_lightning.compose import build
+from ddpm_lightning.tasks import evaluate, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

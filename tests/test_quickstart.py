@@ -24,7 +24,7 @@ from conftest import CONF, TINY, compose_cfg
 from ddpm_lightning import tasks
 from ddpm_lightning.benign_warnings import LOG_RECORDS, WARNINGS, filter_benign_messages
 from ddpm_lightning.compose import fit_attention, fit_model_to_data
-from ddpm_lightning.tasks import build
+from ddpm_lightning.compose import build
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,7 +47,7 @@ def test_benign_warnings_are_hidden_only_where_they_come_from():
     assert not _shown(set_vital, UserWarning, "torchdata.stateful_dataloader.stateful_dataloader")
     assert not _shown(leaf, FutureWarning, "lightning.pytorch.utilities._pytree")
     # the same messages raised by our own code, or another warning of those modules, stay
-    for module in ("ddpm_lightning.data.base", "ddpm_lightning.module", "ddpm_lightning"):
+    for module in ("ddpm_lightning.data.base", "ddpm_lightning.training.module", "ddpm_lightning"):
         assert _shown(set_vital, UserWarning, module) and _shown(leaf, FutureWarning, module)
     assert _shown("data.num_workers=0 is slow", UserWarning, "torchdata.stateful_dataloader.stateful_dataloader")
     assert _shown("something else is deprecated", FutureWarning, "lightning.pytorch.utilities._pytree")
@@ -281,7 +281,7 @@ def test_the_documented_commands_are_found():
     # every guide of the site is read, the generated configuration reference aside
     assert {"training.md", "data.md", "sampling.md", "controlnet.md", "clusters.md"} <= {p.name for p in DOC_FILES}
     others = {s for s, _ in OTHER_COMMANDS}
-    assert {"-m pytest", "-m ddpm_lightning.diffusers_io", "-m ddpm_lightning.physics_figures"} <= others
+    assert {"-m pytest", "-m ddpm_lightning.interop.diffusers", "-m ddpm_lightning.physics.figures"} <= others
     assert any(s.startswith("benchmarks/") for s in others)
     assert {s for s, _ in SBATCH_COMMANDS} == {"train.py", "evaluate.py"}
 
@@ -345,7 +345,7 @@ def test_train_and_evaluate_end_with_a_summary_of_existing_files_and_working_com
     # "train further" describes the same model as the checkpoint, so the resume is accepted
     further = _compose("train.py", [a for a in commands[0][1] if not a.startswith("ckpt_path")], tmp_path / "check")
     fit_model_to_data(further)
-    from ddpm_lightning.module import DiffusionModule
+    from ddpm_lightning.training.module import DiffusionModule
 
     tasks.check_resumable(last, build(further.module))
     assert isinstance(build(further.module), DiffusionModule)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from conftest import TINY, compose_cfg
-from ddpm_lightning.checkpointing import RunLock
+from ddpm_lightning.runs import RunLock
 from ddpm_lightning.nets import routes
 from ddpm_lightning.tasks import train
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conftest import TINY, compose_cfg
-from ddpm_lightning.checkpointing import AtomicCheckpointIO, resume_checkpoint
+from ddpm_lightning.checkpointing import AtomicCheckpointIO
+from ddpm_lightning.runs import resume_checkpoint
 from ddpm_lightning.tasks import train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddpm_lightning.denoiser import Denoiser
-from ddpm_lightning.losses import eps_mse
+from ddpm_lightning.diffusion.denoiser import Denoiser
+from ddpm_lightning.diffusion.losses import eps_mse
 from ddpm_lightning.nets import UNet, conv, norm, routes
 from ddpm_lightning.nets.conv import Conv2d
 from ddpm_lightning.nets.norm import GroupNorm
-from ddpm_lightning.schedules import linear
+from ddpm_lightning.diffusion.schedules import linear
 
 CL = torch.channels_last
 needs_kernels = pytest.mark.skipif(routes.kernel("winograd", wait=True) is None or routes.kernel("group_norm", wait=True) is None, reason="no C++ compiler for the kernels")

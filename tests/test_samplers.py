@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from ddpm_lightning import schedules
-from ddpm_lightning.denoiser import Denoiser
+from ddpm_lightning.diffusion import schedules
+from ddpm_lightning.diffusion.denoiser import Denoiser
 from ddpm_lightning.nets import UNet
-from ddpm_lightning.samplers import PerSampleNoise, ddim, ddpm
+from ddpm_lightning.diffusion.samplers import PerSampleNoise, ddim, ddpm
 from oracles import GaussianEps
 
 MEAN, STD = 0.3, 0.5

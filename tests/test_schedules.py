@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_lightning import schedules
+from ddpm_lightning.diffusion import schedules
 
 
 def test_linear_abar_T_matches_paper_value():

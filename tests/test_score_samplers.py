@@ -6,8 +6,8 @@ import functools
 import pytest
 import torch
 
-from ddpm_lightning import schedules
-from ddpm_lightning.samplers import PerSampleNoise, ald, check_compatible, ddim, ddpm, ode, pc
+from ddpm_lightning.diffusion import schedules
+from ddpm_lightning.diffusion.samplers import PerSampleNoise, ald, check_compatible, ddim, ddpm, ode, pc
 from oracles import BatchNoise, GaussianMixture, MixtureDenoiser
 
 MIXTURE = GaussianMixture(

@@ -22,7 +22,8 @@ from hydra.core.global_hydra import GlobalHydra
 
 from conftest import CONF, compose_cfg
 from fake_datasets import make_cifar10
-from ddpm_lightning.tasks import evaluate, load_model, train
+from ddpm_lightning.loading import load_model
+from ddpm_lightning.tasks import evaluate, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RUN = ["trainer.max_steps=2", "callbacks.samples.every_n_steps=0", "logger=none"]
@@ -38,7 +39,7 @@ def side_effect_net(marker: Path) -> dict:
     return {
         "_target_": "ddpm_lightning.nets.routes.background",
         "code": f"import os; os.mkdir({str(marker)!r})",
-        "log_path": {"_target_": "ddpm_lightning.diffusers_io.resolve", "source": "/dev/null"},
+        "log_path": {"_target_": "ddpm_lightning.interop.diffusers.resolve", "source": "/dev/null"},
     }
 
 
@@ -80,8 +81,8 @@ def refused(attempt, *names: str, marker: Path) -> str:
 
 
 def test_side_effect_functions_are_refused_at_every_entry_point(trained, tmp_path):
-    from ddpm_lightning.control import ControlNetModule
-    from ddpm_lightning.guidance import load_classifier
+    from ddpm_lightning.control.module import ControlNetModule
+    from ddpm_lightning.loading import load_classifier
 
     run, ckpt = copy_run(trained, tmp_path / "run")
     marker = tmp_path / "pwned"
@@ -90,7 +91,7 @@ def test_side_effect_functions_are_refused_at_every_entry_point(trained, tmp_pat
 
     def controlnet_of(hp):  # a ControlNet checkpoint whose base network is the payload
         hp["net"] = {"_target_": "ddpm_lightning.nets.controlnet.ControlledUNet", "_recursive_": False, "base": payload,
-                     "condition": {"_target_": "ddpm_lightning.conditions.LowRes"}, "hint_widths": [16, 32]}
+                     "condition": {"_target_": "ddpm_lightning.control.conditions.LowRes"}, "hint_widths": [16, 32]}
 
     controlnet = with_hparams(ckpt, tmp_path / "controlnet.ckpt", controlnet_of)
     classifier = with_hparams(ckpt, tmp_path / "classifier.ckpt", lambda hp: (hp.pop("sampler"), hp.update(net=payload)))
@@ -99,7 +100,7 @@ def test_side_effect_functions_are_refused_at_every_entry_point(trained, tmp_pat
         "evaluate": (lambda: evaluate(eval_cfg(f"ckpt_path={bad}", out=tmp_path / "e1")), bad),
         "resume": (lambda: train(compose_cfg([*RUN, f"ckpt_path={bad}"], tmp_path / "resume")), bad),
         "ControlNet base_ckpt": (lambda: ControlNetModule(
-            base_ckpt=str(bad), condition={"_target_": "ddpm_lightning.conditions.LowRes"},
+            base_ckpt=str(bad), condition={"_target_": "ddpm_lightning.control.conditions.LowRes"},
             optimizer={"_target_": "torch.optim.Adam", "_partial_": True}, image_size=8, channels=1), bad),
         "ControlNet checkpoint's base": (lambda: load_model(controlnet), controlnet),
         "evaluate a ControlNet checkpoint": (lambda: evaluate(eval_cfg(f"ckpt_path={controlnet}", out=tmp_path / "e2")), controlnet),
@@ -202,7 +203,7 @@ def _edit_json(path: Path, key: str, value) -> None:
 
 
 def test_interpolation_in_a_diffusers_config_is_refused_naming_file_and_key(pipe, tmp_path):
-    from ddpm_lightning import diffusers_io as io
+    from ddpm_lightning.interop import diffusers as io
 
     marker = tmp_path / "pwned"
     assert io.import_config(pipe)[0]["net"]["ch"] == 32  # the folder as written imports
@@ -224,7 +225,7 @@ def test_interpolation_in_a_diffusers_config_is_refused_naming_file_and_key(pipe
 
 
 def test_a_diffusers_config_of_wrong_types_is_refused_naming_the_file(pipe):
-    from ddpm_lightning import diffusers_io as io
+    from ddpm_lightning.interop import diffusers as io
 
     for key, value in (("layers_per_block", "2"), ("block_out_channels", "abc"), ("norm_eps", [1]), ("sample_size", True)):
         original = (pipe / "unet" / "config.json").read_text()
@@ -287,7 +288,7 @@ def test_an_object_array_in_a_cifar10_batch_is_refused(tmp_path):
 
 
 FOREIGN = ["os.system", "builtins.exec", "ddpm_lightning.nets.routes.background", "ddpm_lightning.images.save_grid",
-           "ddpm_lightning.samplers.ddim", "ddpm_lightning.nets.UNet", "torch.optim.Adam", "ddpm_lightning.data.DigitsDataModule"]
+           "ddpm_lightning.diffusion.samplers.ddim", "ddpm_lightning.nets.UNet", "torch.optim.Adam", "ddpm_lightning.data.DigitsDataModule"]
 
 
 def _paths(tree, prefix=()):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,8 @@ from omegaconf import OmegaConf
 from conftest import compose_cfg
 from ddpm_lightning.data import ToyDataModule
 from ddpm_lightning.nets import MLP
-from ddpm_lightning.tasks import build, train
+from ddpm_lightning.compose import build
+from ddpm_lightning.tasks import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,7 +46,7 @@ def test_toy_experiment_trains_and_samples(overrides, tmp_path):
     assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["val/loss"])
     plots = sorted((tmp_path / "samples").glob("step_*.png"))
     assert [p.name for p in plots] == ["step_0000002.png", "step_0000004.png"]
-    from ddpm_lightning.tasks import load_model
+    from ddpm_lightning.loading import load_model
 
     module = load_model(tmp_path / "checkpoints" / "last.ckpt")
     dim = cfg.data.data_shape[0]

@@ -1,6 +1,5 @@
 """End to end through train(): checkpoints, sample grids, resume, EMA, and loading for sampling."""
 
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -8,8 +7,10 @@ import torch
 from PIL import Image
 
 from conftest import compose_cfg
-from ddpm_lightning.callbacks import EMA
-from ddpm_lightning.tasks import build, check_resumable, load_model, train
+from ddpm_lightning.training.callbacks import EMA
+from ddpm_lightning.compose import build
+from ddpm_lightning.loading import load_model
+from ddpm_lightning.tasks import check_resumable, train
 
 
 @pytest.fixture(scope="module")

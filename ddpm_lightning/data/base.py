@@ -24,8 +24,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from ddpm_lightning.checkpointing import step_seed
 from ddpm_lightning.images import to_model_range
+from ddpm_lightning.seeds import step_seed
 
 log = logging.getLogger(__name__)
 

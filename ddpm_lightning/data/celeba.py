@@ -12,7 +12,13 @@ from PIL import Image
 from torchvision.datasets import CelebA
 from torchvision.transforms import InterpolationMode
 
-from ddpm_lightning.data.base import BadImage, Downloadable, ImageDataModule, ImageFiles, missing_files
+from ddpm_lightning.data.base import (
+    BadImage,
+    Downloadable,
+    ImageDataModule,
+    ImageFiles,
+    missing_files,
+)
 
 ALIGNED_SIZE = (178, 218)  # width, height of img_align_celeba
 CROP_TOP, CROP_LEFT, CROP_SIZE = 121 - 64, 89 - 64, 128

@@ -13,7 +13,6 @@ from torchvision.datasets import CIFAR10
 
 from ddpm_lightning.data.base import Downloadable, ImageDataModule, missing_files
 
-
 # What a CIFAR-10 python batch is made of besides builtin containers, str, bytes and numbers: numpy arrays
 # (their reconstruction, as pickled by numpy 1.x and 2.x) and the bytes codec protocol 2 uses for them.
 _BATCH_GLOBALS = frozenset({

@@ -12,7 +12,13 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-from ddpm_lightning.data.base import BadImage, FileImages, ImageDataModule, ImageFiles, warn_skipped
+from ddpm_lightning.data.base import (
+    BadImage,
+    FileImages,
+    ImageDataModule,
+    ImageFiles,
+    warn_skipped,
+)
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 BAD_IMAGE_POLICIES = ("error", "skip")

@@ -68,7 +68,7 @@ class ControlledUNet(nn.Module):
     configs, built first by ddpm_lightning.registry). The base is frozen (no gradients, always in eval mode); only
     `control` trains. `conditioning_scale`
     multiplies the residuals: 0 gives the base model exactly, 1 the trained strength. `condition` is the
-    operator that makes a condition from an image (ddpm_lightning.conditions), kept with the network so a
+    operator that makes a condition from an image (ddpm_lightning.control.conditions), kept with the network so a
     loaded model knows what it was trained on. `base_ckpt` and `base_sha256` record where the base weights
     came from; the weights themselves are part of this module's state_dict (checkpoints are self-contained).
     """

@@ -11,14 +11,21 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from ddpm_lightning import guidance as guidance_lib
 from ddpm_lightning import registry
-from ddpm_lightning.checkpointing import correct_epoch_after_resume, step_seed
-from ddpm_lightning.denoiser import Denoiser
-from ddpm_lightning.losses import LOSSES, LossAwareTimesteps, check_vlb_variance, diffusion_losses, eps_mse
+from ddpm_lightning.diffusion import guidance as guidance_lib
+from ddpm_lightning.diffusion.denoiser import Denoiser
+from ddpm_lightning.diffusion.losses import (
+    LOSSES,
+    LossAwareTimesteps,
+    check_vlb_variance,
+    diffusion_losses,
+    eps_mse,
+)
+from ddpm_lightning.diffusion.samplers import PerSampleNoise, check_compatible
 from ddpm_lightning.nets import routes
 from ddpm_lightning.nets.conv import fixed_weights
-from ddpm_lightning.samplers import PerSampleNoise, check_compatible
+from ddpm_lightning.runs import correct_epoch_after_resume
+from ddpm_lightning.seeds import step_seed
 
 
 def _plain(cfg: Any) -> Any:
@@ -317,7 +324,7 @@ class DiffusionModule(ImageModule):
         on the batch it is in.
 
         `labels`: one class per seed (class-conditional models or classifier guidance). `guidance`: a callable
-        wrapping the denoiser (see ddpm_lightning.guidance), its Hydra config, or a list of them."""
+        wrapping the denoiser (see ddpm_lightning.diffusion.guidance), its Hydra config, or a list of them."""
         sampler = self.sampler if sampler is None else sampler
         if isinstance(sampler, Mapping):
             sampler = registry.build(_plain(sampler), "sampler")

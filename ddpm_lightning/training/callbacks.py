@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +11,18 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import OmegaConf
 from torch import Tensor
 
-from ddpm_lightning import guidance as guidance_lib
+from ddpm_lightning import metrics as M
+from ddpm_lightning import registry
+from ddpm_lightning.diffusion import guidance as guidance_lib
+from ddpm_lightning.diffusion.samplers import check_compatible
 from ddpm_lightning.images import save_grid, to_uint8
-from ddpm_lightning.module import count_nfe
+from ddpm_lightning.metrics import features_for, resolve_inception_weights
+from ddpm_lightning.plots import save_scatter
+from ddpm_lightning.seeds import rank_share
+from ddpm_lightning.training.module import count_nfe
 
 
 class EMA(EMAWeightAveraging):
@@ -82,12 +89,8 @@ def check_sampler(sampler: Any, pl_module: L.LightningModule, key: str) -> None:
     """A callback's own sampler (a config or the partial Hydra built from it), checked against the model's schedule
     when training starts (e.g. its steps beyond the schedule's T) rather than when it first samples."""
     if sampler:
-        from collections.abc import Mapping
 
-        from omegaconf import OmegaConf
 
-        from ddpm_lightning import registry
-        from ddpm_lightning.samplers import check_compatible
 
         if OmegaConf.is_config(sampler):  # the user's config (conf/callbacks), resolved as Hydra would
             sampler = OmegaConf.to_container(sampler, resolve=True)
@@ -157,12 +160,11 @@ class SampleGrid(L.Callback):
     def make_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_step = trainer.global_step
         module = ema_module(trainer, pl_module)
-        world, rank = trainer.world_size, trainer.global_rank
+        world = trainer.world_size
         num_classes = guidance_lib.num_classes_of(guidance_lib.apply(module.denoiser, self._guidance))
         labels, per_row = guidance_lib.resolve_labels(self.labels, self.num_samples, num_classes)
         n = self.num_samples if labels is None else len(labels)
-        per_rank = math.ceil(n / world)
-        index = range(rank * per_rank, (rank + 1) * per_rank)
+        index = rank_share(n, world, trainer.global_rank)
         seeds = [self.seed + i for i in index]
         cond = {} if labels is None else {"labels": [labels[i % n] for i in index], "guidance": self._guidance}
         images = self._sample(module, seeds, **cond)
@@ -184,7 +186,6 @@ class SampleGrid(L.Callback):
     def _save(self, trainer: L.Trainer, images: Tensor, nrow: int | None = None) -> None:
         path = Path(trainer.default_root_dir) / self.dirname / f"step_{trainer.global_step:07d}.png"
         if images.ndim == 2:  # points (toy data): a scatter plot of the samples over the training data
-            from ddpm_lightning.plots import save_scatter
 
             data = getattr(trainer.datamodule, "train_points", None)
             grid = save_scatter(images, path, data() if data else None, f"step {trainer.global_step}")
@@ -223,7 +224,6 @@ class FID(L.Callback):
         cache_dir: str | None = None,
         inception_batch_size: int = 64,
     ):
-        from ddpm_lightning.metrics import features_for
 
         if every_n_steps < 1 or num_samples < 2 or batch_size < 1:
             raise ValueError(
@@ -239,7 +239,6 @@ class FID(L.Callback):
         self.history: dict[int, float] = {}  # global step -> FID
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from ddpm_lightning.metrics import resolve_inception_weights
 
         check_sampler(self.sampler, pl_module, "callbacks.fid.sampler")
         if stage == "fit" and trainer.is_global_zero:
@@ -247,7 +246,6 @@ class FID(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Extractor and reference features before the first step, so a missing dataset fails early."""
-        from ddpm_lightning import metrics as M
 
         if trainer.is_global_zero and self._extractor is None:
             self._extractor = M.feature_extractor(self._weights, self.features, pl_module.device)
@@ -264,17 +262,12 @@ class FID(L.Callback):
             pl_module.log("val/fid", fid, on_step=True, on_epoch=False)
 
     def compute(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
-        from ddpm_lightning import metrics as M
 
         module = ema_module(trainer, pl_module)
-        world, rank = trainer.world_size, trainer.global_rank
-        per_rank = math.ceil(self.num_samples / world)
-        first = self.seed + rank * per_rank
+        world = trainer.world_size
+        seeds = [self.seed + i for i in rank_share(self.num_samples, world, trainer.global_rank)]
         images = torch.cat(
-            [
-                module.sample(list(range(a, min(a + self.batch_size, first + per_rank))), sampler=self.sampler)
-                for a in range(first, first + per_rank, self.batch_size)
-            ]
+            [module.sample(seeds[a : a + self.batch_size], sampler=self.sampler) for a in range(0, len(seeds), self.batch_size)]
         )
         if world > 1:
             images = pl_module.all_gather(images).flatten(0, 1)

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import functools
 
-from ddpm_lightning.samplers.ddpm import ddim, ddpm
-from ddpm_lightning.samplers.karras import dpmpp_2m, euler, euler_ancestral, heun
-from ddpm_lightning.samplers.noise import PerSampleNoise
-from ddpm_lightning.samplers.score import ald, ode, pc
+from ddpm_lightning.diffusion.samplers.ddpm import ddim, ddpm
+from ddpm_lightning.diffusion.samplers.karras import (
+    dpmpp_2m,
+    euler,
+    euler_ancestral,
+    heun,
+)
+from ddpm_lightning.diffusion.samplers.noise import PerSampleNoise
+from ddpm_lightning.diffusion.samplers.score import ald, ode, pc
 
 __all__ = [
     "PerSampleNoise", "ald", "check_compatible", "ddim", "ddpm", "dpmpp_2m", "euler", "euler_ancestral", "heun", "ode", "pc",

@@ -15,9 +15,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ddpm_lightning.denoiser import Denoiser
-from ddpm_lightning.samplers.noise import PerSampleNoise
-from ddpm_lightning.schedules import expand_as
+from ddpm_lightning.diffusion.denoiser import Denoiser
+from ddpm_lightning.diffusion.samplers.noise import PerSampleNoise
+from ddpm_lightning.diffusion.schedules import expand_as
 
 PREDICTORS = ("reverse_diffusion", "euler_maruyama", "ancestral", "none")
 CORRECTORS = ("langevin", "none")

@@ -1,6 +1,6 @@
 """Likelihood in bits/dim: the DDPM variational bound and the probability-flow ODE.
 
-Entry point: `bits_per_dim(model, data)` with a DiffusionModule (e.g. from `tasks.load_model`) and a tensor
+Entry point: `bits_per_dim(model, data)` with a DiffusionModule (e.g. from `loading.load_model`) and a tensor
 [N, C, H, W] in [-1, 1] or a DataLoader of such batches (or of (images, labels) tuples).
 """
 
@@ -12,12 +12,16 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from ddpm_lightning.denoiser import Denoiser
+from ddpm_lightning.diffusion.denoiser import Denoiser
+from ddpm_lightning.diffusion.samplers.ddpm import (
+    eps_and_v,
+    p_mean_log_variance,
+    posterior_mean,
+)
+from ddpm_lightning.diffusion.samplers.noise import PerSampleNoise
+from ddpm_lightning.diffusion.samplers.score import dopri5, probability_flow, time_range
+from ddpm_lightning.diffusion.schedules import expand_as
 from ddpm_lightning.images import to_uint8
-from ddpm_lightning.samplers.ddpm import eps_and_v, p_mean_log_variance, posterior_mean
-from ddpm_lightning.samplers.noise import PerSampleNoise
-from ddpm_lightning.samplers.score import dopri5, probability_flow, time_range
-from ddpm_lightning.schedules import expand_as
 
 VLB_VARIANCES = ("fixed_large", "fixed_small", "learned")
 TRACE_ESTIMATORS = ("rademacher", "gaussian", "exact")

@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ddpm_lightning.denoiser import Denoiser
-from ddpm_lightning.samplers.noise import PerSampleNoise
-from ddpm_lightning.schedules import check_spacing, expand_as, noise_levels
+from ddpm_lightning.diffusion.denoiser import Denoiser
+from ddpm_lightning.diffusion.samplers.noise import PerSampleNoise
+from ddpm_lightning.diffusion.schedules import check_spacing, expand_as, noise_levels
 
 CHURN_OPTIONS = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 

@@ -1,6 +1,6 @@
-"""The figures of README "From a random walk to DDPM", drawn with ddpm_lightning.physics:
+"""The figures of README "From a random walk to DDPM", drawn with ddpm_lightning.physics.processes:
 
-    python -m ddpm_lightning.physics_figures --out docs/physics
+    python -m ddpm_lightning.physics.figures --out docs/physics
 
 writes 1_random_walk.png ... 5_reverse.png and numbers.json (the measured slopes and L1 errors) in --out.
 Seeded: the same command draws the same figures. About a minute on one CPU core.
@@ -13,9 +13,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from ddpm_lightning import physics as P
-from ddpm_lightning import schedules as S
+from ddpm_lightning.diffusion import schedules as S
+from ddpm_lightning.physics import processes as P
 
 # The 1-D two-mode data density of figures 4 and 5 (as in tests/test_physics.py).
 W, M, SD = [0.3, 0.7], [-0.6, 0.5], [0.1, 0.15]
@@ -33,7 +34,6 @@ def _plt():
 
 def _save(fig, path: Path) -> None:
     """Write a figure as a small PNG (a 256-colour palette keeps each under 100 KB for the repository)."""
-    from PIL import Image
 
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)

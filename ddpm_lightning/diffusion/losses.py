@@ -8,9 +8,9 @@ import math
 import torch
 from torch import Tensor
 
-from ddpm_lightning.denoiser import Denoiser
-from ddpm_lightning.likelihood import vlb_term
-from ddpm_lightning.samplers.ddpm import p_mean_log_variance
+from ddpm_lightning.diffusion.denoiser import Denoiser
+from ddpm_lightning.diffusion.likelihood import vlb_term
+from ddpm_lightning.diffusion.samplers.ddpm import p_mean_log_variance
 
 LOSSES = ("simple", "vlb", "hybrid")
 

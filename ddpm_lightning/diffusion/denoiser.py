@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ddpm_lightning.schedules import expand_as
+from ddpm_lightning.diffusion.schedules import expand_as
 
 PARAMETERIZATIONS = ("eps", "x0", "v")
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import kornia
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from ddpm_lightning.images import to_model_range
@@ -147,8 +149,6 @@ def load_folder(folder: str | Path, op, channels: int, image_size: int) -> Tenso
 
     PNG modes: 1 channel L, 2 LA, 3 RGB, 4 RGBA; every file must have the shape the operator expects (see its
     `from_images`). An unreadable file or a missing / empty folder stops with an error naming `control.folder`."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
 
     folder = Path(folder)
     if not folder.is_dir():

@@ -18,7 +18,7 @@ coefficients, whose marginal from x_0 is N(alpha(t) x_0, sigma(t)^2); it runs ba
 (Anderson 1982; Song et al. 2021 eqs. 6 and 13). `vp_sde` reads the SDE of any of our schedules from
 `schedule.sde`, so everything below applies to the framework's own forward processes.
 
-`python -m ddpm_lightning.physics_figures --out docs/physics` draws the figures of README "From a random walk
+`python -m ddpm_lightning.physics.figures --out docs/physics` draws the figures of README "From a random walk
 to DDPM" with these functions.
 """
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ddpm_lightning import registry
-from ddpm_lightning.module import ImageModule, _plain
+from ddpm_lightning.training.module import ImageModule, _plain
 
 
 class NoisyClassifierModule(ImageModule):

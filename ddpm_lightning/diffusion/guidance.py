@@ -12,16 +12,16 @@ model's learned variance (Nichol & Dhariwal 2021) through unchanged.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from ddpm_lightning.denoiser import Denoiser
-from ddpm_lightning.schedules import expand_as
+from ddpm_lightning.diffusion.denoiser import Denoiser
+from ddpm_lightning.diffusion.schedules import expand_as
 
 
 def num_classes_of(denoiser) -> int | None:
@@ -109,14 +109,12 @@ class ClassifierFree(Guided):
 class ClassifierGuidance(Guided):
     """Dhariwal & Nichol 2021 §4 (eq. 14, Algorithm 2): eps~ = eps - scale sigma(t) grad_x log p_phi(y | x_t, t).
 
-    `classifier` is a network called as classifier(x_t, schedule.net_label(t)) -> logits, or the path of a
-    checkpoint written by `experiment=classifier_digits`. `conditional`: pass the labels on to the diffusion
+    `classifier` is a network called as classifier(x_t, schedule.net_label(t)) -> logits (a checkpoint written by
+    `experiment=classifier_digits` is loaded by `ddpm_lightning.loading.classifier_guidance`). `conditional`: pass the labels on to the diffusion
     model too (None: whenever it is class-conditional); False guides its unconditional (null-label) output."""
 
-    def __init__(self, denoiser: Denoiser, classifier: nn.Module | str | Path, scale: float = 1.0, conditional: bool | None = None):
+    def __init__(self, denoiser: Denoiser, classifier: nn.Module, scale: float = 1.0, conditional: bool | None = None):
         super().__init__(denoiser)
-        if isinstance(classifier, (str, Path)):
-            classifier = load_classifier(classifier, denoiser.schedule)
         self.classifier, self.scale = classifier, float(scale)
         self.conditional = num_classes_of(denoiser) is not None if conditional is None else bool(conditional)
 
@@ -143,10 +141,7 @@ class ClassifierGuidance(Guided):
 
 def build(guidance):
     """A guidance config (a `_partial_` node of conf/guidance/, or a list of them) as callables; callables pass."""
-    from collections.abc import Mapping
 
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     is_cfg = isinstance(guidance, Mapping) or (
         isinstance(guidance, Sequence) and not isinstance(guidance, str) and any(isinstance(g, Mapping) for g in guidance)
@@ -166,37 +161,3 @@ def apply(denoiser: Denoiser, guidance) -> Denoiser:
     for g in guidance if isinstance(guidance, Sequence) else [guidance]:
         denoiser = g(denoiser)
     return denoiser
-
-
-def load_classifier(path: str | Path, schedule: nn.Module | None = None) -> nn.Module:
-    """The EMA-weighted network of a noise-aware classifier checkpoint, in eval mode and frozen."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"classifier checkpoint not found: {path} (check guidance.classifier)")
-    net = _load_classifier(str(path.resolve()), path.stat().st_mtime_ns)
-    if schedule is not None and hasattr(schedule, "T") and hasattr(net, "trained_schedule"):
-        if not _same_schedule(net.trained_schedule, schedule):
-            raise ValueError(f"{path} was trained with another noise schedule than the diffusion model (set schedule.* alike)")
-    return net
-
-
-def _same_schedule(a: nn.Module, b: nn.Module) -> bool:
-    if getattr(a, "T", None) != b.T:
-        return False
-    alpha = [s.alpha(torch.arange(b.T, device=next(s.buffers()).device)).cpu() for s in (a, b)]
-    return torch.allclose(*alpha, atol=1e-6)
-
-
-@functools.lru_cache(maxsize=4)
-def _load_classifier(path: str, mtime_ns: int) -> nn.Module:
-    from ddpm_lightning.classifier_module import NoisyClassifierModule
-    from ddpm_lightning.checkpointing import build_module, read_checkpoint
-
-    ckpt = read_checkpoint(path, key="guidance.classifier")
-    hp = ckpt["hyper_parameters"]
-    if "sampler" in hp or "optimizer" not in hp:
-        raise ValueError(f"{path} is a diffusion model checkpoint, not a classifier (train one with experiment=classifier_digits)")
-    module = build_module(NoisyClassifierModule, ckpt, path, "guidance.classifier")  # the EMA weights when an EMA callback ran
-    net = module.net.eval().requires_grad_(False)
-    net.trained_schedule = module.schedule
-    return net

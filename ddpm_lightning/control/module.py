@@ -4,14 +4,13 @@
 model's network, schedule and image shape come from `base_ckpt`, its weights are loaded and locked, and the
 condition (conf/control/) is computed on the fly from each batch's images. Loss, noise, EMA, checkpoints and
 resume are DiffusionModule's. A checkpoint holds the base weights too (and the base checkpoint's path and
-sha256 for the record), so `tasks.load_model` rebuilds a model that samples in one call:
+sha256 for the record), so `loading.load_model` rebuilds a model that samples in one call:
 `model.sample(seeds, hint=..., conditioning_scale=1.0)`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,33 +19,14 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from ddpm_lightning.callbacks import SampleGrid, ema_module
-from ddpm_lightning.module import DiffusionModule, _plain
+from ddpm_lightning.control.conditions import load_folder
+from ddpm_lightning.loading import read_base
 from ddpm_lightning.nets.controlnet import ControlledUNet
+from ddpm_lightning.seeds import rank_share
+from ddpm_lightning.training.callbacks import FID, SampleGrid, ema_module
+from ddpm_lightning.training.module import DiffusionModule, _plain
 
 log = logging.getLogger(__name__)
-
-
-def read_base(base_ckpt: str | Path | None) -> tuple[dict, dict, str]:
-    """The hyperparameters and network weights (EMA when present) of a base diffusion checkpoint, and its sha256;
-    a missing, corrupt or non-diffusion checkpoint is refused naming `base_ckpt`."""
-    from ddpm_lightning import registry
-    from ddpm_lightning.checkpointing import file_sha256, read_checkpoint
-
-    if not base_ckpt:
-        raise ValueError("a ControlNet trains on top of a trained model: set base_ckpt=<its checkpoints/last.ckpt>")
-    path = Path(base_ckpt)
-    if not path.is_file():
-        raise FileNotFoundError(f"base_ckpt={path}: no such file (the checkpoint of the trained model to control)")
-    ckpt = read_checkpoint(path, key="base_ckpt")
-    hp = ckpt["hyper_parameters"]
-    if "schedule" not in hp or "sampler" not in hp:
-        raise ValueError(f"base_ckpt={path} is not a diffusion model checkpoint (a classifier's?)")
-    if str(hp["net"].get("_target_", "")).endswith("ControlledUNet"):
-        raise ValueError(f"base_ckpt={path} is a ControlNet checkpoint; give the checkpoint of the model it controls")
-    registry.check_module(DiffusionModule, hp, f"checkpoint {path} (base_ckpt)")
-    state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    return hp, state, file_sha256(path)
 
 
 class ControlNetModule(DiffusionModule):
@@ -103,11 +83,10 @@ class ControlNetModule(DiffusionModule):
         return cond
 
     def on_fit_start(self) -> None:
-        from ddpm_lightning.callbacks import FID
 
         for cb in self.trainer.callbacks:
             if isinstance(cb, SampleGrid) and not isinstance(cb, ControlSampleGrid):
-                raise ValueError("a ControlNet samples under conditions: set callbacks.samples._target_=ddpm_lightning.control.ControlSampleGrid (as experiment=controlnet_digits does)")
+                raise ValueError("a ControlNet samples under conditions: set callbacks.samples._target_=ddpm_lightning.control.module.ControlSampleGrid (as experiment=controlnet_digits does)")
             if isinstance(cb, FID):
                 raise ValueError("callbacks=fid does not apply to a ControlNet run; evaluate its checkpoints with evaluate.py (it samples under conditions)")
         counts = self.net.parameter_counts()
@@ -150,10 +129,10 @@ class ControlSampleGrid(SampleGrid):
         dm = trainer.datamodule
         dataset = dm.val_set if dm.val_set is not None and len(dm.val_set) else dm.train_set
         n = self.num_samples
-        world, rank = trainer.world_size, trainer.global_rank
-        per_rank = math.ceil(n / world)
-        index = [i % len(dataset) for i in range(rank * per_rank, (rank + 1) * per_rank)]
-        seeds = [self.seed + i for i in range(rank * per_rank, (rank + 1) * per_rank)]
+        world = trainer.world_size
+        share = rank_share(n, world, trainer.global_rank)
+        index = [i % len(dataset) for i in share]
+        seeds = [self.seed + i for i in share]
         images = torch.stack([dataset[i][0] for i in index]).to(pl_module.device)
         hints = split_hints(module, images, seeds)
         samples = self._sample(module, seeds, hint=hints, conditioning_scale=self.conditioning_scale)
@@ -169,7 +148,6 @@ class EvalConditions:
     name) of `folder`; `scale` is the conditioning_scale. Loaded at once, so a bad folder fails before sampling."""
 
     def __init__(self, cfg: Mapping, module: DiffusionModule, datamodule, seed_offset: int = 0):
-        from ddpm_lightning.conditions import load_folder
 
         self.module, self.seed_offset = module, seed_offset
         self.scale = float(cfg.get("scale", 1.0))
@@ -195,5 +173,5 @@ class EvalConditions:
         return split_hints(self.module, images, seeds)
 
     def adherence(self, samples: Tensor, seeds: Sequence[int]) -> float:
-        """Mean over the samples of the condition operator's adherence error (see ddpm_lightning.conditions)."""
+        """Mean over the samples of the condition operator's adherence error (see ddpm_lightning.control.conditions)."""
         return float(self.module.net.condition.adherence(samples, self(seeds)).mean())

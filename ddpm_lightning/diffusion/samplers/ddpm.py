@@ -11,9 +11,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ddpm_lightning.denoiser import Denoiser, interpolated_log_variance
-from ddpm_lightning.samplers.noise import PerSampleNoise
-from ddpm_lightning.schedules import DEFAULT_SPACING, expand_as
+from ddpm_lightning.diffusion.denoiser import Denoiser, interpolated_log_variance
+from ddpm_lightning.diffusion.samplers.noise import PerSampleNoise
+from ddpm_lightning.diffusion.schedules import DEFAULT_SPACING, expand_as
 
 VARIANCES = ("fixed_large", "fixed_small", "learned")
 

@@ -1,0 +1,1 @@
+"""Other frameworks' files in and out: diffusers UNet2DModel / DDPMPipeline folders."""
