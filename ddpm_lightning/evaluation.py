@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ddpm_lightning import metrics as M
 from ddpm_lightning import registry
+from ddpm_lightning.batch import unpack
 from ddpm_lightning.checkpointing import file_sha256
 from ddpm_lightning.compose import build
 from ddpm_lightning.control import module as control_lib
@@ -140,7 +142,7 @@ def _nll_data(cfg: DictConfig, datamodule) -> torch.Tensor:
     if n == 0:
         raise ValueError(f"nll.split={cfg.nll.split!r} holds no images")
     items = [dataset[i] for i in range(n)]
-    return torch.stack([x[0] if isinstance(x, (tuple, list)) else x for x in items])
+    return torch.stack([unpack(x)["x"] for x in items])
 
 
 def _nll(cfg: DictConfig, module: DiffusionModule, data: torch.Tensor) -> dict[str, float]:
@@ -230,90 +232,134 @@ def _files_sha256(tree: Any) -> dict[str, str]:
     return {}
 
 
+@dataclasses.dataclass
+class EvalPlan:
+    """What an evaluation will do, settled and checked before anything is sampled (`plan`)."""
+
+    cfg: DictConfig
+    names: list[str]  # the metrics
+    module: DiffusionModule
+    ckpt_path: Path  # the checkpoint (or, for init_from, the imported weights file)
+    sampler_cfg: dict
+    sampler: Any
+    guidance_cfg: Any
+    guidance: Any
+    labels: dict[int, int] | None  # seed -> class
+    control: Any = None  # ControlNet conditions (control.module.EvalConditions)
+    out: Path | None = None  # output folder, once the device is known (`prepare`)
+    fingerprint: dict | None = None
+
+    @functools.cached_property
+    def datamodule(self):
+        """The checkpoint's DataModule (for the reference, bits/dim and conditions), built once when first needed."""
+        return _datamodule(self.cfg, self.module)
+
+    @property
+    def shards(self) -> list[tuple[int, int]]:
+        """The seed ranges of the sample shards; none for metrics=[nll] alone, which samples nothing."""
+        sampled = bool(set(self.names) & set(M.FIDELITY_METRICS)) or not self.names
+        return plan_shards(self.cfg.num_samples, self.cfg.shard_size, self.cfg.seed_offset) if sampled else []
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What rank 0 made ready before sampling: the scorer (feature extractor + reference) and bits/dim data."""
+
+    scorer: M.Scorer | None = None
+    ref_info: dict = dataclasses.field(default_factory=dict)
+    nll_data: torch.Tensor | None = None
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Sample `num_samples` images from `ckpt_path` and compute `metrics`; returns what metrics.json holds."""
+    """Sample `num_samples` images from `ckpt_path` and compute `metrics`; returns what metrics.json holds.
+    plan (checks, no device) -> prepare (rank 0: scorer, output folder) -> sample (shards over ranks) -> score."""
     start = time.perf_counter()
+    plan = make_plan(cfg)
+    fabric = L.Fabric(**cfg.trainer)  # strategy auto: DDP for several devices or nodes, torchrun / srun detected
+    fabric.launch()
+    plan.module = plan.module.to(fabric.device)
+    prepared = prepare(plan, fabric)
+    sampling_s = sample(plan, fabric)
+    result: dict[str, Any] = {}
+    if fabric.global_rank == 0:
+        result = score(plan, prepared)
+        result["wall_time_s"] = {"sampling": sampling_s, "total": time.perf_counter() - start}
+        result["world_size"] = fabric.world_size
+        (plan.out / "metrics.json").write_text(json.dumps(result, indent=2))
+        _summary(result, plan.out, plan.module.schedule)
+    if fabric.world_size > 1:
+        result = fabric.broadcast(result)
+    return result
+
+
+def make_plan(cfg: DictConfig) -> EvalPlan:
+    """The model, sampler, labels, guidance and conditions of an evaluation, every setting checked."""
     names = M.check_metric_names(cfg.metrics)
     _check(cfg, names)
     if bool(cfg.get("ckpt_path")) == bool(cfg.get("init_from")):
         raise ValueError("give ckpt_path=<checkpoint> or init_from=<diffusers folder or Hub id>, exactly one of them")
     check_overrides([f"+{k}" for k in MODEL_KEYS if cfg.get(k) is not None])
-    if cfg.get("init_from"):  # diffusers weights (README "Pretrained weights"); ckpt_path: their weights file
-
+    if cfg.get("init_from"):  # diffusers weights (docs "diffusers"); ckpt_path: their weights file
         ckpt_path, module = weights_file(cfg.init_from), load_module(cfg.init_from, cfg.get("init_null_label"))
     else:
         ckpt_path = Path(cfg.ckpt_path)
         module = load_model(ckpt_path, use_ema=cfg.use_ema)
-    if len(module.data_shape) != 3:  # a model of points (README "Toy data"): nothing here applies
+    if len(module.data_shape) != 3:  # a model of points (docs "Toy data"): nothing here applies
         raise ValueError(f"ckpt_path={ckpt_path} models points of shape {module.data_shape}, not images; evaluate.py scores images")
     sampler_cfg = _plain(cfg.get("sampler")) or module.hparams.sampler
     sampler = registry.build(sampler_cfg, "sampler", f"ckpt_path={ckpt_path}" if cfg.get("sampler") is None else "config")
     # e.g. sampler.steps beyond the schedule's T, or variance=learned for a fixed-variance model, before any work
     check_compatible(sampler, module.schedule, module.denoiser.learn_sigma)
-    # Labels and guidance (README "Guidance"): image i has class labels[i]; checked here, before any sampling.
     guidance_cfg = _plain(cfg.get("guidance"))
     guidance = guidance_lib.build(guidance_cfg)
+    plan = EvalPlan(cfg, names, module, ckpt_path, sampler_cfg, sampler, guidance_cfg, guidance, _labels(cfg, module, guidance))
+    if control_lib.is_controlled(module):  # the condition of every image, loaded before any sampling
+        plan.control = control_lib.EvalConditions(_plain(cfg.get("control")) or {}, module, lambda: plan.datamodule, cfg.seed_offset)
+    return plan
+
+
+def _labels(cfg: DictConfig, module: DiffusionModule, guidance: Any) -> dict[int, int] | None:
+    """seed -> class of each image (class-conditional models, guidance): image i has class labels[i]."""
     num_classes = guidance_lib.num_classes_of(guidance_lib.apply(module.denoiser, guidance))
     label_list, _ = guidance_lib.resolve_labels(_plain(cfg.get("labels")), cfg.num_samples, num_classes)
     if label_list is not None and len(label_list) != cfg.num_samples:
         raise ValueError(f"labels=all gives {len(label_list)} labels for num_samples={cfg.num_samples}: use a multiple of {num_classes}")
-    labels = None if label_list is None else {cfg.seed_offset + i: k for i, k in enumerate(label_list)}
-    if guidance is not None and labels is None:
+    if guidance is not None and label_list is None:
         raise ValueError("guidance needs labels (a list of classes or 'all')")
+    return None if label_list is None else {cfg.seed_offset + i: k for i, k in enumerate(label_list)}
 
-    # ControlNet checkpoints: the condition of every image (README "ControlNet"), loaded before any sampling.
-    datamodule = functools.cache(lambda: _datamodule(cfg, module))  # built once, for the reference, nll, conditions
-    control = None
-    if control_lib.is_controlled(module):
-        control = control_lib.EvalConditions(_plain(cfg.get("control")) or {}, module, datamodule, cfg.seed_offset)
 
-    fabric = L.Fabric(**cfg.trainer)  # strategy auto: DDP for several devices or nodes, torchrun / srun detected
-    fabric.launch()
-    module = module.to(fabric.device)
-    ckpt_sha256 = file_sha256(ckpt_path)
-    out = _output_dir(cfg, module, sampler_cfg, ckpt_sha256)
-    shards_dir = out / "shards"
+def _fingerprint(plan: EvalPlan, ckpt_sha256: str) -> dict:
+    """Everything the samples depend on: an output folder holding another fingerprint is never continued."""
+    cfg = plan.cfg
     fingerprint = {
-        "ckpt_path": str(ckpt_path.resolve()),
-        "ckpt_sha256": ckpt_sha256,
-        "global_step": module.global_step_loaded,
-        "use_ema": bool(cfg.use_ema),
-        "sampler": sampler_cfg,
-        "image_shape": list(module.image_shape),
-        "precision": str(cfg.trainer.get("precision")),
-        "labels": _plain(cfg.get("labels")),
-        "guidance": guidance_cfg,
-        "guidance_files": _files_sha256(guidance_cfg),
+        "ckpt_path": str(plan.ckpt_path.resolve()), "ckpt_sha256": ckpt_sha256,
+        "global_step": plan.module.global_step_loaded, "use_ema": bool(cfg.use_ema), "sampler": plan.sampler_cfg,
+        "image_shape": list(plan.module.image_shape), "precision": str(cfg.trainer.get("precision")),
+        "labels": _plain(cfg.get("labels")), "guidance": plan.guidance_cfg, "guidance_files": _files_sha256(plan.guidance_cfg),
     }
-    if control is not None:
-        fingerprint["control"] = {**control.source, "scale": control.scale}
+    if plan.control is not None:
+        fingerprint["control"] = {**plan.control.source, "scale": plan.control.scale}
+    return fingerprint
 
-    # Everything that can fail is checked before the first image is sampled: weights, reference, output folder.
-    extractor, reference, ref_info, nll_data = None, None, {}, None
-    error = None
+
+def prepare(plan: EvalPlan, fabric: L.Fabric) -> Prepared:
+    """Everything that can fail, before the first image is sampled (rank 0; a failure stops every rank): the
+    Inception weights and the reference, bits/dim data, the output folder and its fingerprint."""
+    cfg, names = plan.cfg, plan.names
+    ckpt_sha256 = file_sha256(plan.ckpt_path)
+    plan.out = _output_dir(cfg, plan.module, plan.sampler_cfg, ckpt_sha256)
+    plan.fingerprint = _fingerprint(plan, ckpt_sha256)
+    prepared, error = Prepared(), None
     if fabric.global_rank == 0:
         try:
             if set(names) & set(M.FIDELITY_METRICS):
-                weights = M.resolve_inception_weights(cfg.inception.weights_path, "inception.weights_path")
-                features = M.features_for(names, str(cfg.inception.feature))
-                extractor = M.feature_extractor(weights, features, fabric.device)
-            if {"fid", "kid"} & set(names):
-                reference, ref_info = _reference(cfg, extractor, names, datamodule)
-                n_ref = len(reference[str(cfg.inception.feature)]) if "mu" not in reference else None
-                if "kid" in names and n_ref is not None and n_ref < cfg.kid_subset_size:
-                    raise ValueError(f"the reference has {n_ref} images, below kid_subset_size={cfg.kid_subset_size}")
+                prepared.scorer, prepared.ref_info = _scorer(plan, fabric.device)
             if "nll" in names:
-                nll_data = _nll_data(cfg, datamodule())
-            shards_dir.mkdir(parents=True, exist_ok=True)
-            fp_file = out / "fingerprint.json"
-            if fp_file.is_file() and json.loads(fp_file.read_text()) != json.loads(json.dumps(fingerprint)):
-                raise ValueError(
-                    f"{out} holds samples of another model or sampler (see {fp_file}); choose another output_dir"
-                )
-            fp_file.write_text(json.dumps(fingerprint, indent=2))
-            if cfg.get("process_strip"):  # the forward and reverse processes, README "From a random walk to DDPM"
-
-                log.info("Wrote %s", save_process_strips(module, data_images(datamodule(), 8), out, sampler, cfg.seed_offset))
+                prepared.nll_data = _nll_data(cfg, plan.datamodule)
+            _claim_output_dir(plan.out, plan.fingerprint)
+            if cfg.get("process_strip"):  # the forward and reverse processes (docs "Physics")
+                log.info("Wrote %s", save_process_strips(plan.module, data_images(plan.datamodule, 8), plan.out, plan.sampler, cfg.seed_offset))
         except Exception as e:  # noqa: BLE001 - re-raised on every rank below
             error = e
     if fabric.world_size > 1:
@@ -322,85 +368,99 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             raise RuntimeError(f"evaluation stopped on rank 0: {failed}")
     if error is not None:
         raise error
+    return prepared
 
-    # Sampling: shard k goes to rank k % world_size; existing shards are kept.
-    # metrics=[nll] alone scores the test images and samples nothing.
-    sampled = bool(set(names) & set(M.FIDELITY_METRICS)) or not names
-    shards = plan_shards(cfg.num_samples, cfg.shard_size, cfg.seed_offset) if sampled else []
+
+def _scorer(plan: EvalPlan, device: torch.device) -> tuple[M.Scorer, dict]:
+    """The Inception feature extractor and the reference of the requested metrics."""
+    cfg, names = plan.cfg, plan.names
+    weights = M.resolve_inception_weights(cfg.inception.weights_path, "inception.weights_path")
+    extractor = M.feature_extractor(weights, M.features_for(names, str(cfg.inception.feature)), device)
+    reference, ref_info = None, {}
+    if {"fid", "kid"} & set(names):
+        reference, ref_info = _reference(cfg, extractor, names, lambda: plan.datamodule)
+        n_ref = len(reference[str(cfg.inception.feature)]) if "mu" not in reference else None
+        if "kid" in names and n_ref is not None and n_ref < cfg.kid_subset_size:
+            raise ValueError(f"the reference has {n_ref} images, below kid_subset_size={cfg.kid_subset_size}")
+    options = {"isc_splits": cfg.isc_splits, "kid_subsets": cfg.kid_subsets, "kid_subset_size": cfg.kid_subset_size}
+    return M.Scorer(extractor, reference, str(cfg.inception.feature), cfg.inception.batch_size, options), ref_info
+
+
+def _claim_output_dir(out: Path, fingerprint: dict) -> None:
+    """Create the output folder and write its fingerprint; refuse a folder holding samples of another one."""
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    fp_file = out / "fingerprint.json"
+    if fp_file.is_file() and json.loads(fp_file.read_text()) != json.loads(json.dumps(fingerprint)):
+        raise ValueError(f"{out} holds samples of another model or sampler (see {fp_file}); choose another output_dir")
+    fp_file.write_text(json.dumps(fingerprint, indent=2))
+
+
+def sample(plan: EvalPlan, fabric: L.Fabric) -> float:
+    """Sample the shards missing from the output folder (shard k on rank k % world_size); seconds taken."""
+    shards, shards_dir = plan.shards, plan.out / "shards"
     mine = [s for s in shards[fabric.global_rank :: fabric.world_size] if not shard_path(shards_dir, *s).is_file()]
-    reused = len(shards) - len([s for s in shards if not shard_path(shards_dir, *s).is_file()])
+    reused = len([s for s in shards if shard_path(shards_dir, *s).is_file()])
     if fabric.global_rank == 0 and reused:
         log.info("Continuing: %d of %d shards already in %s", reused, len(shards), shards_dir)
     t0 = time.perf_counter()
     pbar = tqdm(total=sum(e - a for a, e in mine), desc="sampling", unit="img", disable=fabric.global_rank != 0 or not mine)
+    cond = {} if plan.guidance is None else {"guidance": plan.guidance}
+    if plan.control is not None:
+        cond.update(hints=plan.control, conditioning_scale=plan.control.scale)
     with fabric.autocast():
         for first, end in mine:
-            cond = {} if guidance is None else {"guidance": guidance}
-            if control is not None:
-                cond.update(hints=control, conditioning_scale=control.scale)
-            images, nfe = sample_shard(module, sampler, first, end, cfg.batch_size, pbar, labels, **cond)
+            images, nfe = sample_shard(plan.module, plan.sampler, first, end, plan.cfg.batch_size, pbar, plan.labels, **cond)
             save_shard(shard_path(shards_dir, first, end), images, first, end, nfe)
     pbar.close()
-    sampling_s = time.perf_counter() - t0
     fabric.barrier()
+    return time.perf_counter() - t0
 
-    result: dict[str, Any] = {}
-    if fabric.global_rank == 0:
-        loaded = [load_shard(shard_path(shards_dir, *s), *s) for s in shards]
-        images = np.concatenate([x for x, _ in loaded]) if loaded else np.zeros((0, *module.image_shape), np.uint8)
-        nfe = loaded[0][1] if loaded else 0
-        result = _finish(cfg, module, images, nfe, names, extractor, reference, ref_info, out, sampler_cfg, ckpt_path)
-        if control is not None and len(images):
-            _control_result(cfg, module, control, images, result, out)
-        if nll_data is not None:  # rank 0 alone; the other ranks wait at the broadcast below
-            t0 = time.perf_counter()
-            result["metrics"].update(_nll(cfg, module, nll_data))
-            result["nll_time_s"] = time.perf_counter() - t0
-        result["wall_time_s"] = {"sampling": sampling_s, "total": time.perf_counter() - start}
-        result["world_size"] = fabric.world_size
-        (out / "metrics.json").write_text(json.dumps(result, indent=2))
-        _summary(result, out, module.schedule)
-    if fabric.world_size > 1:
-        result = fabric.broadcast(result)
+
+def score(plan: EvalPlan, prepared: Prepared) -> dict:
+    """Write the sample set (npz / PNGs / grid) and compute the metrics and bits/dim (rank 0)."""
+    cfg, module = plan.cfg, plan.module
+    loaded = [load_shard(shard_path(plan.out / "shards", *s), *s) for s in plan.shards]
+    images = np.concatenate([x for x, _ in loaded]) if loaded else np.zeros((0, *module.image_shape), np.uint8)
+    _save_samples(cfg, images, plan.out)
+    values, f_time = {}, 0.0
+    if prepared.scorer is not None:
+        t0 = time.perf_counter()
+        values = prepared.scorer(torch.from_numpy(images), plan.names)
+        f_time = time.perf_counter() - t0
+    first = cfg.seed_offset
+    result = {
+        "metrics": values,
+        "sampler": plan.sampler_cfg.get("_target_", "").rsplit(".", 1)[-1],
+        "sampler_config": plan.sampler_cfg,
+        "steps": plan.sampler_cfg.get("steps", getattr(module.schedule, "T", None)),
+        "nfe": loaded[0][1] if loaded else 0,
+        "num_samples": int(len(images)),
+        "seeds": {"first": first, "last": first + len(images) - 1},
+        "checkpoint": {"path": str(plan.ckpt_path), "global_step": module.global_step_loaded, "use_ema": bool(cfg.use_ema)},
+        "reference": prepared.ref_info,
+        "feature_extractor": f"inception-v3-compat ({cfg.inception.feature})" if prepared.scorer is not None else None,
+        "features_time_s": f_time,
+    }
+    if plan.control is not None and len(images):
+        _control_result(cfg, module, plan.control, images, result, plan.out)
+    if prepared.nll_data is not None:
+        t0 = time.perf_counter()
+        result["metrics"].update(_nll(cfg, module, prepared.nll_data))
+        result["nll_time_s"] = time.perf_counter() - t0
     return result
 
 
-def _finish(cfg, module, images, nfe, names, extractor, reference, ref_info, out, sampler_cfg, ckpt_path) -> dict:
-    """Write the sample set (npz / PNGs / grid) and compute the metrics (rank 0)."""
-    first = cfg.seed_offset
-    if len(images) and cfg.save_npz:  # [N, H, W, C] uint8 under arr_0, the layout of the TF / ADM evaluation suites
+def _save_samples(cfg: DictConfig, images: np.ndarray, out: Path) -> None:
+    """samples.npz ([N, H, W, C] uint8 under arr_0, the layout of the TF / ADM evaluation suites), PNGs, grid."""
+    if len(images) and cfg.save_npz:
         np.savez(out / "samples.npz", arr_0=images.transpose(0, 2, 3, 1))
     if cfg.save_png:
         folder = out / "images"
         folder.mkdir(exist_ok=True)
         for i, x in enumerate(images):
-            Image.fromarray(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)).save(folder / f"{first + i:08d}.png")
+            Image.fromarray(x[0] if x.shape[0] == 1 else x.transpose(1, 2, 0)).save(folder / f"{cfg.seed_offset + i:08d}.png")
     if len(images) and cfg.grid_size:
         save_grid(to_model_range(torch.from_numpy(images[: cfg.grid_size])), out / "grid.png")
-    values: dict[str, float] = {}
-    f_time = 0.0
-    if extractor is not None:
-        t0 = time.perf_counter()
-        features = M.extract_features(torch.from_numpy(images), extractor, cfg.inception.batch_size)
-        values = M.compute_metrics(
-            names, features, reference, cfg.isc_splits, cfg.kid_subsets, cfg.kid_subset_size,
-            feature=str(cfg.inception.feature),
-        )
-        f_time = time.perf_counter() - t0
-    name = sampler_cfg.get("_target_", "").rsplit(".", 1)[-1]
-    return {
-        "metrics": values,
-        "sampler": name,
-        "sampler_config": sampler_cfg,
-        "steps": sampler_cfg.get("steps", getattr(module.schedule, "T", None)),
-        "nfe": nfe,
-        "num_samples": int(len(images)),
-        "seeds": {"first": first, "last": first + len(images) - 1},
-        "checkpoint": {"path": str(ckpt_path), "global_step": module.global_step_loaded, "use_ema": bool(cfg.use_ema)},
-        "reference": ref_info,
-        "feature_extractor": f"inception-v3-compat ({cfg.inception.feature})" if extractor is not None else None,
-        "features_time_s": f_time,
-    }
 
 
 def _control_result(cfg, module, control, images: np.ndarray, result: dict, out: Path) -> None:

@@ -8,6 +8,8 @@ checks that its weights are there before any compute is spent, and keys the refe
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import hashlib
 import json
@@ -221,6 +223,22 @@ def compute_metrics(
             )
         )
     return {KEYS.get(k, k): float(v) for k, v in out.items()}
+
+
+@dataclasses.dataclass
+class Scorer:
+    """FID / IS / KID of uint8 sample images against a reference, with one feature extractor: what `evaluate.py`
+    and the FID callback both compute. `options`: compute_metrics' isc_splits, kid_subsets, kid_subset_size."""
+
+    extractor: torch.nn.Module
+    reference: Mapping[str, Any] | None
+    feature: str = "2048"
+    batch_size: int = 64
+    options: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def __call__(self, images: Tensor, names: Sequence[str], verbose: bool = True) -> dict[str, float]:
+        features = extract_features(images, self.extractor, self.batch_size, verbose=verbose)
+        return compute_metrics(names, features, self.reference, feature=self.feature, **self.options)
 
 
 # ------------------------------------------------------------------------------------------- reference features

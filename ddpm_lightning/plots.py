@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ddpm_lightning.batch import unpack
 from ddpm_lightning.images import save_grid
 
 
@@ -124,4 +125,4 @@ def data_images(datamodule, n: int, split: str = "train") -> Tensor:
     datamodule.setup("validate")
     dataset = getattr(datamodule, f"{split}_set")
     items = [dataset[i] for i in range(min(n, len(dataset)))]
-    return torch.stack([x[0] if isinstance(x, (tuple, list)) else x for x in items])
+    return torch.stack([unpack(x)["x"] for x in items])

@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "ddpm_lightning"
 # Bottom to top: a module may import modules of its own layer and of the layers before it.
 LAYERS = [
-    ["registry", "images", "seeds", "benign_warnings", "loggers"],
+    ["registry", "images", "seeds", "batch", "benign_warnings", "loggers"],
     ["checkpointing", "runs"],
     ["diffusion", "nets", "physics"],
     ["data", "metrics", "plots", "cpu"],
@@ -121,3 +121,21 @@ def test_the_checks_could_fail(tmp_path):
     assert ("ddpm_lightning.tasks", 1, False) in found and ("os", 4, True) in found
     assert any(m.startswith("ddpm_lightning.diffusion") and inside for m, _, inside in found)
     assert layer("ddpm_lightning.tasks") > layer("ddpm_lightning.diffusion.x")
+
+
+MAX_LINES = 60
+LONG_OK = {"ddpm_lightning/nets/unet.py:UNet.__init__"}  # the architecture of Ho et al. App. B, written out once
+
+
+def test_functions_are_at_most_sixty_lines():
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for cls in [None, *(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef))]:
+            body = tree.body if cls is None else cls.body
+            for fn in (n for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+                start = min([d.lineno for d in fn.decorator_list] + [fn.lineno])
+                name = f"{path.relative_to(PACKAGE.parent)}:{cls.name + '.' if cls else ''}{fn.name}"
+                if fn.end_lineno - start + 1 > MAX_LINES and name not in LONG_OK:
+                    long.append(f"{name} has {fn.end_lineno - start + 1} lines")
+    assert not long, "\n".join(long)

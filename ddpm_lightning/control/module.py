@@ -73,11 +73,11 @@ class ControlNetModule(DiffusionModule):
         )
         self.net.load_base(state, f"base_ckpt={base_ckpt}")
 
-    def _labels(self, batch: Any, p_uncond: float = 0.0) -> dict:
-        """The labels (class-conditional bases) and the condition of the batch's images: training draws random
-        conditions (masks) from the global RNG, reseeded per step with `seed`; validation from a fixed seed."""
-        cond = super()._labels(batch, p_uncond)
-        x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
+    def _conditions(self, batch: dict, p_uncond: float = 0.0) -> dict:
+        """The labels (class-conditional bases) and the condition of the batch's images (`hint`): training draws
+        random conditions (masks) from the global RNG, reseeded per step with `seed`; validation from a fixed seed."""
+        cond = super()._conditions(batch, p_uncond)
+        x0 = batch["x"]
         g = None if self.training else torch.Generator(x0.device).manual_seed(0)
         cond["hint"] = self.net.condition(x0, g)
         return cond

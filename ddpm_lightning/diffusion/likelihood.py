@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from ddpm_lightning.batch import unpack
 from ddpm_lightning.diffusion.denoiser import Denoiser
 from ddpm_lightning.diffusion.samplers.ddpm import (
     eps_and_v,
@@ -175,7 +176,7 @@ def _batches(data: Tensor | Iterable, batch_size: int) -> Iterable[Tensor]:
         yield from data.split(batch_size)
         return
     for batch in data:
-        yield batch[0] if isinstance(batch, (list, tuple)) else batch
+        yield unpack(batch)["x"]
 
 
 def bits_per_dim(

@@ -108,6 +108,35 @@ def net_config_from_diffusers(config: dict, null_label: bool | None = None) -> d
     c = {**UNET_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
     if c.get("attn_num_head_channels") is not None:  # the key's name before diffusers 0.13
         c["attention_head_dim"] = c.pop("attn_num_head_channels")
+    size = c["sample_size"]
+    if isinstance(size, (list, tuple)):
+        size = size[0] if len(size) == 2 and size[0] == size[1] else None
+    problems = _option_problems(config, c) + _layout_problems(c, size) + _class_row_problems(c, null_label)
+    if problems:
+        raise UnsupportedConfig("this UNet2DModel config differs from what ddpm_lightning.nets.UNet can express", problems)
+    channels, down = list(c["block_out_channels"]), list(c["down_block_types"])
+    ch = channels[0]
+    return {
+        "_target_": UNET_TARGET,
+        "in_channels": c["in_channels"],
+        "out_channels": c["out_channels"] if c["out_channels"] != c["in_channels"] else None,
+        "learn_sigma": False,
+        "ch": ch,
+        "ch_mult": [x // ch for x in channels],
+        "num_res_blocks": c["layers_per_block"],
+        "attn_resolutions": [size // 2**level for level, b in enumerate(down) if DOWN_BLOCKS[b]],
+        "dropout": float(c["dropout"]),
+        "image_size": size,
+        "num_classes": c["num_class_embeds"] - int(bool(null_label)) if c["num_class_embeds"] else None,
+        **({"null_label": False} if c["num_class_embeds"] and null_label is False else {}),
+        "norm_groups": c["norm_num_groups"],
+        "norm_eps": float(c["norm_eps"]),
+        "downsample_padding": "tf_same" if c["downsample_padding"] == 0 else "symmetric",
+    }
+
+
+def _option_problems(config: dict, c: dict) -> list[str]:
+    """The class name and the options our U-Net has one value of (embedding, blocks' kinds, activation)."""
     problems = []
     if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
         problems.append(f"_class_name={config['_class_name']!r}: only UNet2DModel is supported")
@@ -118,14 +147,15 @@ def net_config_from_diffusers(config: dict, null_label: bool | None = None) -> d
         "mid_block_type": "UNetMidBlock2D", "mid_block_scale_factor": 1, "downsample_type": "conv",
         "upsample_type": "conv", "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None,
     }
-    for k, v in expected.items():
-        if c[k] != v:
-            problems.append(f"{k}={c[k]!r}: our U-Net supports only {v!r}")
+    problems += [f"{k}={c[k]!r}: our U-Net supports only {v!r}" for k, v in expected.items() if c[k] != v]
     if c["act_fn"] not in ("silu", "swish"):
         problems.append(f"act_fn={c['act_fn']!r}: our U-Net uses SiLU")
-    size = c["sample_size"]
-    if isinstance(size, (list, tuple)):
-        size = size[0] if len(size) == 2 and size[0] == size[1] else None
+    return problems
+
+
+def _layout_problems(c: dict, size: Any) -> list[str]:
+    """The size, the channels and blocks per level, padding, normalisation and attention heads."""
+    problems = []
     if not isinstance(size, int):
         problems.append(f"sample_size={c['sample_size']!r}: a square size is needed")
     channels = list(c["block_out_channels"])
@@ -157,34 +187,22 @@ def net_config_from_diffusers(config: dict, null_label: bool | None = None) -> d
             f"attention_head_dim={head_dim}: multi-head attention ({[x // head_dim for x in attn_channels]} heads); "
             "our U-Net's attention is single-head (attention_head_dim null or the block's channels)"
         )
-    if c["num_class_embeds"] is not None:
-        if null_label is None:
-            problems.append(
-                f"num_class_embeds={c['num_class_embeds']}: say whether the last class row is the null label of "
-                f"classifier-free guidance: init_null_label=true ({c['num_class_embeds'] - 1} classes + null, as our "
-                f"export writes) or init_null_label=false ({c['num_class_embeds']} classes, sampled only with labels)"
-            )
-        elif c["num_class_embeds"] < 1 + int(null_label):
-            problems.append(f"num_class_embeds={c['num_class_embeds']}: at least {1 + int(null_label)} rows")
-    if problems:
-        raise UnsupportedConfig("this UNet2DModel config differs from what ddpm_lightning.nets.UNet can express", problems)
-    return {
-        "_target_": UNET_TARGET,
-        "in_channels": c["in_channels"],
-        "out_channels": c["out_channels"] if c["out_channels"] != c["in_channels"] else None,
-        "learn_sigma": False,
-        "ch": ch,
-        "ch_mult": [x // ch for x in channels],
-        "num_res_blocks": c["layers_per_block"],
-        "attn_resolutions": [size // 2**level for level, b in enumerate(down) if DOWN_BLOCKS[b]],
-        "dropout": float(c["dropout"]),
-        "image_size": size,
-        "num_classes": c["num_class_embeds"] - int(bool(null_label)) if c["num_class_embeds"] else None,
-        **({"null_label": False} if c["num_class_embeds"] and null_label is False else {}),
-        "norm_groups": c["norm_num_groups"],
-        "norm_eps": float(c["norm_eps"]),
-        "downsample_padding": "tf_same" if c["downsample_padding"] == 0 else "symmetric",
-    }
+    return problems
+
+
+def _class_row_problems(c: dict, null_label: bool | None) -> list[str]:
+    """K class rows: whether the last is the null label must be said, and enough rows for it."""
+    if c["num_class_embeds"] is None:
+        return []
+    if null_label is None:
+        return [
+            f"num_class_embeds={c['num_class_embeds']}: say whether the last class row is the null label of "
+            f"classifier-free guidance: init_null_label=true ({c['num_class_embeds'] - 1} classes + null, as our "
+            f"export writes) or init_null_label=false ({c['num_class_embeds']} classes, sampled only with labels)"
+        ]
+    if c["num_class_embeds"] < 1 + int(null_label):
+        return [f"num_class_embeds={c['num_class_embeds']}: at least {1 + int(null_label)} rows"]
+    return []
 
 
 def _net_args(net: dict) -> dict:

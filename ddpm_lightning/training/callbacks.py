@@ -234,7 +234,7 @@ class FID(L.Callback):
         self.every_n_steps, self.num_samples, self.seed, self.sampler = every_n_steps, num_samples, seed, sampler
         self.batch_size, self.weights_path, self.feature = batch_size, weights_path, str(feature)
         self.max_reference_images, self.cache_dir, self.inception_batch_size = max_reference_images, cache_dir, inception_batch_size
-        self._extractor = self._reference = None
+        self._scorer: M.Scorer | None = None
         self._last_step = -1
         self.history: dict[int, float] = {}  # global step -> FID
 
@@ -247,12 +247,13 @@ class FID(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Extractor and reference features before the first step, so a missing dataset fails early."""
 
-        if trainer.is_global_zero and self._extractor is None:
-            self._extractor = M.feature_extractor(self._weights, self.features, pl_module.device)
-            self._reference, _ = M.datamodule_reference_features(
-                trainer.datamodule, self._extractor, "train", self.max_reference_images, self.cache_dir,
+        if trainer.is_global_zero and self._scorer is None:
+            extractor = M.feature_extractor(self._weights, self.features, pl_module.device)
+            reference, _ = M.datamodule_reference_features(
+                trainer.datamodule, extractor, "train", self.max_reference_images, self.cache_dir,
                 self.inception_batch_size, self.feature,
             )
+            self._scorer = M.Scorer(extractor, reference, self.feature, self.inception_batch_size)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -273,8 +274,7 @@ class FID(L.Callback):
             images = pl_module.all_gather(images).flatten(0, 1)
         fid = torch.tensor(0.0)
         if trainer.is_global_zero:
-            features = M.extract_features(to_uint8(images[: self.num_samples]), self._extractor, self.inception_batch_size, verbose=False)
-            fid = torch.tensor(M.compute_metrics(["fid"], features, self._reference, feature=self.feature)["fid"])
+            fid = torch.tensor(self._scorer(to_uint8(images[: self.num_samples]), ["fid"], verbose=False)["fid"])
         fid = float(trainer.strategy.broadcast(fid))
         self.history[trainer.global_step] = fid
         return fid

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ddpm_lightning import registry
+from ddpm_lightning.batch import unpack
 from ddpm_lightning.training.module import ImageModule, _plain
 
 
@@ -35,9 +36,10 @@ class NoisyClassifierModule(ImageModule):
         return self.net(x, self.schedule.net_label(t))
 
     def _step(self, batch: Any, generator: torch.Generator | None = None, t: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+        batch = unpack(batch)
+        x0, y = batch["x"], batch["y"]
+        if y is None:
             raise ValueError("module=classifier needs (image, label) batches: use a labelled data module (data=digits)")
-        x0, y = batch[0], batch[1]
         if t is None:
             t = self.schedule.sample_t(x0.shape[0], x0.device, generator)
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
@@ -52,7 +54,7 @@ class NoisyClassifierModule(ImageModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         g = torch.Generator(self.device).manual_seed(batch_idx)  # the same x_t at every evaluation
         loss, acc = self._step(batch, g)
-        t0 = torch.zeros(batch[0].shape[0], dtype=torch.long, device=self.device)
+        t0 = torch.zeros(unpack(batch)["x"].shape[0], dtype=torch.long, device=self.device)
         _, acc_clean = self._step(batch, g, t0)
         self.log_dict({"val/loss": loss, "val/acc": acc, "val/acc_t1": acc_clean}, prog_bar=True, sync_dist=True)
 

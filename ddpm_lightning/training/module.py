@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from ddpm_lightning import registry
+from ddpm_lightning.batch import unpack
 from ddpm_lightning.diffusion import guidance as guidance_lib
 from ddpm_lightning.diffusion.denoiser import Denoiser
 from ddpm_lightning.diffusion.losses import (
@@ -139,42 +140,16 @@ class DiffusionModule(ImageModule):
         timestep_history: int = 10,
         vlb_variance: str = "fixed_large",
     ):
+        hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__")}  # the arguments, as given
         super().__init__()
         net, schedule, sampler, optimizer, data_shape = (_plain(c) for c in (net, schedule, sampler, optimizer, data_shape))
         data_shape = _check_data_shape(data_shape, image_size, channels)
-        if warmup_steps < 0:
-            raise ValueError(f"module.warmup_steps={warmup_steps} must be non-negative")
-        if not 0.0 <= p_uncond <= 1.0:
-            raise ValueError(f"module.p_uncond={p_uncond} must lie in [0, 1]")
-        if net.get("num_classes") and net.get("null_label", True) is False and p_uncond > 0:
-            raise ValueError(
-                f"module.p_uncond={p_uncond}: the model has no null label to drop labels to (model.null_label=false); "
-                "set module.p_uncond=0"
-            )
+        _check_labels_and_warmup(net, p_uncond, warmup_steps)
         learn_sigma = bool(net.get("learn_sigma", False))
         _check_loss(loss, hybrid_lambda, timestep_sampler, learn_sigma, vlb_variance)
-        self.save_hyperparameters(
-            {
-                "net": net,
-                "schedule": schedule,
-                "sampler": sampler,
-                "optimizer": optimizer,
-                "image_size": image_size,
-                "channels": channels,
-                "warmup_steps": warmup_steps,
-                "parameterization": parameterization,
-                "channels_last": channels_last,
-                "compile": compile,
-                "seed": seed,
-                "p_uncond": p_uncond,
-                "data_shape": data_shape,
-                "loss": loss,
-                "hybrid_lambda": hybrid_lambda,
-                "timestep_sampler": timestep_sampler,
-                "timestep_history": timestep_history,
-                "vlb_variance": vlb_variance,
-            }
-        )
+        # plain containers in the checkpoint: never modules, never OmegaConf nodes
+        self.save_hyperparameters({**hparams, "net": net, "schedule": schedule, "sampler": sampler, "optimizer": optimizer,
+                                   "data_shape": data_shape})
         self.net = registry.build(net, "net", where="module.net")
         self.schedule = registry.build(schedule, "schedule", where="module.schedule")
         self.sampler: Callable = registry.build(sampler, "sampler", where="module.sampler")
@@ -227,23 +202,25 @@ class DiffusionModule(ImageModule):
         self._step_noise = torch.Generator(self.device).manual_seed(step_seed(*key))
         torch.manual_seed(step_seed(*key, self.global_rank + 1))
 
-    def _labels(self, batch: Any, p_uncond: float = 0.0) -> dict:
-        """{"y": labels} for a class-conditional net, each replaced by the null label with probability p_uncond
-        (classifier-free guidance training, Ho & Salimans 2022); {} for an unconditional one."""
+    def _conditions(self, batch: dict, p_uncond: float = 0.0) -> dict:
+        """The network's conditions from an unpacked batch: {"y": labels} for a class-conditional net, each replaced
+        by the null label with probability p_uncond (classifier-free guidance training, Ho & Salimans 2022); {}
+        for an unconditional one."""
         num_classes = getattr(self.net, "num_classes", None)
         if not num_classes:
             return {}
-        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+        if batch["y"] is None:
             raise ValueError("model.num_classes is set but the data yields no labels (use a labelled data module)")
-        return {"y": guidance_lib.drop_labels(batch[1], p_uncond, num_classes) if p_uncond else batch[1]}
+        return {"y": guidance_lib.drop_labels(batch["y"], p_uncond, num_classes) if p_uncond else batch["y"]}
 
     def _loss(self, batch: Any) -> tuple[dict[str, Tensor], Tensor]:
         """The per-example losses (`diffusion_losses`, weighted by 1 / (T p_t) with the loss-aware timestep
         sampler) and the t drawn."""
-        x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
+        batch = unpack(batch)
+        x0 = batch["x"]
         if self.hparams.channels_last and x0.ndim == 4:
             x0 = x0.contiguous(memory_format=torch.channels_last)
-        cond = self._labels(batch, self.hparams.get("p_uncond", 0.0))
+        cond = self._conditions(batch, self.hparams.get("p_uncond", 0.0))
         # Rank r of w holds examples [r n, (r + 1) n) of the global batch; with per-step seeds, draw for all w n
         # from the shared generator and keep its slice.
         g = self._step_noise
@@ -306,8 +283,8 @@ class DiffusionModule(ImageModule):
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         # A fixed generator per batch makes the validation loss comparable across evaluations.
         g = torch.Generator(self.device).manual_seed(batch_idx)
-        x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
-        losses, _ = eps_mse(self.denoiser, x0, generator=g, **self._labels(batch))
+        batch = unpack(batch)
+        losses, _ = eps_mse(self.denoiser, batch["x"], generator=g, **self._conditions(batch))
         self.log("val/loss", losses.mean(), prog_bar=True, sync_dist=True)
 
     @torch.no_grad()
@@ -345,6 +322,19 @@ class DiffusionModule(ImageModule):
                 return sampler(denoiser, x_T, noise, callback=callback, **cond).clamp(-1, 1)
         finally:
             self.train(was_training)
+
+
+def _check_labels_and_warmup(net: dict, p_uncond: float, warmup_steps: int) -> None:
+    """Refuse a warm-up or label-dropout setting that cannot train, naming the config keys."""
+    if warmup_steps < 0:
+        raise ValueError(f"module.warmup_steps={warmup_steps} must be non-negative")
+    if not 0.0 <= p_uncond <= 1.0:
+        raise ValueError(f"module.p_uncond={p_uncond} must lie in [0, 1]")
+    if net.get("num_classes") and net.get("null_label", True) is False and p_uncond > 0:
+        raise ValueError(
+            f"module.p_uncond={p_uncond}: the model has no null label to drop labels to (model.null_label=false); "
+            "set module.p_uncond=0"
+        )
 
 
 def _check_loss(loss: str, hybrid_lambda: float, timestep_sampler: str, learn_sigma: bool,
