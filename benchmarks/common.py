@@ -16,7 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
 
 from hydra.utils import instantiate
 
@@ -156,3 +158,10 @@ def median(xs: list[float]) -> float:
 
 def _fmt(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def compose_train(overrides: list[str], output_dir: Path) -> DictConfig:
+    """The train config as `python train.py <overrides> paths.output_dir=<output_dir>` composes it."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=[*overrides, f"paths.output_dir={output_dir}"])

@@ -14,9 +14,11 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import common  # noqa: E402
-import test_diffusers_io as T  # noqa: E402  (the published configs and the random-weight helpers)
+import diffusers  # noqa: E402
+
+from ddpm_lightning.interop import parity as T  # noqa: E402  (the published configs and the random-weight helpers)
 
 from hydra.utils import instantiate  # noqa: E402
 
@@ -29,7 +31,8 @@ def unet_rows(tmp: Path) -> list[dict]:
     rows = []
     for name, config in (("google/ddpm-cifar10-32", T.GOOGLE_CIFAR10), ("class-conditional 16px", T.CLASS_COND), ("64px, attention at 16 and 8", T.SIZE64)):
         unet = T.diffusers_unet(config)
-        module = T.imported(T.save_pipeline(unet, tmp / name.replace("/", "_").replace(" ", "_")))
+        folder = T.save_pipeline(unet, tmp / name.replace("/", "_").replace(" ", "_"))
+        module = io.load_module(folder, True if config.get("num_class_embeds") else None, channels_last=False)
         x, _ = T.inputs(unet, 4)
         t = torch.tensor([0, 250, 500, 999])
         cond = {"class_labels": torch.tensor([0, 1, 2, 3])} if config.get("num_class_embeds") else {}
@@ -52,7 +55,7 @@ def scheduler_rows() -> list[dict]:
     ):
         ours = instantiate(schedule)
         sampler = {"_target_": "ddpm_lightning.diffusion.samplers.ddpm", "_partial_": True, "variance": variance, "clip_denoised": True}
-        theirs = T.diffusers.DDPMScheduler(**io.diffusers_scheduler_config(schedule, parameterization, sampler))
+        theirs = diffusers.DDPMScheduler(**io.diffusers_scheduler_config(schedule, parameterization, sampler))
         g = torch.Generator().manual_seed(0)
         x, out = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
         z = [torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(100 + k)) for k in range(3)]
@@ -64,7 +67,7 @@ def scheduler_rows() -> list[dict]:
                 raise StopIteration
 
         try:
-            ddpm(Denoiser(T._Fixed(out), ours, parameterization), x, T._Noise(z), variance, True, callback=keep)
+            ddpm(Denoiser(T.FixedOutput(out), ours, parameterization), x, T.QueuedNoise(z), variance, True, callback=keep)
         except StopIteration:
             pass
         worst, x_t = 0.0, x

@@ -25,19 +25,17 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks"), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import common  # noqa: E402
 from time_to_quality import DigitJudge, digits  # noqa: E402
 
 
 def train_run(experiment: str, out: Path, steps: int | None) -> Path:
-    from conftest import compose_cfg
-
     from ddpm_lightning.tasks import train
 
     overrides = [f"experiment={experiment}", "logger=none", "callbacks.progress.refresh_rate=0"]
     overrides += [f"trainer.max_steps={steps}", f"callbacks.checkpoint.every_n_train_steps={steps}"] if steps else []
-    train(compose_cfg(overrides, out / experiment, tiny=False))
+    train(common.compose_train(overrides, out / experiment))
     return out / experiment / "checkpoints" / "last.ckpt"
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import compose_cfg
+from helpers.config import compose_cfg
 from ddpm_lightning.data import ImageFolderDataModule
 from ddpm_lightning.data.base import BadImage
 from ddpm_lightning.compose import build

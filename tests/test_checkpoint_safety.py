@@ -14,7 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import CONF, compose_cfg
+from helpers.config import CONF, compose_cfg
 from ddpm_lightning import metrics as M
 from ddpm_lightning import registry
 from ddpm_lightning.checkpointing import AtomicCheckpointIO, read_checkpoint

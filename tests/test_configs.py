@@ -6,7 +6,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import CONF, compose_cfg
+from helpers.config import CONF, compose_cfg
 from ddpm_lightning.compose import resolve_precision
 
 

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import compose_cfg
+from helpers.config import compose_cfg
 from ddpm_lightning import registry
 from ddpm_lightning.control.conditions import Edges, LowRes, Mask
 from ddpm_lightning.control.module import ControlNetModule, split_hints
@@ -299,7 +299,7 @@ def test_a_resumed_controlnet_run_ends_bitwise_as_the_uninterrupted_one(base, ru
 
 
 def test_evaluate_reports_adherence_and_scale_zero_samples_the_base(base, run, tmp_path):
-    from test_evaluate import eval_cfg
+    from helpers.config import eval_cfg
 
     from ddpm_lightning.tasks import evaluate
 
@@ -321,7 +321,7 @@ def test_evaluate_reports_adherence_and_scale_zero_samples_the_base(base, run, t
 
 
 def test_evaluate_takes_conditions_from_a_folder_and_refuses_bad_files(run, tmp_path):
-    from test_evaluate import eval_cfg
+    from helpers.config import eval_cfg
 
     from ddpm_lightning.tasks import evaluate
 
@@ -426,7 +426,7 @@ def test_when_the_condition_carries_the_answer_short_training_improves_adherence
 def test_controlnet_cifar10_builds_on_a_cifar10_base_and_trains_one_batch(tmp_path):
     """experiment=controlnet_cifar10 on a small base trained on fabricated CIFAR-10 files (the experiment takes its
     network from the base): 4x super-resolution (8x8 conditions), one batch through the loss."""
-    from fake_datasets import make_cifar10
+    from helpers.fake_datasets import make_cifar10
 
     make_cifar10(tmp_path / "data")
     data = [f"data.root={tmp_path / 'data'}", "data.download=false", "data.batch_size=4", "data.num_workers=0"]

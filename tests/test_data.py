@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 from torchvision.datasets import CIFAR10
 
-from conftest import compose_cfg
-from fake_datasets import CELEBA_INSIDE, make_celeba, make_cifar10, make_image_folder
+from helpers.config import compose_cfg
+from helpers.fake_datasets import CELEBA_INSIDE, make_celeba, make_cifar10, make_image_folder
 from ddpm_lightning.data import CelebADataModule, CIFAR10DataModule, ImageFolderDataModule
 from ddpm_lightning.data.base import BadImage
 from ddpm_lightning.images import to_model_range

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, compose_cfg
+from helpers.config import TINY, compose_cfg
 from ddpm_lightning.tasks import train
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ["data._target_=scaleout_helpers.FixedOrderDigits", "+data.world=2", "trainer.limit_val_batches=0", "model.dropout=0.0"]
+DATA = ["data._target_=helpers.scaleout.FixedOrderDigits", "+data.world=2", "trainer.limit_val_batches=0", "model.dropout=0.0"]
 
 
 @pytest.mark.slow
@@ -25,13 +25,13 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY, *DATA, "+data.single_process=false", "trainer=ddp",
            "trainer.devices=2", "trainer.accelerator=cpu", "+trainer.use_distributed_sampler=false", "trainer.strategy.process_group_backend=gloo",
            f"paths.output_dir={ddp}", f"hydra.run.dir={ddp}",
-           "+callbacks.dump._target_=scaleout_helpers.DumpRankState", f"+callbacks.dump.dirpath={ddp}/ranks"]
+           "+callbacks.dump._target_=helpers.scaleout.DumpRankState", f"+callbacks.dump.dirpath={ddp}/ranks"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     single = tmp_path / "single"
     torch.set_num_threads(1)
-    train(compose_cfg([*DATA, "+data.single_process=true", "+callbacks.dump._target_=scaleout_helpers.DumpRankState",
+    train(compose_cfg([*DATA, "+data.single_process=true", "+callbacks.dump._target_=helpers.scaleout.DumpRankState",
                        f"+callbacks.dump.dirpath={single}/ranks"], single))
 
     r0, r1 = (torch.load(ddp / "ranks" / f"rank{r}.pt", weights_only=False) for r in (0, 1))

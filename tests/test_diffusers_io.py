@@ -9,77 +9,26 @@ import json
 import pytest
 import torch
 
-from conftest import compose_cfg
+from helpers.config import compose_cfg
 from ddpm_lightning.interop import diffusers as io
 from ddpm_lightning.training.module import DiffusionModule
 from ddpm_lightning.nets import UNet
 from ddpm_lightning.nets.norm import GroupNorm
 from ddpm_lightning.diffusion.denoiser import Denoiser
 from ddpm_lightning.diffusion.samplers import ddpm as ddpm_sampler
+from ddpm_lightning.interop.parity import (
+    CLASS_COND, GOOGLE_CIFAR10, GOOGLE_SCHEDULER, SIZE64, FixedOutput as _Fixed, QueuedNoise as _Noise, diffusers_unet,
+    inputs, randomize, save_pipeline,
+)
 
 diffusers = pytest.importorskip("diffusers")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# google/ddpm-cifar10-32's unet/config.json as published (the google/ddpm-* family shares every key but the blocks).
-GOOGLE_CIFAR10 = {
-    "_class_name": "UNet2DModel", "act_fn": "silu", "attention_head_dim": None,
-    "block_out_channels": [128, 256, 256, 256], "center_input_sample": False,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"], "downsample_padding": 0,
-    "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2, "mid_block_scale_factor": 1,
-    "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 32, "time_embedding_type": "positional",
-    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-}
-# The google/ddpm-* scheduler_config.json (as published for ddpm-cat-256).
-GOOGLE_SCHEDULER = {
-    "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001, "clip_sample": True,
-    "num_train_timesteps": 1000, "trained_betas": None, "variance_type": "fixed_small",
-}
-# Small layouts our U-Net supports: class-conditional with diffusers' default embedding order (flip_sin_to_cos)
-# and symmetric padding; a 64x64, 4-level model with attention at two resolutions.
-CLASS_COND = {
-    "sample_size": 16, "in_channels": 3, "out_channels": 3, "block_out_channels": [32, 64, 64],
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1,
-    "downsample_padding": 1, "norm_eps": 1e-5, "freq_shift": 1, "flip_sin_to_cos": True, "attention_head_dim": None,
-    "num_class_embeds": 5,
-}
-SIZE64 = {
-    "sample_size": 64, "in_channels": 1, "out_channels": 1, "block_out_channels": [32, 32, 64, 64],
-    "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"], "layers_per_block": 1,
-    "downsample_padding": 0, "norm_eps": 1e-6, "freq_shift": 1, "flip_sin_to_cos": False, "attention_head_dim": None,
-}
 TOL = 1e-5  # fp32, largest absolute difference of the outputs (which are O(1))
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random non-zero weights everywhere (norm scales around 1), outputs of order 1."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            fan_in = p[0].numel() if p.ndim > 1 else 1
-            scale = 0.2 if p.ndim == 1 else fan_in**-0.5
-            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
-    return model.eval()
-
-
-def diffusers_unet(config: dict, seed: int = 0):
-    return randomize(diffusers.UNet2DModel(**{k: v for k, v in config.items() if not k.startswith("_")}), seed)
-
-
-def save_pipeline(unet, folder, scheduler: dict = GOOGLE_SCHEDULER):
-    diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**scheduler)).save_pretrained(folder)
-    return folder
 
 
 def imported(folder, null_label=None) -> DiffusionModule:
     return io.load_module(folder, null_label, channels_last=False)  # contiguous: PyTorch's own GroupNorm / convolutions
-
-
-def inputs(unet, n: int = 2, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    c, s = unet.config.in_channels, unet.config.sample_size
-    return torch.randn(n, c, s, s, generator=g), torch.tensor([0, 917, 443, 5][:n])
 
 
 def test_google_ddpm_cifar10_config_imports_to_the_same_function(tmp_path):
@@ -189,25 +138,6 @@ def test_exported_pipeline_samples_in_diffusers(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (2, 8, 8, 1) and images.min() >= 0 and images.max() <= 1
-
-
-class _Fixed(torch.nn.Module):
-    """A 'network' returning a fixed output, so one sampler step can be compared with diffusers' on equal terms."""
-
-    def __init__(self, out):
-        super().__init__()
-        self.out = out
-
-    def forward(self, x, t, **_):
-        return self.out
-
-
-class _Noise:
-    def __init__(self, z):
-        self.z = list(z)
-
-    def randn_like(self, x):
-        return self.z.pop(0)
 
 
 @pytest.mark.parametrize(
@@ -323,7 +253,7 @@ def hydra_run_cfg(overrides, output_dir):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from conftest import CONF
+    from helpers.config import CONF
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
@@ -378,7 +308,7 @@ def test_evaluate_init_from_samples_the_import(small_pipe, tmp_path, monkeypatch
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from conftest import CONF
+    from helpers.config import CONF
     from ddpm_lightning.tasks import evaluate
 
     folder, _ = small_pipe

@@ -12,10 +12,9 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from conftest import CONF, compose_cfg
+from helpers.config import compose_cfg
+from helpers.config import eval_cfg
 from ddpm_lightning import evaluation
 from ddpm_lightning import metrics as M
 from ddpm_lightning.tasks import evaluate, train
@@ -71,14 +70,6 @@ class Keep(L.Callback):
         Keep.fid = next(c for c in trainer.callbacks if type(c).__name__ == "FID")
 
 
-def eval_cfg(ckpt, out, *overrides):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        base = [
-            f"ckpt_path={ckpt}", f"output_dir={out}", "sampler=ddim", "sampler.steps=3", "num_samples=6",
-            "shard_size=2", "batch_size=2", "metrics=[]", "grid_size=4", "trainer.accelerator=cpu",
-        ]
-        return compose(config_name="evaluate", overrides=base + list(overrides))
 
 
 def test_fid_callback_logs_val_fid_and_keeps_best_checkpoint(run):

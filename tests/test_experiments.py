@@ -7,8 +7,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import CONF, compose_cfg
-from fake_datasets import make_celeba, make_cifar10, make_image_folder
+from helpers.config import CONF, compose_cfg
+from helpers.fake_datasets import make_celeba, make_cifar10, make_image_folder
 from ddpm_lightning.compose import build
 
 # controlnet_* need a trained base checkpoint: tests/test_controlnet.py builds and trains them on one.

@@ -10,12 +10,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import TINY, compose_cfg
+from helpers.config import TINY, compose_cfg
 from ddpm_lightning.tasks import train
-from quickstart_helpers import FlippedDigits
-from test_resume_exact import ENV, ROOT, RUN, _states
+from helpers.quickstart import FlippedDigits
+from helpers.resume import ENV, ROOT, RUN
+from helpers.resume import states as _states
 
-FLIPS = ["data._target_=quickstart_helpers.FlippedDigits"]  # RUN pins the CPU routes (kernels=off)
+FLIPS = ["data._target_=helpers.quickstart.FlippedDigits"]  # RUN pins the CPU routes (kernels=off)
 
 
 def _flipped(dm, x, seed=0, epoch=0, batch_idx=0, world=1, rank=0, training=True):
@@ -49,7 +50,7 @@ def test_sigkill_then_resume_with_random_flips_equals_uninterrupted_run(tmp_path
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY, *RUN, *FLIPS, f"paths.output_dir={killed}", f"hydra.run.dir={killed}",
-           "+callbacks.kill._target_=scaleout_helpers.KillAt", "+callbacks.kill.step=5"]
+           "+callbacks.kill._target_=helpers.scaleout.KillAt", "+callbacks.kill.step=5"]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-3000:]
     train(compose_cfg([*RUN, *FLIPS], killed))  # continues from its last.ckpt (step 4)

@@ -4,13 +4,13 @@ and unconditional eps and an exact p(y | x_t), so guided samplers can be checked
 import pytest
 import torch
 
-from conftest import compose_cfg
+from helpers.config import compose_cfg
 from ddpm_lightning.diffusion import schedules
 from ddpm_lightning.diffusion.denoiser import Denoiser
 from ddpm_lightning.diffusion.guidance import ClassifierFree, ClassifierGuidance, drop_labels, resolve_labels
 from ddpm_lightning.nets import EncoderClassifier, UNet
 from ddpm_lightning.diffusion.samplers import PerSampleNoise, ald, ddim, ddpm, dpmpp_2m, euler_ancestral, heun, ode, pc
-from oracles import GaussianMixtureClassifier, GaussianMixtureEps
+from helpers.oracles import GaussianMixtureClassifier, GaussianMixtureEps
 
 # Every sampler must work with every guidance wrapper: add new samplers here.
 SAMPLERS = [

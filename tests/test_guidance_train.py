@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import compose_cfg
+from helpers.config import compose_cfg
 from ddpm_lightning.loading import load_classifier
 from ddpm_lightning.loading import load_model
 from ddpm_lightning.tasks import train
@@ -63,7 +63,7 @@ def test_evaluate_samples_the_chosen_labels_with_guidance(runs, tmp_path):
 
     from ddpm_lightning.images import to_uint8
     from ddpm_lightning.tasks import evaluate
-    from test_evaluate import eval_cfg
+    from helpers.config import eval_cfg
 
     ckpt = runs / "cfg" / "checkpoints" / "last.ckpt"
     # the leading grid ends at t = 0: three steps of this briefly trained model from t = 999 clip every pixel,

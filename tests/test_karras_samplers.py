@@ -10,8 +10,8 @@ import torch
 
 from ddpm_lightning.diffusion import schedules
 from ddpm_lightning.diffusion.samplers import PerSampleNoise, check_compatible, ddim, dpmpp_2m, euler, euler_ancestral, heun
-from oracles import BatchNoise, GaussianMixture, MixtureDenoiser
-from test_score_samplers import MIXTURE, SCHEDULES, mixture_z_scores
+from helpers.oracles import BatchNoise, GaussianMixture, MixtureDenoiser
+from helpers.oracles import MIXTURE, SCHEDULES, mixture_z_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -208,7 +208,7 @@ def test_churn_and_ancestral_noise_still_sample_the_mixture():
 
 def test_quickstart_and_grids_sample_with_dpmpp_2m_10_steps():
     """The choice of benchmarks/sampler_nfe.py (README): DPM-Solver++(2M), 10 steps, for the quickstart and grids."""
-    from conftest import compose_cfg
+    from helpers.config import compose_cfg
 
     cfg = compose_cfg(["experiment=digits"], tiny=False)
     for sampler in (cfg.sampler, cfg.callbacks.samples.sampler):

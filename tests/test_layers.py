@@ -139,3 +139,25 @@ def test_functions_are_at_most_sixty_lines():
                 if fn.end_lineno - start + 1 > MAX_LINES and name not in LONG_OK:
                     long.append(f"{name} has {fn.end_lineno - start + 1} lines")
     assert not long, "\n".join(long)
+
+
+def _top_imports(path: Path) -> set[str]:
+    """The top-level names of the modules a file imports (absolute imports only)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_tests_share_helpers_not_each_other_and_benchmarks_import_no_test():
+    tests = PACKAGE.parent / "tests"
+    modules = {p.stem for p in tests.glob("*.py")}  # test files and conftest: never imported by name
+    for path in sorted(tests.rglob("*.py")):
+        wrong = _top_imports(path) & modules
+        assert not wrong, f"{path.relative_to(tests.parent)} imports {sorted(wrong)}: share code through tests/helpers/ or fixtures"
+    for path in sorted((PACKAGE.parent / "benchmarks").glob("*.py")):
+        assert '/ "tests"' not in path.read_text(), f"{path.name} puts tests/ on its path"
+        assert not _top_imports(path) & (modules | {"helpers"}), f"{path.name} imports from tests/"

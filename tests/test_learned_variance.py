@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from conftest import compose_cfg
+from helpers.config import compose_cfg
 from ddpm_lightning.diffusion import schedules
 from ddpm_lightning.diffusion.denoiser import Denoiser
 from ddpm_lightning.diffusion.guidance import ClassifierFree
@@ -18,7 +18,7 @@ from ddpm_lightning.diffusion.samplers import PerSampleNoise, check_compatible, 
 from ddpm_lightning.compose import build
 from ddpm_lightning.loading import load_model
 from ddpm_lightning.tasks import train
-from oracles import GaussianEps
+from helpers.oracles import GaussianEps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

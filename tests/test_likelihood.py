@@ -13,8 +13,8 @@ from ddpm_lightning.images import to_model_range
 from ddpm_lightning.diffusion.likelihood import discretized_gaussian_log_likelihood, ode_logp, prior_kl, vlb_terms
 from ddpm_lightning.diffusion.samplers import PerSampleNoise
 from ddpm_lightning.diffusion.samplers.score import time_range
-from oracles import GaussianEps, MixtureDenoiser
-from test_score_samplers import MIXTURE, SCHEDULES
+from helpers.oracles import GaussianEps, MixtureDenoiser
+from helpers.oracles import MIXTURE, SCHEDULES
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

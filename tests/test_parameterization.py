@@ -8,7 +8,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import compose_cfg
+from helpers.config import compose_cfg
 from ddpm_lightning.diffusion.denoiser import PARAMETERIZATIONS, Denoiser
 from ddpm_lightning.diffusion.losses import eps_mse
 

@@ -154,7 +154,7 @@ def test_fused_adam_trains_with_gradient_clipping(precision, tmp_path):
     # conf/module/diffusion.yaml's fused Adam with trainer.gradient_clip_val: the step sees clipped gradients
     import lightning as L
 
-    from conftest import compose_cfg
+    from helpers.config import compose_cfg
     from ddpm_lightning.compose import build
 
     cfg = compose_cfg([], tmp_path)

@@ -10,7 +10,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import CONF, compose_cfg
+from helpers.config import CONF, compose_cfg
 from ddpm_lightning.plots import data_images, forward_strip, reverse_chain
 from ddpm_lightning.compose import build
 from ddpm_lightning.tasks import evaluate, train

@@ -20,7 +20,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from conftest import CONF, TINY, compose_cfg
+from helpers.config import CONF, TINY, compose_cfg
 from ddpm_lightning import tasks
 from ddpm_lightning.benign_warnings import LOG_RECORDS, WARNINGS, filter_benign_messages
 from ddpm_lightning.compose import fit_attention, fit_model_to_data

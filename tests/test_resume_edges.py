@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, compose_cfg
+from helpers.config import TINY, compose_cfg
 from ddpm_lightning.runs import RunLock
 from ddpm_lightning.nets import routes
 from ddpm_lightning.tasks import train
@@ -62,7 +62,7 @@ def test_interrupt_saves_a_checkpoint_that_resumes_exactly(tmp_path, signum):
            "callbacks.checkpoint.every_n_train_steps=100", "kernels=off"]
     out = tmp_path / "interrupted"
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY, *run, "trainer.max_steps=-1", f"paths.output_dir={out}",
-           f"hydra.run.dir={out}", "+callbacks.signal._target_=signal_helpers.SignalAt", "+callbacks.signal.step=3",
+           f"hydra.run.dir={out}", "+callbacks.signal._target_=helpers.signals.SignalAt", "+callbacks.signal.step=3",
            f"+callbacks.signal.signum={signum}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert f"Interrupted ({'Ctrl-C' if signum == 'SIGINT' else signum}): saved" in proc.stderr, proc.stderr[-3000:]

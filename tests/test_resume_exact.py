@@ -8,28 +8,17 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY, compose_cfg
+from helpers.config import TINY, compose_cfg
+from helpers.resume import ENV, ROOT, RUN
+from helpers.resume import states as _states
 from ddpm_lightning.checkpointing import AtomicCheckpointIO
 from ddpm_lightning.runs import resume_checkpoint
 from ddpm_lightning.tasks import train
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-# 8 steps, checkpoints every 2, shuffled digits (101 batches an epoch: every kill is mid-epoch), dropout on;
-# kernels=off: the straight and the killed run are separate runs, each timing its own routes (a resumed run takes
-# its checkpoint's: test_resume_edges.py).
-RUN = ["trainer.max_steps=8", "trainer.deterministic=true", "model.dropout=0.1", "callbacks.samples.every_n_steps=0", "kernels=off"]
-
-
-def _states(ckpt: Path) -> dict:
-    c = torch.load(ckpt, weights_only=False)
-    return {"step": c["global_step"], "ema": c["state_dict"], "raw": c["current_model_state"],
-            "adam": c["optimizer_states"][0]["state"], "lr": c["lr_schedulers"][0]["last_epoch"]}
 
 
 @pytest.mark.slow
@@ -40,7 +29,7 @@ def test_sigkill_then_automatic_resume_equals_uninterrupted_run(tmp_path):
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY, *RUN, f"paths.output_dir={killed}", f"hydra.run.dir={killed}",
-           "+callbacks.kill._target_=scaleout_helpers.KillAt", "+callbacks.kill.step=5"]
+           "+callbacks.kill._target_=helpers.scaleout.KillAt", "+callbacks.kill.step=5"]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-3000:]  # died by SIGKILL after step 5 (last checkpoint: step 4)
     assert torch.load(killed / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 4

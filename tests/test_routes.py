@@ -241,7 +241,7 @@ def test_old_kernel_switches_in_a_model_config_are_accepted():
 
 def test_the_run_setting_kernels_reaches_the_routes(monkeypatch):
     """conf `kernels` (train.yaml / evaluate.yaml, default $DDPM_LIGHTNING_KERNELS or auto) is applied by tasks."""
-    from conftest import compose_cfg
+    from helpers.config import compose_cfg
     from ddpm_lightning.tasks import speed_settings
 
     monkeypatch.setitem(routes._settings, "mode", "auto")
@@ -291,7 +291,7 @@ def test_a_run_trained_with_kernels_off_resumes_with_them_off(monkeypatch):
 
 
 def test_precision_auto_is_bf16_mixed_on_a_bf16_gpu_and_fp32_elsewhere(monkeypatch):
-    from conftest import compose_cfg
+    from helpers.config import compose_cfg
     from ddpm_lightning.compose import auto_precision, resolve_precision
 
     assert compose_cfg().trainer.precision == "auto"  # the default

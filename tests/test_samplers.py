@@ -7,7 +7,7 @@ from ddpm_lightning.diffusion import schedules
 from ddpm_lightning.diffusion.denoiser import Denoiser
 from ddpm_lightning.nets import UNet
 from ddpm_lightning.diffusion.samplers import PerSampleNoise, ddim, ddpm
-from oracles import GaussianEps
+from helpers.oracles import GaussianEps
 
 MEAN, STD = 0.3, 0.5
 N, DIM = 500, 64  # 32,000 values: standard error of the std about 0.002

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY, compose_cfg
+from helpers.config import TINY, compose_cfg
 from ddpm_lightning.tasks import train
 
 TINY_NO_SAMPLER = [o for o in TINY if not o.startswith("sampler")]  # the tiny run, without its DDIM sampler

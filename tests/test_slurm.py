@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY
+from helpers.config import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -78,7 +78,7 @@ def test_sbatch_train_finishes_and_writes_checkpoint(slurm, tmp_path):
 def test_sigusr1_requeues_and_the_job_resumes_by_itself(slurm, tmp_path):
     run_args = [*TINY, f"paths.log_dir={tmp_path}", "trainer.max_steps=40", "trainer.val_check_interval=20",
                 "callbacks.samples.every_n_steps=0", "callbacks.checkpoint.every_n_train_steps=5",
-                "+callbacks.slow._target_=scaleout_helpers.SlowSteps", "+callbacks.slow.seconds=0.1"]
+                "+callbacks.slow._target_=helpers.scaleout.SlowSteps", "+callbacks.slow.seconds=0.1"]
     job = _sbatch(slurm, tmp_path / "job.out", "slurm/train.sbatch", *run_args)
     run = tmp_path / "runs" / f"slurm-{job}"
     deadline = time.monotonic() + 180
@@ -121,7 +121,7 @@ def test_hydra_multirun_sweep_on_slurm_runs_every_job(slurm, tmp_path):
 
 
 def test_sbatch_evaluate_samples_a_checkpoint(slurm, tmp_path):
-    from conftest import compose_cfg
+    from helpers.config import compose_cfg
     from ddpm_lightning.tasks import train
 
     train(compose_cfg(["trainer.max_steps=2", "callbacks.samples.every_n_steps=0"], tmp_path / "run"))

@@ -20,8 +20,8 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import CONF, compose_cfg
-from fake_datasets import make_cifar10
+from helpers.config import CONF, compose_cfg
+from helpers.fake_datasets import make_cifar10
 from ddpm_lightning.loading import load_model
 from ddpm_lightning.tasks import evaluate, train
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import compose_cfg
+from helpers.config import compose_cfg
 from ddpm_lightning.data import ToyDataModule
 from ddpm_lightning.nets import MLP
 from ddpm_lightning.compose import build
@@ -142,7 +142,7 @@ def test_evaluate_refuses_a_toy_checkpoint(tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from conftest import CONF
+    from helpers.config import CONF
     from ddpm_lightning.tasks import evaluate
 
     train(compose_cfg(["experiment=toy2d", *FAST, "trainer.max_steps=1", "callbacks.samples.every_n_steps=0"], tmp_path, tiny=False))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import compose_cfg
+from helpers.config import compose_cfg
 from ddpm_lightning.training.callbacks import EMA
 from ddpm_lightning.compose import build
 from ddpm_lightning.loading import load_model

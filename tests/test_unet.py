@@ -6,7 +6,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import compose_cfg
+from helpers.config import compose_cfg
 from ddpm_lightning.nets import UNet
 from ddpm_lightning.nets.unet import timestep_embedding
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import nn
 
 from ddpm_lightning.diffusion.denoiser import Denoiser
+from ddpm_lightning.diffusion import schedules
 from ddpm_lightning.diffusion.schedules import expand_as
 
 
@@ -142,3 +144,35 @@ class GaussianMixtureClassifier(nn.Module):
 
     def forward(self, x, label):
         return self.mixture.log_posterior(x, label).to(x.dtype)
+
+
+MIXTURE = GaussianMixture(
+    weights=[0.5, 0.3, 0.2],
+    means=[[-1.0, 0.0], [1.0, 0.5], [0.2, -1.2]],
+    covs=[[[0.09, 0.03], [0.03, 0.06]], [[0.04, 0.0], [0.0, 0.12]], [[0.06, -0.02], [-0.02, 0.05]]],
+)
+
+
+SCHEDULES = {
+    "linear": schedules.linear,
+    "ncsn": functools.partial(schedules.ncsn, sigma_max=3.0, sigma_min=0.01, L=10),  # sigma_1 > the largest distance
+    "ncsn_fine": functools.partial(schedules.ncsn, sigma_max=3.0, sigma_min=0.01, L=100),  # for one PC step per level
+    "vp_sde": schedules.VPSDE,
+    "subvp_sde": schedules.SubVPSDE,
+    "ve_sde": functools.partial(schedules.VESDE, sigma_max=5.0),
+}
+
+
+def mixture_z_scores(x: torch.Tensor) -> torch.Tensor:
+    """z-scores of the weights, means and covariances estimated with the true responsibilities r_k: for exact
+    samples E[r_k] = w_k, E[r_k x] = w_k m_k and E[r_k (x - m_k)(x - m_k)^T] = w_k S_k, so each statistic is
+    a mean of per-sample terms whose standard error is known from the sample."""
+    x = x.double()
+    r = MIXTURE.responsibilities(x)
+    terms, targets = [r], [MIXTURE.w.expand(len(x), -1)]
+    for k in range(3):
+        d = x - MIXTURE.m[k]
+        terms += [r[:, k : k + 1] * d, (r[:, k, None, None] * d[:, :, None] * d[:, None, :]).flatten(1)[:, [0, 1, 3]]]
+        targets += [torch.zeros(len(x), 2, dtype=torch.float64), (MIXTURE.w[k] * MIXTURE.S[k]).flatten()[[0, 1, 3]].expand(len(x), -1)]
+    terms, targets = torch.cat(terms, 1), torch.cat(targets, 1)
+    return (terms.mean(0) - targets[0]) / (terms.std(0) / len(x) ** 0.5)

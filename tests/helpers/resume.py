@@ -1,0 +1,24 @@
+"""What the resume tests share: the repository root, the subprocesses' environment, the run and its states."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+
+# 8 steps, checkpoints every 2, shuffled digits (101 batches an epoch: every kill is mid-epoch), dropout on;
+# kernels=off: the straight and the killed run are separate runs, each timing its own routes (a resumed run takes
+# its checkpoint's: test_resume_edges.py).
+RUN = ["trainer.max_steps=8", "trainer.deterministic=true", "model.dropout=0.1", "callbacks.samples.every_n_steps=0", "kernels=off"]
+
+def states(ckpt: Path) -> dict:
+    c = torch.load(ckpt, weights_only=False)
+    return {"step": c["global_step"], "ema": c["state_dict"], "raw": c["current_model_state"],
+            "adam": c["optimizer_states"][0]["state"], "lr": c["lr_schedulers"][0]["last_epoch"]}
+
+
