@@ -70,7 +70,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = load_model(args.ckpt)
     results = {}
-    for name, (fn, kw) in samplers(args.nfe, hasattr(model.schedule, "betas")).items():
+    for name, (fn, kw) in samplers(args.nfe, model.schedule.discrete).items():
         if name in args.skip.split(","):
             continue
         counting = CountingDenoiser(model.denoiser)

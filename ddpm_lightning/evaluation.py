@@ -150,7 +150,7 @@ def _nll(cfg: DictConfig, module: DiffusionModule, data: torch.Tensor) -> dict[s
 
     estimators = cfg.nll.get("estimators")
     if estimators is None:  # every estimator that applies: the bound needs DDPM's discrete buffers
-        estimators = ["vlb", "ode"] if hasattr(module.schedule, "betas") else ["ode"]
+        estimators = ["vlb", "ode"] if module.schedule.discrete else ["ode"]
     with fixed_weights():  # the weights do not change: each layer's Winograd kernels transformed once
         values = bits_per_dim(
             module, data, estimators=list(estimators), seed=cfg.seed_offset, batch_size=cfg.nll.batch_size,

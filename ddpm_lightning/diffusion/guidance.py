@@ -109,7 +109,7 @@ class ClassifierFree(Guided):
 class ClassifierGuidance(Guided):
     """Dhariwal & Nichol 2021 §4 (eq. 14, Algorithm 2): eps~ = eps - scale sigma(t) grad_x log p_phi(y | x_t, t).
 
-    `classifier` is a network called as classifier(x_t, schedule.net_label(t)) -> logits (a checkpoint written by
+    `classifier` is a network called as classifier(x_t, c_noise(t)) -> logits (a checkpoint written by
     `experiment=classifier_digits` is loaded by `ddpm_lightning.loading.classifier_guidance`). `conditional`: pass the labels on to the diffusion
     model too (None: whenever it is class-conditional); False guides its unconditional (null-label) output."""
 
@@ -126,7 +126,7 @@ class ClassifierGuidance(Guided):
         """grad_x log p_phi(y | x_t, t), per example."""
         with torch.enable_grad():
             x_in = x.detach().requires_grad_(True)
-            logits = self.classifier(x_in, self.schedule.net_label(t.expand(x.shape[0])))
+            logits = self.classifier(x_in, self.c_noise(t.expand(x.shape[0])))
             log_p = F.log_softmax(logits.float(), -1).gather(1, y[:, None]).sum()
             return torch.autograd.grad(log_p, x_in)[0].to(x.dtype)
 

@@ -14,13 +14,14 @@ from torch import Tensor
 
 from ddpm_lightning.batch import unpack
 from ddpm_lightning.diffusion.denoiser import Denoiser
+from ddpm_lightning.diffusion.grids import time_range
 from ddpm_lightning.diffusion.samplers.ddpm import (
     eps_and_v,
     p_mean_log_variance,
     posterior_mean,
 )
 from ddpm_lightning.diffusion.samplers.noise import PerSampleNoise
-from ddpm_lightning.diffusion.samplers.score import dopri5, probability_flow, time_range
+from ddpm_lightning.diffusion.samplers.score import dopri5, probability_flow
 from ddpm_lightning.diffusion.schedules import expand_as
 from ddpm_lightning.images import to_uint8
 
@@ -91,8 +92,7 @@ def vlb_terms(
     network's (Nichol & Dhariwal 2021 eq. 15, "learned"); at t = 1 the fixed ones are beta~_2, as in the
     official code."""
     schedule = denoiser.schedule
-    missing = [a for a in ("betas", "posterior_mean_coef1", "posterior_log_variance_clipped") if not hasattr(schedule, a)]
-    if missing:
+    if not schedule.discrete:
         raise ValueError(
             f"the variational bound needs a discrete DDPM schedule (schedule=linear or cosine); {type(schedule).__name__}"
             " has none. Use the probability-flow ODE estimator (estimators=['ode'])."
@@ -107,7 +107,7 @@ def vlb_terms(
         t = torch.full((B,), i, device=x0.device, dtype=torch.long)
         x_t = schedule.q_sample(x0, t, noise.randn_like(x0))
         eps, v = eps_and_v(denoiser, x_t, t, variance)
-        mean, log_var = p_mean_log_variance(denoiser, schedule, x_t, t, t, eps, v, variance, clip_denoised)
+        mean, log_var, _ = p_mean_log_variance(denoiser, schedule, x_t, t, t, eps, v, variance, clip_denoised)
         term = vlb_term(schedule, x0, x_t, t, mean, log_var).double()
         if i > 0:
             L_mid += term
@@ -146,7 +146,7 @@ def ode_logp(
     probability-flow ODE f~ from t_min to T (adaptive RK45), with one fixed Hutchinson probe per example.
     Returns log p per example (nats) and the number of network evaluations."""
     schedule = denoiser.schedule
-    if not hasattr(schedule, "sde"):
+    if not schedule.has_sde:
         raise ValueError(
             f"the ODE likelihood needs a schedule with an SDE (linear, cosine, vp_sde, subvp_sde, ve_sde); "
             f"{type(schedule).__name__} has none"

@@ -63,7 +63,7 @@ def diffusion_losses(
         raise ValueError(f"module.loss={loss} trains learned variances: it needs model.learn_sigma=true")
     mse = (eps - eps_hat).float().pow(2).flatten(1).mean(1)
     mean_eps = eps_hat.detach() if loss == "hybrid" else eps_hat
-    mean, log_var = p_mean_log_variance(denoiser, schedule, x_t, t, t, mean_eps.float(), v, variance, False)
+    mean, log_var, _ = p_mean_log_variance(denoiser, schedule, x_t, t, t, mean_eps.float(), v, variance, False)
     vlb = schedule.T * vlb_term(schedule, x0.float(), x_t.float(), t, mean, log_var) / (x0[0].numel() * math.log(2))
     return {"mse": mse, "vlb": vlb, "loss": vlb if loss == "vlb" else mse + hybrid_lambda * vlb}
 

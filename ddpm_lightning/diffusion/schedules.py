@@ -10,11 +10,29 @@ DDPM's discrete time uses 0-based indices: index i is the paper's t = i + 1.
 
 from __future__ import annotations
 
+import abc
 import math
 
-import numpy as np
 import torch
 from torch import Tensor, nn
+
+from ddpm_lightning.diffusion.grids import (  # noqa: F401 - also re-exported under their old home
+    DEFAULT_SPACING,
+    DISCRETE_SPACINGS,
+    NOISE_LEVEL_RANGE_SPACINGS,
+    SPACING_ALIASES,
+    check_spacing,
+    discrete_spacing,
+    index_timesteps,
+    karras_sigmas,
+    leading_timesteps,
+    linspace_timesteps,
+    log_snr_sigmas,
+    noise_levels,
+    quadratic_timesteps,
+    time_range,
+    trailing_timesteps,
+)
 
 
 def expand_as(v: Tensor, x: Tensor) -> Tensor:
@@ -46,77 +64,8 @@ def cosine_betas(T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> Te
     return (1 - abar[1:] / abar[:-1]).clamp(max=max_beta)
 
 
-# Discrete time grids: which `steps` of the T step indices a sampler visits (Lin et al. 2024, "Common diffusion noise
-# schedules and sample steps are flawed", Table 2, names them). "uniform", the only even spacing before these names,
-# was i * (T // steps), i.e. "leading": old configs and checkpoints that say `spacing: uniform` sample as before.
-DISCRETE_SPACINGS = ("trailing", "leading", "linspace", "quadratic")
-SPACING_ALIASES = {"uniform": "leading"}
-DEFAULT_SPACING = "trailing"
-
-
-def trailing_timesteps(T: int, steps: int) -> list[int]:
-    """Lin et al. 2024 Table 2, "trailing": t_i = round(T - i T / steps) - 1, i = 0 .. steps - 1. Starts at T - 1 for
-    every steps; consecutive entries are T / steps >= 1 apart, so all are distinct. Computed as diffusers'
-    timestep_spacing="trailing" does (numpy's float arange, rounded half to even), so a tie such as 937.5 lands
-    where diffusers' does; unlike diffusers' arange, which can overshoot to an extra index -1, it stops at `steps`."""
-    return [int(v) - 1 for v in np.arange(T, 0, -T / steps).round()[:steps]]
-
-
-def leading_timesteps(T: int, steps: int) -> list[int]:
-    """Lin et al. 2024 Table 2, "leading" (diffusers' default timestep_spacing, steps_offset 0; DDIM's code's
-    uniform skip): t_i = i (T // steps), i = steps - 1 .. 0. Starts at (steps - 1)(T // steps), which is T - 1 only
-    when steps = T; for steps > T / 2 it is steps - 1, the middle of the chain."""
-    return [i * (T // steps) for i in range(steps - 1, -1, -1)]
-
-
-def linspace_timesteps(T: int, steps: int) -> list[int]:
-    """Lin et al. 2024 Table 2, "linspace": t_i = round(i (T - 1) / (steps - 1)), i = steps - 1 .. 0: both T - 1 and
-    0. Computed as diffusers' timestep_spacing="linspace" does (numpy's float linspace, rounded half to even), so an
-    exact tie such as 499.5 lands where diffusers' does. One step is [T - 1] (diffusers' would be [0])."""
-    if steps == 1:
-        return [T - 1]
-    return [int(v) for v in np.linspace(0, T - 1, steps).round()[::-1]]
-
-
-def quadratic_timesteps(T: int, steps: int) -> list[int]:
-    """Song, Meng & Ermon 2021 (DDIM) App. D.2, CIFAR-10's quadratic grid as in their code: tau_i = floor(c i^2),
-    c = 0.8 T / (steps - 1)^2 (computed exactly), dense near t = 0 and topping at floor(0.8 T). Where the floor
-    repeats an index (small i), tau_i is lifted to tau_{i-1} + 1, so the grid has exactly `steps` distinct entries
-    (at most max(steps - 1, floor(0.8 T)) <= T - 1). One step is [floor(0.8 T)]."""
-    top = 4 * T // 5
-    if steps == 1:
-        return [top]
-    seq: list[int] = []
-    for i in range(steps):
-        tau = 4 * T * i * i // (5 * (steps - 1) ** 2)
-        seq.append(tau if not seq or tau > seq[-1] else seq[-1] + 1)
-    return seq[::-1]
-
-
-_GRIDS = {"trailing": trailing_timesteps, "leading": leading_timesteps, "linspace": linspace_timesteps,
-          "quadratic": quadratic_timesteps}
-
-
-def discrete_spacing(spacing: str) -> str:
-    """The canonical name of a discrete spacing ("uniform" -> "leading"); refuses an unknown one."""
-    name = SPACING_ALIASES.get(spacing, spacing)
-    if name not in _GRIDS:
-        raise ValueError(
-            f"sampler.spacing={spacing!r} must be one of {DISCRETE_SPACINGS} (or 'uniform', the old name of 'leading')"
-        )
-    return name
-
-
-def index_timesteps(T: int, steps: int | None = None, spacing: str = DEFAULT_SPACING) -> list[int]:
-    """`steps` distinct, decreasing indices of T discrete steps (all of them for None), spaced by `spacing`:
-    trailing (the default; starts at T - 1), leading, linspace or quadratic (see their functions)."""
-    name = discrete_spacing(spacing)
-    if steps is None:
-        return list(range(T - 1, -1, -1))
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
-        raise ValueError(f"sampler.steps={steps!r} must lie in [1, schedule.T={T}] (an integer)")
-    return _GRIDS[name](T, steps)
-
+# The grids moved to grids.py; their names stay importable from here for old code.
+SPACINGS = NOISE_LEVEL_RANGE_SPACINGS  # the noise-level spacings under their old name (grids.SPACINGS is the vocabulary)
 
 def gaussian_logp(z: Tensor, std: float) -> Tensor:
     """log N(z; 0, std^2 I), summed over all but the batch dimension."""
@@ -124,66 +73,48 @@ def gaussian_logp(z: Tensor, std: float) -> Tensor:
     return -0.5 * z.flatten(1).double().pow(2).sum(1) / std**2 - d * (math.log(std) + 0.5 * math.log(2 * math.pi))
 
 
-def time_range(schedule) -> tuple[float, float]:
-    """(T, t_min): the first and last of the schedule's timesteps, where the samplers start and stop."""
-    ts = schedule.timesteps(None)
-    return float(ts[0]), float(ts[-1])
-
-
-SPACINGS = ("karras", "log_snr", "uniform")
-
-
-def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> Tensor:
-    """Karras et al. 2022 eq. 5: sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,
-    i = 0 .. N - 1 (float64)."""
-    i = torch.linspace(0, 1, steps, dtype=torch.float64)
-    return (sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-
-
-def log_snr_sigmas(sigma_min: float, sigma_max: float, steps: int) -> Tensor:
-    """Levels uniform in lambda = log(alpha / sigma) = -log(sigma / alpha) (Lu et al. 2022, DPM-Solver's
-    "logSNR" spacing): geometric from sigma_max to sigma_min."""
-    return torch.logspace(math.log10(sigma_max), math.log10(sigma_min), steps, dtype=torch.float64)
-
-
-def check_spacing(steps: int, spacing: str, rho: float) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"sampler.steps={steps!r} must be an integer >= 1")
-    if spacing not in SPACINGS:
-        raise ValueError(f"sampler.spacing={spacing!r} must be one of {SPACINGS}")
-    if not rho > 0:
-        raise ValueError(f"sampler.rho={rho} must be positive (Karras et al. use 7)")
-
-
-def noise_levels(schedule, steps: int, spacing: str = "karras", rho: float = 7.0) -> Tensor:
-    """The noise levels (sigma / alpha, float64) of a `steps`-step sampler: sigma_0 = sigma_max, ..., sigma_{N-1} =
-    sigma_min of the schedule (its noise_level at the first and last of its timesteps), then sigma_N = 0, the
-    data. spacing: "uniform" in the schedule's time t, "log_snr" uniform in lambda, or "karras" (rho)."""
-    check_spacing(steps, spacing, rho)
-    t_max, t_min = time_range(schedule)
-    device = next(schedule.buffers(), torch.empty(0)).device
-    ends = schedule.noise_level(torch.tensor([t_max, t_min], dtype=torch.float64, device=device)).double().cpu()
-    sigma_max, sigma_min = ends.tolist()
-    if steps == 1:
-        levels = ends[:1]
-    elif spacing == "karras":
-        levels = karras_sigmas(sigma_min, sigma_max, steps, rho)
-    elif spacing == "log_snr":
-        levels = log_snr_sigmas(sigma_min, sigma_max, steps)
-    else:
-        levels = schedule.noise_level(torch.linspace(t_max, t_min, steps, dtype=torch.float64, device=device)).double().cpu()
-    levels[0], levels[-1] = sigma_max, (sigma_min if steps > 1 else sigma_max)
-    return torch.cat([levels, levels.new_zeros(1)])
-
-
 def _check_T(T: int) -> None:
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise ValueError(f"schedule.T={T!r} must be a positive integer")
 
 
-class Schedule(nn.Module):
-    """The forward process x_t = alpha(t) x_0 + sigma(t) eps shared by every method (Song et al. 2021 §3.4); a subclass
-    gives alpha, sigma, net_label, sample_t, timesteps and, where it has one, the prior's scale."""
+class Schedule(nn.Module, abc.ABC):
+    """The forward process x_t = alpha(t) x_0 + sigma(t) eps shared by every method (Song et al. 2021 §3.4).
+
+    The declared interface (as score_sde's abstract `SDE` class): a subclass gives `alpha`, `sigma`, `net_label`,
+    `sample_t` and `timesteps`, and says what more it has by three class attributes that samplers, losses and
+    the likelihood read instead of probing: `discrete` (DDPM's buffers `betas`, `posterior_*` under their paper
+    names, and `respace`), `has_sde` (`sde(x, t)`, the forward SDE whose marginals these are) and `continuous`
+    (t is a real time in [t_min, 1], not a step index)."""
+
+    discrete: bool = False
+    has_sde: bool = False
+    continuous: bool = False
+
+    @abc.abstractmethod
+    def alpha(self, t: Tensor) -> Tensor:
+        """The signal scale alpha(t) of x_t."""
+
+    @abc.abstractmethod
+    def sigma(self, t: Tensor) -> Tensor:
+        """The noise scale sigma(t) of x_t."""
+
+    @abc.abstractmethod
+    def net_label(self, t: Tensor) -> Tensor:
+        """The time label the network was trained with at t (the preconditioning's c_noise, `Denoiser.c_noise`)."""
+
+    @abc.abstractmethod
+    def sample_t(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+        """Training times, one per example."""
+
+    @abc.abstractmethod
+    def timesteps(self, steps: int | None = None, spacing: str = DEFAULT_SPACING) -> list:
+        """Decreasing times of a `steps`-step time grid (grids.py), all of them for None."""
+
+    def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(drift f(x, t), diffusion g(t) [B]) of the forward SDE dx = f dt + g dw (Song et al. 2021 eq. 5); only
+        where `has_sde`."""
+        raise NotImplementedError(f"{type(self).__name__} has no SDE (has_sde = False)")
 
     def q_sample(self, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """x_t = alpha(t) x_0 + sigma(t) eps (Ho et al. eq. 4 for DDPM)."""
@@ -218,6 +149,9 @@ class Schedule(nn.Module):
 class DiscreteSchedule(Schedule):
     """DDPM's discrete forward process, Ho et al. 2020 eq. 4:
     q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I), with the buffers of §3 under their paper names."""
+
+    discrete = True
+    has_sde = True
 
     def __init__(self, betas: Tensor):
         super().__init__()
@@ -408,6 +342,7 @@ class ContinuousSchedule(Schedule):
     Training draws t ~ U(t_eps, 1); samplers integrate from t = 1 down to t_min."""
 
     continuous = True
+    has_sde = True
 
     def __init__(self, t_min: float, t_eps: float = 1e-5):
         super().__init__()

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ddpm_lightning import registry
 from ddpm_lightning.checkpointing import load_file
-from ddpm_lightning.diffusion.schedules import DEFAULT_SPACING, discrete_spacing
+from ddpm_lightning.diffusion.grids import DEFAULT_SPACING, discrete_spacing
 from ddpm_lightning.loading import load_model
 from ddpm_lightning.nets.unet import UNet
 from ddpm_lightning.training.module import DiffusionModule

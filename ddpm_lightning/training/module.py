@@ -153,12 +153,12 @@ class DiffusionModule(ImageModule):
         self.net = registry.build(net, "net", where="module.net")
         self.schedule = registry.build(schedule, "schedule", where="module.schedule")
         self.sampler: Callable = registry.build(sampler, "sampler", where="module.sampler")
-        if learn_sigma and not hasattr(self.schedule, "posterior_log_variance_clipped"):
+        if learn_sigma and not self.schedule.discrete:
             raise ValueError(
                 f"model.learn_sigma=true interpolates between beta_t and beta~_t of a discrete DDPM schedule "
                 f"(schedule=linear or cosine); {type(self.schedule).__name__} has none"
             )
-        if loss == "vlb" and not hasattr(self.schedule, "posterior_log_variance_clipped"):
+        if loss == "vlb" and not self.schedule.discrete:
             raise ValueError(
                 f"module.loss=vlb is the variational bound of a discrete DDPM schedule (schedule=linear, cosine or "
                 f"scaled_linear); {type(self.schedule).__name__} has none. Use module.loss=simple"

@@ -1,28 +1,34 @@
 """Samplers of the discrete-time family: DDPM ancestral sampling and DDIM.
 
-Plain functions of (denoiser, x_T, noise): they read alpha, sigma and the DDPM
-buffers from `denoiser.schedule` and never branch on the method.
+Plain functions of (denoiser, x_T, noise): they take their time grid from `grids.grid` (or `ts` handed in), read
+alpha, sigma and the DDPM buffers from `denoiser.schedule` and never branch on the method.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from ddpm_lightning.diffusion.denoiser import Denoiser, interpolated_log_variance
+from ddpm_lightning.diffusion.grids import (
+    DEFAULT_SPACING,
+    DISCRETE_SPACINGS,
+    LEVEL_SPACINGS,
+    grid,
+)
 from ddpm_lightning.diffusion.samplers.noise import PerSampleNoise
-from ddpm_lightning.diffusion.schedules import DEFAULT_SPACING, expand_as
+from ddpm_lightning.diffusion.samplers.report import report
+from ddpm_lightning.diffusion.schedules import expand_as
 
 VARIANCES = ("fixed_large", "fixed_small", "learned")
 
 
-def _require(schedule, attrs: tuple[str, ...], sampler: str) -> None:
-    missing = [a for a in attrs if not hasattr(schedule, a)]
-    if missing:
+def _require_discrete(schedule, sampler: str) -> None:
+    if not getattr(schedule, "discrete", False):  # the declared `Schedule.discrete`; an undeclared object is not
         raise ValueError(
-            f"sampler={sampler} needs a schedule with {', '.join(missing)} "
+            f"sampler={sampler} needs a schedule with betas, posterior_mean_coef1 and posterior_variance "
             f"(a discrete DDPM schedule); {type(schedule).__name__} has none. Choose another sampler."
         )
 
@@ -48,14 +54,14 @@ def reverse_log_variance(schedule, t: Tensor, variance: str, like: Tensor, v: Te
 def p_mean_log_variance(
     denoiser: Denoiser, process, x: Tensor, t: Tensor, i: Tensor, eps: Tensor, v: Tensor | None, variance: str,
     clip_denoised: bool,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """Mean and log-variance of p(x_{t-1} | x_t) = N(mu~_t(x_t, x_0(x_t, eps)), sigma_t^2) (Ho et al. 2020 eq. 11;
     Nichol & Dhariwal 2021 eq. 15): the network at step t, the process's buffers at its index i (i = t unless
-    respaced)."""
+    respaced); and the x_0 prediction it used."""
     x0 = denoiser.x0_from_eps(x, t, eps)
     if clip_denoised:
         x0 = x0.clamp(-1, 1)
-    return posterior_mean(process, i, x0, x), reverse_log_variance(process, i, variance, x, v)
+    return posterior_mean(process, i, x0, x), reverse_log_variance(process, i, variance, x, v), x0
 
 
 def eps_and_v(denoiser: Denoiser, x: Tensor, t: Tensor, variance: str, **cond) -> tuple[Tensor, Tensor | None]:
@@ -67,12 +73,12 @@ def eps_and_v(denoiser: Denoiser, x: Tensor, t: Tensor, variance: str, **cond) -
     return denoiser.eps(x, t, **cond), None
 
 
-def respaced(schedule, steps: int | None, spacing: str = DEFAULT_SPACING) -> tuple[list[int], object]:
-    """The increasing indices S a sampler visits and the process on them (Nichol & Dhariwal 2021 §4); all T
-    indices and the schedule itself when steps is None or T."""
-    if steps is None or steps == schedule.T:
-        return list(range(schedule.T)), schedule
-    ts = schedule.timesteps(steps, spacing)[::-1]
+def respaced(schedule, ts: Sequence[int]) -> tuple[list[int], object]:
+    """The increasing indices S of the decreasing grid `ts` and the process on them (Nichol & Dhariwal 2021 §4);
+    the schedule itself when `ts` is all T indices."""
+    ts = [int(t) for t in ts][::-1]
+    if ts == list(range(schedule.T)):
+        return ts, schedule
     return ts, schedule.respace(ts)
 
 
@@ -85,31 +91,39 @@ def ddpm(
     clip_denoised: bool = True,
     steps: int | None = None,
     spacing: str = DEFAULT_SPACING,
-    callback: Callable[[int, Tensor], None] | None = None,
+    ts: Sequence[int] | None = None,
+    callback: Callable[..., None] | None = None,
     **cond,
 ) -> Tensor:
     """Ho et al. 2020 Algorithm 2: x_{t-1} = mu~_t(x_t, x_0(x_t)) + sigma_t z, with the posterior mean of eq. 7
     and sigma_t^2 = beta_t ("fixed_large", the paper's CIFAR-10 choice), beta~_t ("fixed_small") or the
     network's interpolation of the two (Nichol & Dhariwal 2021 eq. 15, "learned"). With `steps` < T, the
-    respaced process on `steps` of the T indices (Nichol & Dhariwal §4; its own beta_t and beta~_t)."""
-    check_ddpm(denoiser.schedule, variance, steps, spacing)
-    ts, process = respaced(denoiser.schedule, steps, spacing)
+    respaced process on `steps` of the T indices (Nichol & Dhariwal §4; its own beta_t and beta~_t), or on the
+    step indices `ts` handed in (decreasing)."""
+    check_ddpm(denoiser.schedule, variance, steps, spacing, ts)
+    ts, process = respaced(denoiser.schedule, grid(denoiser.schedule, steps, spacing) if ts is None else ts)
     for k in reversed(range(len(ts))):
         t = torch.full((x.shape[0],), ts[k], device=x.device, dtype=torch.long)
         eps, v = eps_and_v(denoiser, x, t, variance, **cond)
-        mean, log_var = p_mean_log_variance(denoiser, process, x, t, torch.full_like(t, k), eps, v, variance, clip_denoised)
+        mean, log_var, x0 = p_mean_log_variance(denoiser, process, x, t, torch.full_like(t, k), eps, v, variance, clip_denoised)
         x = mean + log_var.mul(0.5).exp() * noise.randn_like(x) if k > 0 else mean
-        if callback is not None:
-            callback(k, x)
+        report(callback, k, x, x0)
     return x
 
 
-def check_ddpm(schedule, variance: str = "fixed_large", steps: int | None = None, spacing: str = DEFAULT_SPACING, **_) -> None:
-    _require(schedule, ("betas", "posterior_mean_coef1", "posterior_variance"), "ddpm")
+def check_ddpm(schedule, variance: str = "fixed_large", steps: int | None = None, spacing: str = DEFAULT_SPACING,
+               ts: Sequence[int] | None = None, **_) -> None:
+    _require_discrete(schedule, "ddpm")
     if variance not in VARIANCES:
         raise ValueError(f"sampler.variance={variance!r} must be one of {VARIANCES}")
-    if steps is not None:
-        schedule.timesteps(steps, spacing)
+    if spacing in LEVEL_SPACINGS and ts is None and steps is not None:
+        raise ValueError(f"sampler.spacing={spacing!r} gives fractional steps; ddpm respaces on step indices: use one of {DISCRETE_SPACINGS}")
+    if ts is None:
+        grid(schedule, steps, spacing)
+    elif any(int(t) != t for t in ts):
+        raise ValueError(f"sampler.ts={list(ts)} must be step indices (integers) for ddpm")
+    else:
+        schedule.respace(sorted(int(t) for t in ts))
 
 
 ddpm.check = check_ddpm
@@ -123,16 +137,18 @@ def ddim(
     steps: int = 50,
     eta: float = 0.0,
     spacing: str = DEFAULT_SPACING,
+    ts: Sequence[float] | None = None,
     clip_denoised: bool = False,
-    callback: Callable[[int, Tensor], None] | None = None,
+    callback: Callable[..., None] | None = None,
     **cond,
 ) -> Tensor:
     """Song, Meng & Ermon 2021 eq. 12: x_s = alpha_s x_0 + sqrt(sigma_s^2 - c^2) eps + c z, with
-    c = eta sigma_s sqrt(1 - (alpha_t sigma_s / (alpha_s sigma_t))^2) (eq. 16; eta = 1 is DDPM with beta~)."""
+    c = eta sigma_s sqrt(1 - (alpha_t sigma_s / (alpha_s sigma_t))^2) (eq. 16; eta = 1 is DDPM with beta~), on the
+    decreasing times `ts` (default: `grids.grid(schedule, steps, spacing)`)."""
     if eta < 0:
         raise ValueError(f"sampler.eta={eta} must be non-negative")
     schedule = denoiser.schedule
-    ts = schedule.timesteps(steps, spacing)
+    ts = grid(schedule, steps, spacing) if ts is None else list(ts)
     one = torch.ones((), device=x.device)
     for k, t_now in enumerate(ts):
         t = torch.full((x.shape[0],), t_now, device=x.device)
@@ -151,15 +167,15 @@ def ddim(
         x = alpha_s * x0 + (sigma_s**2 - c**2).clamp(min=0).sqrt() * eps
         if k + 1 < len(ts) and eta > 0:
             x = x + c * noise.randn_like(x)
-        if callback is not None:
-            callback(k, x)
+        report(callback, k, x, x0)
     return x
 
 
-def check_ddim(schedule, steps: int = 50, eta: float = 0.0, spacing: str = DEFAULT_SPACING, **_) -> None:
+def check_ddim(schedule, steps: int = 50, eta: float = 0.0, spacing: str = DEFAULT_SPACING, ts=None, **_) -> None:
     if eta < 0:
         raise ValueError(f"sampler.eta={eta} must be non-negative")
-    schedule.timesteps(steps, spacing)
+    if ts is None:
+        grid(schedule, steps, spacing)
 
 
 ddim.check = check_ddim

@@ -3,9 +3,9 @@ al. 2022 (EDM: Heun, Euler, stochastic churn) with an Euler ancestral variant.
 
 They work on any schedule in its EDM form: x^ = x_t / alpha(t) = x_0 + s eps with the noise level
 s = sigma(t) / alpha(t) (`Schedule.noise_level`), whose probability-flow ODE is dx^/ds = (x^ - D(x^; s)) / s with
-D the denoiser's x_0 prediction (Karras et al. eq. 3 with their s(t) = 1, sigma(t) = t). The schedule maps a
-level back to its time (`Schedule.t_of_noise_level`) for the network. The grid s_0 = sigma_max > ... >
-s_{N-1} = sigma_min > s_N = 0 comes from `schedules.noise_levels` (steps, spacing, rho) or is passed in as
+D the denoiser's x_0 prediction (Karras et al. eq. 3 with their s(t) = 1, sigma(t) = t). The preconditioning
+(`D` and `scaling` of denoiser.py) maps a level back to its time and scale for the network. The grid s_0 > ... >
+s_{N-1} > s_N = 0 comes from the one `grids.grid(schedule, steps, spacing, rho, levels=True)` or is passed in as
 `sigmas`, so a solver never knows how it was chosen. Network evaluations: N for dpmpp_2m, euler and
 euler_ancestral; 2N - 1 for heun (its last step, to s = 0, is an Euler step).
 """
@@ -18,44 +18,30 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ddpm_lightning.diffusion.denoiser import Denoiser
+from ddpm_lightning.diffusion.denoiser import D, Denoiser, scaling
+from ddpm_lightning.diffusion.grids import check_sigmas, check_spacing, grid
 from ddpm_lightning.diffusion.samplers.noise import PerSampleNoise
-from ddpm_lightning.diffusion.schedules import check_spacing, expand_as, noise_levels
+from ddpm_lightning.diffusion.samplers.report import report
 
 CHURN_OPTIONS = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 
 
-def grid(schedule, steps: int = 10, spacing: str = "karras", rho: float = 7.0, sigmas: Sequence[float] | None = None) -> list[float]:
-    """The noise levels a sampler visits: `sigmas` as given (decreasing, ending at 0), else `noise_levels`."""
-    if sigmas is None:
-        return noise_levels(schedule, steps, spacing, rho).tolist()
-    sigmas = [float(s) for s in sigmas]
-    if len(sigmas) < 2 or sigmas[-1] != 0 or any(a <= b for a, b in zip(sigmas, sigmas[1:])):
-        raise ValueError(f"sampler.sigmas={sigmas} must be at least two strictly decreasing noise levels ending at 0")
-    return sigmas
+def levels(schedule, steps: int = 10, spacing: str = "karras", rho: float = 7.0, sigmas: Sequence[float] | None = None) -> list[float]:
+    """The noise levels a sampler visits: `sigmas` as handed in (decreasing, ending at 0), else the one
+    `grids.grid(schedule, steps, spacing, rho, levels=True)`."""
+    return grid(schedule, steps, spacing, rho, levels=True) if sigmas is None else check_sigmas(sigmas)
 
 
-def _time(schedule, sigma: float, x: Tensor) -> Tensor:
-    """The schedule's time of noise level sigma, as a [B] tensor."""
-    return schedule.t_of_noise_level(torch.tensor(sigma, dtype=torch.float64, device=x.device)).expand(x.shape[0])
-
-
-def edm_denoise(denoiser: Denoiser, x: Tensor, sigma: float, clip_denoised: bool = False, **cond) -> Tensor:
-    """Karras et al. 2022 eq. 2's D(x^; sigma): the x_0 prediction at x_t = alpha(t) x^, t = t_of_noise_level(sigma)."""
-    t = _time(denoiser.schedule, sigma, x)
-    x0 = denoiser.x0(expand_as(denoiser.schedule.alpha(t), x) * x, t, **cond)
+def _denoise(denoiser: Denoiser, x: Tensor, sigma: float, clip_denoised: bool = False, **cond) -> Tensor:
+    """The denoiser's D(x^; sigma) (Karras et al. 2022 eq. 2), clipped to [-1, 1] with clip_denoised."""
+    x0 = D(denoiser, x, sigma, **cond)
     return x0.clamp(-1, 1) if clip_denoised else x0
 
 
-def _start(denoiser: Denoiser, x: Tensor, sigmas: list[float]) -> Tensor:
-    """x^ = x_T / alpha(T) at the first level."""
-    return x / expand_as(denoiser.schedule.alpha(_time(denoiser.schedule, sigmas[0], x)), x)
-
-
-def _report(callback, k: int, denoiser: Denoiser, x: Tensor, sigma: float) -> None:
-    """callback(k, x_t) with x_t = alpha(t) x^ at the level just reached (x^ itself at sigma = 0, the data)."""
+def _report(callback, k: int, denoiser: Denoiser, x: Tensor, sigma: float, denoised: Tensor | None) -> None:
+    """callback(k, x_t) with x_t = s(t) x^ at the level just reached (x^ itself at sigma = 0, the data)."""
     if callback is not None:
-        callback(k, x if sigma == 0 else expand_as(denoiser.schedule.alpha(_time(denoiser.schedule, sigma, x)), x) * x)
+        report(callback, k, x if sigma == 0 else scaling(denoiser.schedule, sigma, x) * x, denoised)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -81,11 +67,11 @@ def dpmpp_2m(
     first order, i.e. a DDIM (eta = 0) step; the last, to s = 0, returns the x0 prediction. Deterministic:
     `noise` is not used."""
     check_dpmpp_2m(denoiser.schedule, steps=steps, spacing=spacing, rho=rho, sigmas=sigmas)
-    sigmas = grid(denoiser.schedule, steps, spacing, rho, sigmas)
-    x = _start(denoiser, x, sigmas)
+    sigmas = levels(denoiser.schedule, steps, spacing, rho, sigmas)
+    x = x / scaling(denoiser.schedule, sigmas[0], x)  # x^ = x_T / s(T)
     x0_prev, h_prev = None, None
     for k, (s, s_next) in enumerate(zip(sigmas, sigmas[1:])):
-        x0 = edm_denoise(denoiser, x, s, clip_denoised, **cond)
+        x0 = _denoise(denoiser, x, s, clip_denoised, **cond)
         if s_next == 0:
             x = x0
         else:
@@ -93,7 +79,7 @@ def dpmpp_2m(
             d = x0 if x0_prev is None else (1 + h / (2 * h_prev)) * x0 - h / (2 * h_prev) * x0_prev
             x = (s_next / s) * x - math.expm1(-h) * d
             x0_prev, h_prev = x0, h
-        _report(callback, k, denoiser, x, s_next)
+        _report(callback, k, denoiser, x, s_next, x0)
     return x
 
 
@@ -112,8 +98,10 @@ dpmpp_2m.check = check_dpmpp_2m
 
 def _check_grid(schedule, steps, spacing, rho, sigmas) -> None:
     check_spacing(steps, spacing, rho)
-    if sigmas is not None:
-        grid(schedule, steps, spacing, rho, sigmas)
+    if sigmas is None:
+        grid(schedule, steps, spacing, rho, levels=True)
+    else:
+        check_sigmas(sigmas)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -133,20 +121,21 @@ def _edm_steps(
 ) -> Tensor:
     """Karras et al. 2022 Algorithm 2 (Algorithm 1 when s_churn = 0): raise the level to s^ by adding noise,
     then an Euler step from s^ to s_{i+1}, corrected with the trapezoidal rule (Heun) unless s_{i+1} = 0."""
-    sigmas = grid(denoiser.schedule, steps, spacing, rho, sigmas)
-    x = _start(denoiser, x, sigmas)
+    sigmas = levels(denoiser.schedule, steps, spacing, rho, sigmas)
+    x = x / scaling(denoiser.schedule, sigmas[0], x)  # x^ = x_T / s(T)
     n = len(sigmas) - 1
     for k, (s, s_next) in enumerate(zip(sigmas, sigmas[1:])):
         s_hat = _churn(s, n, s_churn, s_tmin, s_tmax, sigmas[0])
         if s_hat > s:
             x = x + math.sqrt(s_hat**2 - s**2) * s_noise * noise.randn_like(x)
-        d = (x - edm_denoise(denoiser, x, s_hat, clip_denoised, **cond)) / s_hat
+        x0 = _denoise(denoiser, x, s_hat, clip_denoised, **cond)
+        d = (x - x0) / s_hat
         x_next = x + (s_next - s_hat) * d
         if second_order and s_next > 0:
-            d_next = (x_next - edm_denoise(denoiser, x_next, s_next, clip_denoised, **cond)) / s_next
+            d_next = (x_next - _denoise(denoiser, x_next, s_next, clip_denoised, **cond)) / s_next
             x_next = x + (s_next - s_hat) * 0.5 * (d + d_next)
         x = x_next
-        _report(callback, k, denoiser, x, s_next)
+        _report(callback, k, denoiser, x, s_next, x0)
     return x
 
 
@@ -235,16 +224,16 @@ def euler_ancestral(
     s_i^2)). With eta = 1 a step is DDIM's eta = 1 step (the DDPM posterior with beta~, Song et al. 2021 eq. 16) on
     this grid; eta = 0 is Euler."""
     check_euler_ancestral(denoiser.schedule, steps=steps, spacing=spacing, rho=rho, sigmas=sigmas, eta=eta, s_noise=s_noise)
-    sigmas = grid(denoiser.schedule, steps, spacing, rho, sigmas)
-    x = _start(denoiser, x, sigmas)
+    sigmas = levels(denoiser.schedule, steps, spacing, rho, sigmas)
+    x = x / scaling(denoiser.schedule, sigmas[0], x)  # x^ = x_T / s(T)
     for k, (s, s_next) in enumerate(zip(sigmas, sigmas[1:])):
-        x0 = edm_denoise(denoiser, x, s, clip_denoised, **cond)
+        x0 = _denoise(denoiser, x, s, clip_denoised, **cond)
         s_up = min(s_next, eta * s_next * math.sqrt(max(0.0, 1 - s_next**2 / s**2)))
         s_down = math.sqrt(s_next**2 - s_up**2)
         x = x0 + (s_down / s) * (x - x0)  # the Euler step x + (s_down - s) (x - x0) / s
         if s_up > 0:
             x = x + s_up * s_noise * noise.randn_like(x)
-        _report(callback, k, denoiser, x, s_next)
+        _report(callback, k, denoiser, x, s_next, x0)
     return x
 
 

@@ -2,7 +2,8 @@
 probability-flow ODE.
 
 Like `ddpm` / `ddim` they are plain functions of (denoiser, x_T, noise): they ask the denoiser for the
-score / x_0 and the schedule for alpha(t), sigma(t), `timesteps` and, where an SDE is needed, `sde(x, t)`.
+score / x_0, take their times from `grids.grid` (or `ts` handed in) and ask the schedule for alpha(t), sigma(t)
+and, where an SDE is needed, `sde(x, t)` (`Schedule.has_sde`).
 They work for every schedule that has what they use; `check` refuses the others before any compute.
 Where a step needs the transition q(x_t | x_s) = N(a x_s, v I) of the forward process, it is read off
 the marginals: a = alpha_t / alpha_s, v = sigma_t^2 - a^2 sigma_s^2 (true for every linear SDE).
@@ -10,14 +11,18 @@ the marginals: a = alpha_t / alpha_s, v = sigma_t^2 - a^2 sigma_s^2 (true for ev
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from ddpm_lightning.diffusion.denoiser import Denoiser
+from ddpm_lightning.diffusion.grids import DEFAULT_SPACING, grid, time_range
 from ddpm_lightning.diffusion.samplers.noise import PerSampleNoise
+from ddpm_lightning.diffusion.samplers.report import report
 from ddpm_lightning.diffusion.schedules import expand_as
+
+__all__ = ["ald", "ode", "pc", "time_range"]  # time_range: grids.time_range, importable from here as before
 
 PREDICTORS = ("reverse_diffusion", "euler_maruyama", "ancestral", "none")
 CORRECTORS = ("langevin", "none")
@@ -25,7 +30,7 @@ ODE_METHODS = ("rk45", "heun", "euler")
 
 
 def _require_sde(schedule, what: str) -> None:
-    if not hasattr(schedule, "sde"):
+    if not getattr(schedule, "has_sde", False):  # the declared `Schedule.has_sde`; an undeclared object has none
         raise ValueError(
             f"{what} needs a schedule with an SDE (schedule=linear, cosine, vp_sde, subvp_sde or ve_sde); "
             f"{type(schedule).__name__} has none. Choose sampler=ald, sampler=ddim or a pc predictor other than "
@@ -42,12 +47,6 @@ def _transition(schedule, t: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
     """(a, v) of q(x_t | x_s) = N(a x_s, v I), s < t."""
     a = schedule.alpha(t) / schedule.alpha(s)
     return a, (schedule.sigma(t) ** 2 - a**2 * schedule.sigma(s) ** 2).clamp(min=0)
-
-
-def time_range(schedule) -> tuple[float, float]:
-    """(T, t_min): where the samplers start and stop on this schedule."""
-    ts = schedule.timesteps(None)
-    return float(ts[0]), float(ts[-1])
 
 
 def probability_flow(denoiser: Denoiser, x: Tensor, t: Tensor, **cond) -> Tensor:
@@ -68,17 +67,19 @@ def ald(
     n_steps_each: int = 100,
     step_lr: float = 2e-5,
     levels: int | None = None,
+    spacing: str = DEFAULT_SPACING,
+    ts: Sequence[float] | None = None,
     denoise: bool = True,
-    callback: Callable[[int, Tensor], None] | None = None,
+    callback: Callable[..., None] | None = None,
     **cond,
 ) -> Tensor:
     """Song & Ermon 2019 Algorithm 1: at each level sigma_i, T steps x <- x + alpha_i/2 s(x, sigma_i) + sqrt(alpha_i) z
     with alpha_i = eps sigma_i^2 / sigma_L^2 (written here with step = alpha_i / 2, as the official code:
-    x + step s + sqrt(2 step) z). `levels` < L visits that many levels from sigma_1 down (the schedule's default
-    spacing, trailing); sigma_L stays the schedule's smallest level. `denoise` adds NCSNv2's final Tweedie step x + sigma_L^2 s(x, sigma_L)."""
-    check_ald(denoiser.schedule, n_steps_each=n_steps_each, step_lr=step_lr, levels=levels)
+    x + step s + sqrt(2 step) z). `levels` < L visits that many levels from sigma_1 down on the grid `spacing`
+    (`grids.grid`; or the levels `ts` handed in); sigma_L stays the schedule's smallest level. `denoise` adds NCSNv2's final Tweedie step x + sigma_L^2 s(x, sigma_L)."""
+    check_ald(denoiser.schedule, n_steps_each=n_steps_each, step_lr=step_lr, levels=levels, spacing=spacing, ts=ts)
     schedule = denoiser.schedule
-    ts = schedule.timesteps(levels)
+    ts = grid(schedule, levels, spacing) if ts is None else list(ts)
     # The paper's sigma_L is the schedule's smallest level, so a level's step size is the same whichever levels run.
     sigma_L = schedule.sigma(_times(x[:1], time_range(schedule)[1]).to(torch.long))[0]
     for k, t_now in enumerate(ts):
@@ -86,13 +87,14 @@ def ald(
         step = expand_as(step_lr * (schedule.sigma(t) / sigma_L) ** 2, x)
         for _ in range(n_steps_each):
             x = x + step * denoiser.score(x, t, **cond) + (2 * step).sqrt() * noise.randn_like(x)
-        if callback is not None:
-            callback(k, x)
+        report(callback, k, x)
     return denoiser.x0(x, t, **cond) if denoise else x
 
 
-def check_ald(schedule, n_steps_each: int = 100, step_lr: float = 2e-5, levels: int | None = None, **_) -> None:
-    schedule.timesteps(levels)
+def check_ald(schedule, n_steps_each: int = 100, step_lr: float = 2e-5, levels: int | None = None,
+              spacing: str = DEFAULT_SPACING, ts=None, **_) -> None:
+    if ts is None:
+        grid(schedule, levels, spacing)
     if n_steps_each < 1:
         raise ValueError(f"sampler.n_steps_each={n_steps_each} must be positive")
     if step_lr <= 0:
@@ -157,16 +159,20 @@ def pc(
     corrector: str = "langevin",
     snr: float = 0.16,
     n_corrector: int = 1,
+    spacing: str = DEFAULT_SPACING,
+    ts: Sequence[float] | None = None,
     denoise: bool = True,
-    callback: Callable[[int, Tensor], None] | None = None,
+    callback: Callable[..., None] | None = None,
     **cond,
 ) -> Tensor:
     """Song et al. 2021 Algorithms 2-3 (predictor-corrector): at each of `steps` times, n_corrector Langevin
     steps, then one predictor step to the next time; `denoise` ends with Tweedie's x_0 at t_min.
-    predictor="none" with corrector="langevin" is annealed Langevin with the snr step rule."""
-    check_pc(denoiser.schedule, steps=steps, predictor=predictor, corrector=corrector, snr=snr, n_corrector=n_corrector)
+    predictor="none" with corrector="langevin" is annealed Langevin with the snr step rule. The times: `grids.grid(
+    schedule, steps, spacing)`, or `ts` handed in."""
+    check_pc(denoiser.schedule, steps=steps, predictor=predictor, corrector=corrector, snr=snr, n_corrector=n_corrector,
+             spacing=spacing, ts=ts)
     schedule = denoiser.schedule
-    ts = schedule.timesteps(steps)
+    ts = grid(schedule, steps, spacing) if ts is None else list(ts)
     for k, t_now in enumerate(ts):
         t = _times(x, t_now)
         s = _times(x, ts[k + 1]) if k + 1 < len(ts) else None
@@ -177,13 +183,12 @@ def pc(
                 x = langevin(denoiser, x, t, snr, alpha, noise, **cond)
         if s is not None and predictor != "none":
             x = _PREDICTOR_STEPS[predictor](denoiser, x, t, s, noise, **cond)
-        if callback is not None:
-            callback(k, x)
+        report(callback, k, x)
     return denoiser.x0(x, t, **cond) if denoise else x
 
 
 def check_pc(schedule, steps: int = 1000, predictor: str = "reverse_diffusion", corrector: str = "langevin",
-             snr: float = 0.16, n_corrector: int = 1, **_) -> None:
+             snr: float = 0.16, n_corrector: int = 1, spacing: str = DEFAULT_SPACING, ts=None, **_) -> None:
     if predictor not in PREDICTORS:
         raise ValueError(f"sampler.predictor={predictor!r} must be one of {PREDICTORS}")
     if corrector not in CORRECTORS:
@@ -194,7 +199,8 @@ def check_pc(schedule, steps: int = 1000, predictor: str = "reverse_diffusion", 
         raise ValueError(f"sampler.snr={snr} and sampler.n_corrector={n_corrector} must be positive")
     if predictor == "euler_maruyama":
         _require_sde(schedule, "sampler=pc with sampler.predictor=euler_maruyama")
-    schedule.timesteps(steps)  # steps valid for this schedule
+    if ts is None:
+        grid(schedule, steps, spacing)  # steps and spacing valid for this schedule
 
 
 pc.check = check_pc
@@ -272,16 +278,18 @@ def ode(
     steps: int = 100,
     rtol: float = 1e-5,
     atol: float = 1e-5,
+    spacing: str = DEFAULT_SPACING,
+    ts: Sequence[float] | None = None,
     denoise: bool = True,
-    callback: Callable[[int, Tensor], None] | None = None,
+    callback: Callable[..., None] | None = None,
     **cond,
 ) -> Tensor:
     """Song et al. 2021 eq. 13: integrate the probability-flow ODE from t = T down to t_min, with adaptive RK45
-    (rtol, atol) or fixed Heun / Euler steps on `steps` times; `denoise` ends with Tweedie's x_0 at t_min.
-    Deterministic: `noise` is not used."""
-    check_ode(denoiser.schedule, method=method, steps=steps, rtol=rtol, atol=atol)
+    (rtol, atol) or fixed Heun / Euler steps on the times `grids.grid(schedule, steps, spacing)` (or `ts` handed in;
+    rk45 runs over the schedule's whole time range); `denoise` ends with Tweedie's x_0 at the last. Deterministic: `noise` is not used."""
+    check_ode(denoiser.schedule, method=method, steps=steps, rtol=rtol, atol=atol, spacing=spacing, ts=ts)
     schedule = denoiser.schedule
-    ts = schedule.timesteps(steps)
+    ts = grid(schedule, steps, spacing) if ts is None else list(ts)
     drift = lambda y, t: probability_flow(denoiser, y, t, **cond)  # noqa: E731
     if method == "rk45":
         x, _ = dopri5(drift, x, *time_range(schedule), rtol, atol, callback=callback)
@@ -292,19 +300,20 @@ def ode(
             d = drift(x, t)
             x_euler = x + dt * d
             x = x_euler if method == "euler" else x + dt * 0.5 * (d + drift(x_euler, s))
-            if callback is not None:
-                callback(k, x)
+            report(callback, k, x)
     t = _times(x, float(ts[-1]))
     return denoiser.x0(x, t, **cond) if denoise else x
 
 
-def check_ode(schedule, method: str = "rk45", steps: int = 100, rtol: float = 1e-5, atol: float = 1e-5, **_) -> None:
+def check_ode(schedule, method: str = "rk45", steps: int = 100, rtol: float = 1e-5, atol: float = 1e-5,
+              spacing: str = DEFAULT_SPACING, ts=None, **_) -> None:
     if method not in ODE_METHODS:
         raise ValueError(f"sampler.method={method!r} must be one of {ODE_METHODS}")
     if rtol <= 0 or atol <= 0:
         raise ValueError(f"sampler.rtol={rtol} and sampler.atol={atol} must be positive")
     _require_sde(schedule, "sampler=ode")
-    schedule.timesteps(steps)
+    if ts is None:
+        grid(schedule, steps, spacing)
 
 
 ode.check = check_ode
