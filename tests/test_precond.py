@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracles import BatchNoise, GaussianMixture, MixtureDenoiser
+from helpers.oracles import BatchNoise, GaussianMixture, MixtureDenoiser
 
 from ddpm_lightning.diffusion import grids, schedules
 from ddpm_lightning.diffusion.denoiser import (
