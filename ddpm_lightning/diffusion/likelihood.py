@@ -216,21 +216,11 @@ def bits_per_dim(
             x = x.to(device)
             if tuple(x.shape[1:]) != tuple(model.image_shape):
                 raise ValueError(f"data images have shape {tuple(x.shape[1:])}, the model expects {model.image_shape}")
-            k = to_uint8(x).float()
-            x = k / 127.5 - 1  # exactly on the 8-bit grid
-            dims = x[0].numel() * math.log(2)
             seeds = range(seed + n, seed + n + x.shape[0])
-            if "vlb" in estimators:
-                terms = vlb_terms(denoiser, x, PerSampleNoise(seeds, device), vlb_variance)
-                for name, v in terms.items():
-                    sums[f"vlb/{name}"] = sums.get(f"vlb/{name}", 0.0) + (v / dims).sum().item()
-                sums["vlb/bpd"] = sums.get("vlb/bpd", 0.0) + (sum(terms.values()) / dims).sum().item()
-            if "ode" in estimators:
-                noise = PerSampleNoise(seeds, device)
-                x_deq = (k + _uniform(noise, x)) / 128 - 1
-                logp, nfe = ode_logp(denoiser, x_deq, noise, trace, rtol, atol)
-                sums["ode/bpd"] = sums.get("ode/bpd", 0.0) + (-logp / dims + 7).sum().item()
-                nfe_total += nfe
+            bits, nfe = _batch_bits(denoiser, x, seeds, estimators, vlb_variance, trace, rtol, atol)
+            for name, v in bits.items():
+                sums[name] = sums.get(name, 0.0) + v
+            nfe_total += nfe
             n += x.shape[0]
             batches += 1
     finally:
@@ -241,6 +231,25 @@ def bits_per_dim(
     if "ode" in estimators:
         out["ode/nfe"] = nfe_total / batches
     return out
+
+
+def _batch_bits(denoiser, x: Tensor, seeds: range, estimators: Sequence[str], vlb_variance: str, trace: str,
+                rtol: float, atol: float) -> tuple[dict[str, float], int]:
+    """The summed bits/dim of one batch under each estimator of `bits_per_dim`, and the ODE's evaluations."""
+    k = to_uint8(x).float()
+    x = k / 127.5 - 1  # exactly on the 8-bit grid
+    dims = x[0].numel() * math.log(2)
+    sums, nfe = {}, 0
+    if "vlb" in estimators:
+        terms = vlb_terms(denoiser, x, PerSampleNoise(seeds, x.device), vlb_variance)
+        sums = {f"vlb/{name}": (v / dims).sum().item() for name, v in terms.items()}
+        sums["vlb/bpd"] = (sum(terms.values()) / dims).sum().item()
+    if "ode" in estimators:
+        noise = PerSampleNoise(seeds, x.device)
+        x_deq = (k + _uniform(noise, x)) / 128 - 1
+        logp, nfe = ode_logp(denoiser, x_deq, noise, trace, rtol, atol)
+        sums["ode/bpd"] = (-logp / dims + 7).sum().item()
+    return sums, nfe
 
 
 def _uniform(noise: PerSampleNoise, x: Tensor) -> Tensor:
