@@ -69,7 +69,13 @@ def sample_shard(
                 cond["labels"] = [labels[s] for s in seeds]
             if hints is not None:
                 cond["hint"] = hints(seeds).to(module.device)
-            out.append(to_uint8(module.sample(seeds, sampler=sampler, **cond)).cpu())
+            x = module.sample(seeds, sampler=sampler, **cond)
+            if not torch.isfinite(x).all():  # would be written as black images
+                raise FloatingPointError(
+                    f"the samples of seeds {seeds[0]}..{seeds[-1]} are not finite (NaN or inf): check the checkpoint's "
+                    "weights (ckpt_path) and the sampler and guidance settings"
+                )
+            out.append(to_uint8(x).cpu())
             nfe = calls[0]
             if pbar is not None:
                 pbar.update(len(seeds))

@@ -12,6 +12,7 @@ model's learned variance (Nichol & Dhariwal 2021) through unchanged.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -90,6 +91,8 @@ class ClassifierFree(Guided):
 
     def __init__(self, denoiser: Denoiser, w: float = 1.0):
         super().__init__(denoiser)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"guidance.w={w!r} must be a finite number")
         if num_classes_of(denoiser) is None:
             raise ValueError("classifier-free guidance needs a class-conditional model: set model.num_classes")
         self.w = float(w)

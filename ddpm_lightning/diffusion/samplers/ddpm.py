@@ -6,6 +6,7 @@ buffers from `denoiser.schedule` and never branch on the method.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -129,8 +130,8 @@ def ddim(
 ) -> Tensor:
     """Song, Meng & Ermon 2021 eq. 12: x_s = alpha_s x_0 + sqrt(sigma_s^2 - c^2) eps + c z, with
     c = eta sigma_s sqrt(1 - (alpha_t sigma_s / (alpha_s sigma_t))^2) (eq. 16; eta = 1 is DDPM with beta~)."""
-    if eta < 0:
-        raise ValueError(f"sampler.eta={eta} must be non-negative")
+    if not 0 <= eta < math.inf:
+        raise ValueError(f"sampler.eta={eta} must be a finite non-negative number")
     schedule = denoiser.schedule
     ts = schedule.timesteps(steps, spacing)
     one = torch.ones((), device=x.device)
@@ -157,8 +158,8 @@ def ddim(
 
 
 def check_ddim(schedule, steps: int = 50, eta: float = 0.0, spacing: str = DEFAULT_SPACING, **_) -> None:
-    if eta < 0:
-        raise ValueError(f"sampler.eta={eta} must be non-negative")
+    if not 0 <= eta < math.inf:
+        raise ValueError(f"sampler.eta={eta} must be a finite non-negative number")
     schedule.timesteps(steps, spacing)
 
 
