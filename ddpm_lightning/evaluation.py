@@ -393,11 +393,23 @@ def _scorer(plan: EvalPlan, device: torch.device) -> tuple[M.Scorer, dict]:
 
 
 def _claim_output_dir(out: Path, fingerprint: dict) -> None:
-    """Create the output folder and write its fingerprint; refuse a folder holding samples of another one."""
+    """Create the output folder and write its fingerprint. Shards already there are continued only under the same
+    fingerprint (without one they may be any model's) and with the model's image shape; a folder without shards
+    (e.g. of a run that failed before sampling) is taken over."""
     (out / "shards").mkdir(parents=True, exist_ok=True)
     fp_file = out / "fingerprint.json"
-    if fp_file.is_file() and json.loads(fp_file.read_text()) != json.loads(json.dumps(fingerprint)):
+    shards = sorted(p for p in (out / "shards").glob("seeds_*.npz") if ".tmp" not in p.name)
+    if shards and not fp_file.is_file():
+        raise ValueError(f"output_dir={out} holds {len(shards)} sample shards but no {fp_file.name}, so they may be "
+                         "another model's samples; choose another output_dir")
+    if shards and json.loads(fp_file.read_text()) != json.loads(json.dumps(fingerprint)):
         raise ValueError(f"{out} holds samples of another model or sampler (see {fp_file}); choose another output_dir")
+    for path in shards:
+        with np.load(path) as f:
+            shape = tuple(f["images"].shape[1:])
+        if shape != tuple(fingerprint["image_shape"]):
+            raise ValueError(f"output_dir={out}: {path.name} holds images of shape {shape}, the model samples "
+                             f"{tuple(fingerprint['image_shape'])}; choose another output_dir")
     fp_file.write_text(json.dumps(fingerprint, indent=2))
 
 
