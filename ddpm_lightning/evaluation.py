@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ddpm_lightning import metrics as M
 from ddpm_lightning import registry
 from ddpm_lightning.batch import unpack
-from ddpm_lightning.checkpointing import file_sha256
+from ddpm_lightning.checkpointing import file_sha256, write_error
 from ddpm_lightning.compose import build
 from ddpm_lightning.control import module as control_lib
 from ddpm_lightning.diffusion import guidance as guidance_lib
@@ -87,8 +87,12 @@ def sample_shard(
 def save_shard(path: Path, images: np.ndarray, first: int, end: int, nfe: int) -> None:
     """Write a shard atomically: a crash mid-write leaves no shard, never a truncated one."""
     tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, images=images, seeds=np.arange(first, end), nfe=nfe)
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, images=images, seeds=np.arange(first, end), nfe=nfe)
+        os.replace(tmp, path)
+    except OSError as e:  # e.g. a full disk: no partial file left behind
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e) from e
 
 
 def load_shard(path: Path, first: int, end: int) -> tuple[np.ndarray, int]:
