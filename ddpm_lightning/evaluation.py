@@ -189,9 +189,12 @@ def _reference(cfg: DictConfig, extractor, names: list[str], datamodule: Callabl
 
 
 def _check(cfg: DictConfig, names: list[str]) -> None:
-    for key in ("num_samples", "batch_size", "shard_size"):
-        if int(cfg[key]) < 1:
-            raise ValueError(f"{key}={cfg[key]} must be positive")
+    for key in ("num_samples", "batch_size", "shard_size", "seed_offset"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "seed_offset" else 1):
+            raise ValueError(f"{key}={value!r} must be a {'non-negative' if key == 'seed_offset' else 'positive'} integer")
+    if not isinstance(cfg.get("use_ema"), bool):
+        raise ValueError(f"use_ema={cfg.get('use_ema')!r} must be true or false")
     M.features_for(names, str(cfg.inception.feature))
     n = cfg.num_samples
     if "isc" in names and n < cfg.isc_splits:

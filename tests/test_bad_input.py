@@ -15,6 +15,7 @@ from helpers.config import compose_cfg, eval_cfg
 from ddpm_lightning import evaluation
 from ddpm_lightning.data import ImageFolderDataModule
 from ddpm_lightning.data.base import BadImage
+from ddpm_lightning.diffusion.guidance import resolve_labels
 from ddpm_lightning.compose import build
 from ddpm_lightning.tasks import evaluate, train
 
@@ -112,3 +113,25 @@ def test_non_finite_samples_stop_the_evaluation_instead_of_writing_black_images(
     with pytest.raises(FloatingPointError, match=r"samples of seeds 0..1 are not finite"):
         evaluate(eval_cfg(tmp_path / "nan.ckpt", tmp_path / "eval", "num_samples=2"))
     assert not list((tmp_path / "eval" / "shards").glob("*.npz"))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["sampler.steps=2.5"], "sampler.steps=2.5 must be int"),
+        (["sampler.steps=abc"], "sampler.steps='abc' must be int"),
+        (["num_samples=2.5"], "num_samples=2.5 must be a positive integer"),
+        (["num_samples=abc"], "num_samples='abc' must be a positive integer"),
+        (["guidance=classifier_free", "guidance.w=abc", "labels=[0]"], "guidance.w='abc' must be a finite number"),
+        (["use_ema=maybe"], "use_ema='maybe' must be true or false"),
+    ],
+)
+def test_evaluation_settings_of_the_wrong_type_name_the_key_before_sampling(tiny_run, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        evaluation.make_plan(eval_cfg(tiny_run[1], tmp_path / "eval", *overrides))
+
+
+@pytest.mark.parametrize("labels", [["abc"], [1.5], [10], [3, -1], [True]])
+def test_labels_that_are_not_class_indices_are_refused_before_sampling(labels):
+    with pytest.raises(ValueError, match=r"labels=\[.*\]: .* is not a class index in \[0, 9\]"):
+        resolve_labels(labels, 4, 10)

@@ -53,7 +53,10 @@ def resolve_labels(labels, n: int, num_classes: int | None) -> tuple[list[int] |
             raise ValueError(f"labels={labels!r} must be 'all', a list of class indices or null")
         per = max(1, n // num_classes)
         return [k for k in range(num_classes) for _ in range(per)], per
-    labels = [int(v) for v in labels]
+    for v in labels:  # before any compute: a label out of range would fail only at sampling, 1.5 would be read as 1
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < num_classes:
+            raise ValueError(f"labels={list(labels)!r}: {v!r} is not a class index in [0, {num_classes - 1}] (the model's num_classes)")
+    labels = list(labels)
     if not labels:
         raise ValueError("labels=[] is empty: give class indices, 'all' or null")
     return [labels[i % len(labels)] for i in range(n)], None
