@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,20 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", key: str = "ckp
     return ckpt
 
 
+def write_error(path: str | Path, error: BaseException, note: str = "") -> OSError:
+    """A failed write of `path` (a full disk, a quota) as one error naming the file, the cause and the free space."""
+    if isinstance(error, OSError) and error.strerror:
+        cause = error.strerror
+    else:
+        lines = str(error).strip().splitlines()
+        cause = f"{type(error).__name__}: {lines[-1] if lines else ''}"
+    try:
+        free = f"; {shutil.disk_usage(Path(path).parent).free / 2**20:.0f} MiB free on its file system"
+    except OSError:
+        free = ""
+    return OSError(f"could not write {path} ({cause}){free}{note}")
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint to a temporary file next to its target, fsyncs it and renames it over the target,
     so a process killed mid-write leaves the previous checkpoint intact and readable.
@@ -84,6 +99,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file, never a mix
+        except (OSError, RuntimeError) as e:  # a full disk reads "unexpected pos ..." from torch, naming no file
+            raise write_error(path, e, "; the previous checkpoint there, if any, is intact") from e
         finally:
             tmp.unlink(missing_ok=True)
         try:  # make the rename itself durable

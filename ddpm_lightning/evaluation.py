@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ddpm_lightning import metrics as M
 from ddpm_lightning import registry
 from ddpm_lightning.batch import unpack
-from ddpm_lightning.checkpointing import file_sha256
+from ddpm_lightning.checkpointing import file_sha256, write_error
 from ddpm_lightning.compose import build
 from ddpm_lightning.control import module as control_lib
 from ddpm_lightning.diffusion import guidance as guidance_lib
@@ -69,7 +69,13 @@ def sample_shard(
                 cond["labels"] = [labels[s] for s in seeds]
             if hints is not None:
                 cond["hint"] = hints(seeds).to(module.device)
-            out.append(to_uint8(module.sample(seeds, sampler=sampler, **cond)).cpu())
+            x = module.sample(seeds, sampler=sampler, **cond)
+            if not torch.isfinite(x).all():  # would be written as black images
+                raise FloatingPointError(
+                    f"the samples of seeds {seeds[0]}..{seeds[-1]} are not finite (NaN or inf): check the checkpoint's "
+                    "weights (ckpt_path) and the sampler and guidance settings"
+                )
+            out.append(to_uint8(x).cpu())
             nfe = calls[0]
             if pbar is not None:
                 pbar.update(len(seeds))
@@ -81,8 +87,12 @@ def sample_shard(
 def save_shard(path: Path, images: np.ndarray, first: int, end: int, nfe: int) -> None:
     """Write a shard atomically: a crash mid-write leaves no shard, never a truncated one."""
     tmp = path.with_name(path.stem + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, images=images, seeds=np.arange(first, end), nfe=nfe)
-    os.replace(tmp, path)
+    try:
+        np.savez(tmp, images=images, seeds=np.arange(first, end), nfe=nfe)
+        os.replace(tmp, path)
+    except OSError as e:  # e.g. a full disk: no partial file left behind
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, e) from e
 
 
 def load_shard(path: Path, first: int, end: int) -> tuple[np.ndarray, int]:
@@ -179,9 +189,12 @@ def _reference(cfg: DictConfig, extractor, names: list[str], datamodule: Callabl
 
 
 def _check(cfg: DictConfig, names: list[str]) -> None:
-    for key in ("num_samples", "batch_size", "shard_size"):
-        if int(cfg[key]) < 1:
-            raise ValueError(f"{key}={cfg[key]} must be positive")
+    for key in ("num_samples", "batch_size", "shard_size", "seed_offset"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "seed_offset" else 1):
+            raise ValueError(f"{key}={value!r} must be a {'non-negative' if key == 'seed_offset' else 'positive'} integer")
+    if not isinstance(cfg.get("use_ema"), bool):
+        raise ValueError(f"use_ema={cfg.get('use_ema')!r} must be true or false")
     M.features_for(names, str(cfg.inception.feature))
     n = cfg.num_samples
     if "isc" in names and n < cfg.isc_splits:
@@ -387,11 +400,23 @@ def _scorer(plan: EvalPlan, device: torch.device) -> tuple[M.Scorer, dict]:
 
 
 def _claim_output_dir(out: Path, fingerprint: dict) -> None:
-    """Create the output folder and write its fingerprint; refuse a folder holding samples of another one."""
+    """Create the output folder and write its fingerprint. Shards already there are continued only under the same
+    fingerprint (without one they may be any model's) and with the model's image shape; a folder without shards
+    (e.g. of a run that failed before sampling) is taken over."""
     (out / "shards").mkdir(parents=True, exist_ok=True)
     fp_file = out / "fingerprint.json"
-    if fp_file.is_file() and json.loads(fp_file.read_text()) != json.loads(json.dumps(fingerprint)):
+    shards = sorted(p for p in (out / "shards").glob("seeds_*.npz") if ".tmp" not in p.name)
+    if shards and not fp_file.is_file():
+        raise ValueError(f"output_dir={out} holds {len(shards)} sample shards but no {fp_file.name}, so they may be "
+                         "another model's samples; choose another output_dir")
+    if shards and json.loads(fp_file.read_text()) != json.loads(json.dumps(fingerprint)):
         raise ValueError(f"{out} holds samples of another model or sampler (see {fp_file}); choose another output_dir")
+    for path in shards:
+        with np.load(path) as f:
+            shape = tuple(f["images"].shape[1:])
+        if shape != tuple(fingerprint["image_shape"]):
+            raise ValueError(f"output_dir={out}: {path.name} holds images of shape {shape}, the model samples "
+                             f"{tuple(fingerprint['image_shape'])}; choose another output_dir")
     fp_file.write_text(json.dumps(fingerprint, indent=2))
 
 

@@ -62,13 +62,17 @@ class InterruptCheckpoint(Callback):
     Ctrl-C stops at once, without saving. (SIGTERM is Lightning's: it stops after the step with a SIGTERMException,
     on which the checkpoint is saved here.) Also saves the final step of a run whose max_steps is not a multiple of
     the checkpoint interval: ModelCheckpoint would write it only when training ends, in a state Lightning resumes
-    one epoch too far."""
+    one epoch too far. A run stopped by SIGTERM exits with status 128 + SIGTERM (Lightning's own exit is 0, which a
+    job script takes for a finished training), unless Lightning's SLURM handler requeued it (it wrote an
+    `hpc_ckpt_<n>.ckpt` during this run)."""
 
     def __init__(self) -> None:
         self._interrupted = False
         self._previous: Any = None
+        self._hpc_at_start: tuple | None = None
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._hpc_at_start = self._hpc_state(trainer)
         if stage == "fit" and threading.current_thread() is threading.main_thread():
             self._interrupted = False
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)
@@ -90,7 +94,7 @@ class InterruptCheckpoint(Callback):
             # ModelCheckpoint's own record of its last file (restored on resume), so that the resumed run writes
             # last.ckpt again rather than a new last-v1.ckpt next to it
             callback.last_model_path = str(path)
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # the full state (optimizer, loops), as ModelCheckpoint's
             # and of having written it, so that its on_train_end does not overwrite it with the state after the
             # epoch's end (which Lightning resumes one epoch too far)
             callback._last_checkpoint_saved = str(path)
@@ -109,6 +113,18 @@ class InterruptCheckpoint(Callback):
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and trainer.training:
             self._save(trainer, "Interrupted (SIGTERM)")
+        if isinstance(exception, SIGTERMException) and not self._requeued(trainer):
+            exception.code = 128 + signal.SIGTERM  # the exit status of the process: stopped, not finished
+
+    @staticmethod
+    def _hpc_state(trainer: Any) -> tuple | None:
+        hpc = hpc_checkpoint(trainer.default_root_dir)
+        return None if hpc is None else (hpc, hpc.stat().st_mtime_ns)
+
+    def _requeued(self, trainer: Any) -> bool:
+        """Lightning's SLURM handler wrote an hpc_ckpt_<n>.ckpt (then requeued the job) since training started."""
+        now = self._hpc_state(trainer)
+        return now is not None and now != self._hpc_at_start
 
 
 class RunLock:

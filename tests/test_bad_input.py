@@ -11,11 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers.config import compose_cfg
+from helpers.config import compose_cfg, eval_cfg
+from ddpm_lightning import evaluation
 from ddpm_lightning.data import ImageFolderDataModule
 from ddpm_lightning.data.base import BadImage
+from ddpm_lightning.diffusion.guidance import resolve_labels
 from ddpm_lightning.compose import build
-from ddpm_lightning.tasks import train
+from ddpm_lightning.tasks import evaluate, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,3 +87,51 @@ def test_grid_sampler_steps_beyond_T_fail_at_setup(tmp_path):
     with pytest.raises(ValueError, match=r"callbacks.samples.sampler: sampler.steps=5000 must lie in \[1, schedule.T=1000\]"):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["guidance=classifier_free", "guidance.w=nan"], "guidance.w=nan must be a finite number"),
+        (["guidance=classifier_free", "guidance.w=inf"], "guidance.w=inf must be a finite number"),
+        (["sampler.eta=nan"], "sampler.eta=nan must be a number"),
+        (["sampler.eta=inf"], "sampler.eta=inf must be a finite non-negative number"),
+    ],
+)
+def test_non_finite_sampling_settings_are_refused_before_sampling(tiny_run, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        evaluation.make_plan(eval_cfg(tiny_run[1], tmp_path / "eval", "labels=[0]", *overrides))
+
+
+def test_non_finite_samples_stop_the_evaluation_instead_of_writing_black_images(tiny_run, tmp_path):
+    ckpt = torch.load(tiny_run[1], weights_only=True)
+    for state in (ckpt["state_dict"], ckpt["current_model_state"]):
+        for name, value in state.items():
+            if name.startswith("net.") and value.is_floating_point():
+                value.fill_(float("nan"))
+    torch.save(ckpt, tmp_path / "nan.ckpt")
+    with pytest.raises(FloatingPointError, match=r"samples of seeds 0..1 are not finite"):
+        evaluate(eval_cfg(tmp_path / "nan.ckpt", tmp_path / "eval", "num_samples=2"))
+    assert not list((tmp_path / "eval" / "shards").glob("*.npz"))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["sampler.steps=2.5"], "sampler.steps=2.5 must be int"),
+        (["sampler.steps=abc"], "sampler.steps='abc' must be int"),
+        (["num_samples=2.5"], "num_samples=2.5 must be a positive integer"),
+        (["num_samples=abc"], "num_samples='abc' must be a positive integer"),
+        (["guidance=classifier_free", "guidance.w=abc", "labels=[0]"], "guidance.w='abc' must be a finite number"),
+        (["use_ema=maybe"], "use_ema='maybe' must be true or false"),
+    ],
+)
+def test_evaluation_settings_of_the_wrong_type_name_the_key_before_sampling(tiny_run, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        evaluation.make_plan(eval_cfg(tiny_run[1], tmp_path / "eval", *overrides))
+
+
+@pytest.mark.parametrize("labels", [["abc"], [1.5], [10], [3, -1], [True]])
+def test_labels_that_are_not_class_indices_are_refused_before_sampling(labels):
+    with pytest.raises(ValueError, match=r"labels=\[.*\]: .* is not a class index in \[0, 9\]"):
+        resolve_labels(labels, 4, 10)

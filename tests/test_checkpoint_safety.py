@@ -15,6 +15,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from helpers.config import CONF, compose_cfg
+from ddpm_lightning import checkpointing
+from ddpm_lightning import evaluation
 from ddpm_lightning import metrics as M
 from ddpm_lightning import registry
 from ddpm_lightning.checkpointing import AtomicCheckpointIO, read_checkpoint
@@ -240,3 +242,26 @@ def test_evaluate_refuses_model_overrides_and_bad_steps(trained):
         evaluate(eval_cfg(ckpt, "+model.ch=64"))
     with pytest.raises(ValueError, match=r"sampler.steps=5000 must lie in \[1, schedule.T=1000\]"):
         evaluate(eval_cfg(ckpt, "sampler.steps=5000", "metrics=[fid]", "inception.weights_path=/nonexistent.pth"))
+
+
+def test_a_full_disk_names_the_checkpoint_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, path)
+    # every file the checkpoint writer opens is a full disk (Linux: writes to /dev/full fail with ENOSPC)
+    monkeypatch.setattr(checkpointing, "open", lambda file, mode: open("/dev/full", mode), raising=False)
+    with pytest.raises(OSError, match=rf"could not write {path} \(No space left on device\); .* MiB free"):
+        AtomicCheckpointIO().save_checkpoint({"step": 2, "w": torch.zeros(100_000)}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_a_full_disk_leaves_no_partial_shard(tmp_path, monkeypatch):
+    def disk_full(file, **arrays):
+        Path(file).write_bytes(b"PK\x03\x04 partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluation.np, "savez", disk_full)
+    path = evaluation.shard_path(tmp_path, 0, 2)
+    with pytest.raises(OSError, match=rf"could not write {path} \(No space left on device\)"):
+        evaluation.save_shard(path, np.zeros((2, 1, 8, 8), np.uint8), 0, 2, 3)
+    assert list(tmp_path.iterdir()) == []

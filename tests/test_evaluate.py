@@ -274,3 +274,29 @@ def test_nll_metric_is_bits_per_dim_of_the_validation_split_without_sampling(run
     assert json.loads((tmp_path / "metrics.json").read_text())["metrics"] == result["metrics"]
     with pytest.raises(ValueError, match="nll.split='test'"):
         evaluate(eval_cfg(ckpt, tmp_path / "b", "metrics=[nll]", "nll.split=test"))
+
+
+def test_output_dir_is_continued_only_under_its_fingerprint_with_shards_of_the_model_shape(tmp_path):
+    fingerprint = {"ckpt_sha256": "b" * 64, "image_shape": [1, 8, 8]}
+    out = tmp_path / "eval"
+    (out / "shards").mkdir(parents=True)
+    evaluation.save_shard(evaluation.shard_path(out / "shards", 0, 2), np.zeros((2, 1, 8, 8), np.uint8), 0, 2, 3)
+    with pytest.raises(ValueError, match=r"holds 1 sample shards but no fingerprint.json"):  # another model's, maybe
+        evaluation._claim_output_dir(out, fingerprint)
+    assert not (out / "fingerprint.json").exists()
+    (out / "fingerprint.json").write_text(json.dumps(fingerprint))
+    evaluation._claim_output_dir(out, fingerprint)  # its own shards: continued
+    with pytest.raises(ValueError, match="holds samples of another model"):
+        evaluation._claim_output_dir(out, {**fingerprint, "ckpt_sha256": "a" * 64})
+    evaluation.save_shard(evaluation.shard_path(out / "shards", 2, 4), np.zeros((2, 3, 64, 64), np.uint8), 2, 4, 3)
+    with pytest.raises(ValueError, match=r"seeds_00000002-00000004.npz holds images of shape \(3, 64, 64\)"):
+        evaluation._claim_output_dir(out, fingerprint)
+
+
+def test_a_fingerprint_without_shards_does_not_block_the_corrected_rerun(tmp_path):
+    out = tmp_path / "eval"
+    failed = {"ckpt_sha256": "b" * 64, "image_shape": [1, 8, 8], "labels": [12]}  # failed before its first shard
+    evaluation._claim_output_dir(out, failed)
+    corrected = {**failed, "labels": [1]}
+    evaluation._claim_output_dir(out, corrected)
+    assert json.loads((out / "fingerprint.json").read_text()) == corrected

@@ -9,12 +9,14 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from helpers.config import TINY, compose_cfg
-from ddpm_lightning.runs import RunLock
+from ddpm_lightning.runs import InterruptCheckpoint, RunLock
 from ddpm_lightning.nets import routes
 from ddpm_lightning.tasks import train
 
@@ -66,7 +68,8 @@ def test_interrupt_saves_a_checkpoint_that_resumes_exactly(tmp_path, signum):
            f"+callbacks.signal.signum={signum}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert f"Interrupted ({'Ctrl-C' if signum == 'SIGINT' else signum}): saved" in proc.stderr, proc.stderr[-3000:]
-    assert proc.returncode == (1 if signum == "SIGINT" else 0)  # Lightning's exits: KeyboardInterrupt, SIGTERM
+    assert proc.returncode == (1 if signum == "SIGINT" else 128 + 15)  # KeyboardInterrupt (Lightning's), 128 + SIGTERM
+    assert "`weights_only` was not set" not in proc.stderr + proc.stdout
     saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert saved["global_step"] in (3, 4)  # the step under way when the signal came, completed
     assert not (out / "run.lock").exists()
@@ -74,6 +77,19 @@ def test_interrupt_saves_a_checkpoint_that_resumes_exactly(tmp_path, signum):
     train(compose_cfg([*run, "trainer.max_steps=6"], out))
     train(compose_cfg([*run, "trainer.max_steps=6"], tmp_path / "straight"))
     _assert_same(*(_states(d / "checkpoints" / "last.ckpt") for d in (tmp_path / "straight", out)))
+
+
+def test_sigterm_exit_status_is_nonzero_unless_the_job_was_requeued(tmp_path):
+    trainer = SimpleNamespace(default_root_dir=str(tmp_path), training=False)
+    callback = InterruptCheckpoint()
+    callback.setup(trainer, None, "validate")
+    stopped = SIGTERMException()
+    callback.on_exception(trainer, None, stopped)
+    assert stopped.code == 128 + 15
+    (tmp_path / "hpc_ckpt_1.ckpt").write_bytes(b"")  # what Lightning's SLURM handler writes before requeueing
+    requeued = SIGTERMException()
+    callback.on_exception(trainer, None, requeued)
+    assert requeued.code is None  # Lightning's exit 0: the job goes on in its requeued copy
 
 
 def _lock(run: Path, **holder) -> Path:

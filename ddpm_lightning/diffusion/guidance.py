@@ -12,6 +12,7 @@ model's learned variance (Nichol & Dhariwal 2021) through unchanged.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -52,7 +53,10 @@ def resolve_labels(labels, n: int, num_classes: int | None) -> tuple[list[int] |
             raise ValueError(f"labels={labels!r} must be 'all', a list of class indices or null")
         per = max(1, n // num_classes)
         return [k for k in range(num_classes) for _ in range(per)], per
-    labels = [int(v) for v in labels]
+    for v in labels:  # before any compute: a label out of range would fail only at sampling, 1.5 would be read as 1
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < num_classes:
+            raise ValueError(f"labels={list(labels)!r}: {v!r} is not a class index in [0, {num_classes - 1}] (the model's num_classes)")
+    labels = list(labels)
     if not labels:
         raise ValueError("labels=[] is empty: give class indices, 'all' or null")
     return [labels[i % len(labels)] for i in range(n)], None
@@ -90,6 +94,8 @@ class ClassifierFree(Guided):
 
     def __init__(self, denoiser: Denoiser, w: float = 1.0):
         super().__init__(denoiser)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"guidance.w={w!r} must be a finite number")
         if num_classes_of(denoiser) is None:
             raise ValueError("classifier-free guidance needs a class-conditional model: set model.num_classes")
         self.w = float(w)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 from ddpm_lightning.diffusion.samplers.ddpm import ddim, ddpm
 from ddpm_lightning.diffusion.samplers.karras import (
@@ -27,6 +28,9 @@ def check_compatible(sampler, schedule, learn_sigma: bool = False) -> None:
     while isinstance(func, functools.partial):
         options = {**func.keywords, **options}
         func = func.func
+    for key, value in options.items():  # NaN passes every comparison of the checks below, and samples black images
+        if isinstance(value, float) and math.isnan(value):
+            raise ValueError(f"sampler.{key}=nan must be a number")
     check = getattr(func, "check", None)
     if check is not None:
         check(schedule, **options)

@@ -6,6 +6,7 @@ alpha, sigma and the DDPM buffers from `denoiser.schedule` and never branch on t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -145,8 +146,8 @@ def ddim(
     """Song, Meng & Ermon 2021 eq. 12: x_s = alpha_s x_0 + sqrt(sigma_s^2 - c^2) eps + c z, with
     c = eta sigma_s sqrt(1 - (alpha_t sigma_s / (alpha_s sigma_t))^2) (eq. 16; eta = 1 is DDPM with beta~), on the
     decreasing times `ts` (default: `grids.grid(schedule, steps, spacing)`)."""
-    if eta < 0:
-        raise ValueError(f"sampler.eta={eta} must be non-negative")
+    if not 0 <= eta < math.inf:
+        raise ValueError(f"sampler.eta={eta} must be a finite non-negative number")
     schedule = denoiser.schedule
     ts = grid(schedule, steps, spacing) if ts is None else list(ts)
     one = torch.ones((), device=x.device)
@@ -172,8 +173,8 @@ def ddim(
 
 
 def check_ddim(schedule, steps: int = 50, eta: float = 0.0, spacing: str = DEFAULT_SPACING, ts=None, **_) -> None:
-    if eta < 0:
-        raise ValueError(f"sampler.eta={eta} must be non-negative")
+    if not 0 <= eta < math.inf:
+        raise ValueError(f"sampler.eta={eta} must be a finite non-negative number")
     if ts is None:
         grid(schedule, steps, spacing)
 
