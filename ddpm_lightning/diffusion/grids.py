@@ -181,6 +181,8 @@ def grid(schedule, steps: int | None, spacing: str = DEFAULT_SPACING, rho: float
     if steps is None and not levels:
         return schedule.timesteps(None)
     check_spacing(steps, spacing, rho)
+    if not levels and schedule.discrete and steps > schedule.T:  # a time sampler visits at most the T steps
+        raise ValueError(f"sampler.steps={steps!r} must lie in [1, schedule.T={schedule.T}] (an integer)")
     if levels and spacing in NOISE_LEVEL_RANGE_SPACINGS:
         return noise_levels(schedule, steps, spacing, rho).tolist()
     if spacing in LEVEL_SPACINGS:
