@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -141,12 +142,11 @@ def _nll_data(cfg: DictConfig, datamodule) -> torch.Tensor:
 def _nll(cfg: DictConfig, module: DiffusionModule, data: torch.Tensor) -> dict[str, float]:
     """Bits/dim (Ho et al. 2020 §3.3 variational bound; Song et al. 2021 App. D probability-flow ODE)."""
     from ddpm_lightning.likelihood import bits_per_dim
-    from ddpm_lightning.nets.conv import fixed_weights
 
     estimators = cfg.nll.get("estimators")
     if estimators is None:  # every estimator that applies: the bound needs DDPM's discrete buffers
         estimators = ["vlb", "ode"] if hasattr(module.schedule, "betas") else ["ode"]
-    with fixed_weights():  # the weights do not change: each layer's Winograd kernels transformed once
+    with getattr(module.net, "sampling_context", contextlib.nullcontext)():  # a speed plug-in's, if any
         values = bits_per_dim(
             module, data, estimators=list(estimators), seed=cfg.seed_offset, batch_size=cfg.nll.batch_size,
             rtol=cfg.nll.rtol, atol=cfg.nll.atol,
@@ -227,8 +227,9 @@ def _files_sha256(tree: Any) -> dict[str, str]:
     return {}
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Sample `num_samples` images from `ckpt_path` and compute `metrics`; returns what metrics.json holds."""
+def evaluate(cfg: DictConfig, accelerate: Callable[[torch.nn.Module], Any] | None = None) -> dict[str, Any]:
+    """Sample `num_samples` images from `ckpt_path` and compute `metrics`; returns what metrics.json holds.
+    `accelerate`: applied to the loaded network (a speed plug-in's module swap, see tasks.evaluate)."""
     start = time.perf_counter()
     names = M.check_metric_names(cfg.metrics)
     _check(cfg, names)
@@ -242,6 +243,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     else:
         ckpt_path = Path(cfg.ckpt_path)
         module = load_model(ckpt_path, use_ema=cfg.use_ema)
+    if accelerate is not None:
+        accelerate(module.net)
     if len(module.data_shape) != 3:  # a model of points (README "Toy data"): nothing here applies
         raise ValueError(f"ckpt_path={ckpt_path} models points of shape {module.data_shape}, not images; evaluate.py scores images")
     sampler_cfg = _plain(cfg.get("sampler")) or module.hparams.sampler

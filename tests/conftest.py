@@ -43,17 +43,6 @@ def compose_cfg(overrides: list[str] = (), output_dir: str | Path | None = None,
         return compose(config_name="train", overrides=(TINY if tiny else []) + extra + list(overrides))
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _route_cache(tmp_path_factory):
-    """CPU route decisions (ddpm_lightning.nets.routes) in a folder of this session, not the user's cache, and the
-    kernels built before first use rather than in the background, so that a test's runs all take the same routes."""
-    from ddpm_lightning.nets import routes
-
-    os.environ["DDPM_LIGHTNING_CACHE"] = str(tmp_path_factory.mktemp("routes"))
-    routes.configure(wait=True)
-    yield
-
-
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A 2-step tiny training run shared by the tests that only read it (or copy it first): its run directory and
