@@ -43,6 +43,19 @@ def compose_cfg(overrides: list[str] = (), output_dir: str | Path | None = None,
         return compose(config_name="train", overrides=(TINY if tiny else []) + extra + list(overrides))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _plain_networks():
+    """conf `kernels` resolves to off ($DDPM_LIGHTNING_KERNELS): runs train and evaluate the plain network. Only the
+    plug-in's own tests (tests/cpu) switch the CPU speed plug-in on, and only they build its kernels."""
+    before = os.environ.get("DDPM_LIGHTNING_KERNELS")
+    os.environ["DDPM_LIGHTNING_KERNELS"] = "off"
+    yield
+    if before is None:
+        os.environ.pop("DDPM_LIGHTNING_KERNELS")
+    else:
+        os.environ["DDPM_LIGHTNING_KERNELS"] = before
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A 2-step tiny training run shared by the tests that only read it (or copy it first): its run directory and
