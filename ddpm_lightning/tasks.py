@@ -80,7 +80,7 @@ def cpu_plugin(cfg: DictConfig) -> types.ModuleType | None:
     """The one switch of the CPU speed plug-in (ddpm_lightning.cpu), as conf asks: glibc's malloc keeps freed memory
     (`retain_freed_memory`), and unless `kernels` is off the plug-in is returned, its routes set up for this run,
     for the caller to `accelerate` the networks it builds. With both off nothing of it is imported."""
-    kernels = cfg.get("kernels") or "auto"
+    kernels = cfg.get("kernels") or "off"
     if kernels == "off" and not cfg.get("retain_freed_memory"):
         return None
     from ddpm_lightning import cpu

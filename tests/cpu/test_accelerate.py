@@ -152,7 +152,7 @@ def test_nothing_above_the_plug_in_imports_it():
 
 
 def test_the_run_setting_kernels_switches_the_plug_in_on_or_off(monkeypatch):
-    """conf `kernels` (train.yaml / evaluate.yaml, default $DDPM_LIGHTNING_KERNELS) reaches the plug-in through the
+    """conf `kernels` (train.yaml / evaluate.yaml: $DDPM_LIGHTNING_KERNELS, else off) reaches the plug-in through the
     one switch, tasks.cpu_plugin; off: nothing of it runs."""
     from ddpm_lightning.tasks import cpu_plugin, speed_settings
 
@@ -164,8 +164,8 @@ def test_the_run_setting_kernels_switches_the_plug_in_on_or_off(monkeypatch):
     speed_settings(cfg)
     assert torch.backends.cudnn.benchmark
     assert cpu_plugin(compose_cfg(["kernels=off", "retain_freed_memory=false"])) is None
-    monkeypatch.setenv("DDPM_LIGHTNING_KERNELS", "off")
-    assert compose_cfg().kernels == "off"
+    monkeypatch.delenv("DDPM_LIGHTNING_KERNELS")
+    assert compose_cfg().kernels == "off"  # the default: opt-in
     monkeypatch.setenv("DDPM_LIGHTNING_KERNELS", "auto")
     assert compose_cfg().kernels == "auto"
     with pytest.raises(ValueError, match="kernels='fast'"):
