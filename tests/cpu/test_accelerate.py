@@ -185,6 +185,34 @@ def test_a_run_with_kernels_auto_trains_accelerated_and_records_its_routes(tmp_p
     assert "cpu_routes" not in torch.load(tmp_path / "off" / "checkpoints" / "last.ckpt", weights_only=True)
 
 
+def test_evaluate_with_kernels_auto_samples_the_accelerated_network(tiny_run, tmp_path, monkeypatch):
+    """evaluate.py's switch accelerates the loaded network; on PyTorch's routes its samples are kernels=off's."""
+    import numpy as np
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import CONF
+    from ddpm_lightning.tasks import evaluate
+
+    accelerated = []
+    monkeypatch.setattr(cpu, "accelerate", lambda net, swap=cpu.accelerate: accelerated.append(swap(net)) or net)
+
+    def samples(out, kernels):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            cfg = compose(config_name="evaluate", overrides=[
+                f"ckpt_path={tiny_run[1]}", f"output_dir={out}", "sampler=ddim", "sampler.steps=3", "num_samples=4",
+                "shard_size=2", "batch_size=2", "metrics=[]", "grid_size=4", "trainer.accelerator=cpu", f"kernels={kernels}"])
+        evaluate(cfg)
+        return np.load(out / "samples.npz")["arr_0"]
+
+    with routes.forcing(conv3x3="onednn", group_norm="stock"):
+        fast = samples(tmp_path / "auto", "auto")
+    plain = samples(tmp_path / "off", "off")
+    assert len(accelerated) == 1 and any(isinstance(m, FusedResBlock) for m in accelerated[0].modules())
+    assert np.array_equal(fast, plain)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_dropout_keeps_each_element_with_probability_1_minus_p(p, channels_last):
