@@ -34,7 +34,7 @@ def _diff(a: Any, b: Any, prefix: str) -> list[str]:
     return [] if a == b else [f"{prefix}: checkpoint has {a!r}, config has {b!r}"]
 
 
-_LEGACY_SWITCHES = ("fused_norm", "winograd")  # UNet options, now ignored, of checkpoints of earlier versions
+_KERNEL_SWITCHES = ("fused_norm", "winograd")  # UNet options that choose how it computes, not what
 
 
 def _with_defaults(net: dict) -> dict:
@@ -56,7 +56,7 @@ def check_resumable(ckpt_path: str | Path, module: DiffusionModule, found_in: Pa
     for key, cfg_key in (("net", "model"), ("schedule", "schedule"), ("image_size", "data.image_size"), ("channels", "data.channels"), ("parameterization", "module.parameterization")):
         a, b = hp.get(key), module.hparams.get(key)
         if key == "net":
-            a, b = ({k: v for k, v in _with_defaults(d or {}).items() if k not in _LEGACY_SWITCHES} for d in (a, b))
+            a, b = ({k: v for k, v in _with_defaults(d or {}).items() if k not in _KERNEL_SWITCHES} for d in (a, b))
         diffs += _diff(a, b, cfg_key)
     if diffs:
         if found_in is None:
