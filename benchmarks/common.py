@@ -35,7 +35,7 @@ def set_allocator(args) -> None:
     """Every implementation of a benchmark runs in one process with the allocator setting train.py and
     evaluate.py use (conf retain_freed_memory: true), so the peers gain from it as much as ours."""
     if not args.default_malloc:
-        from ddpm_lightning.tasks import retain_freed_memory
+        from ddpm_lightning.cpu import retain_freed_memory
 
         _ALLOCATOR["retain_freed_memory"] = retain_freed_memory()
 
@@ -46,8 +46,11 @@ def ours_config(model: str, arch: dict | None = None) -> dict:
 
 
 def ours(model: str, image_size: int, channels: int, arch: dict | None = None) -> torch.nn.Module:
-    """Our U-Net from its config file, e.g. conf/model/unet_cifar10.yaml."""
-    return instantiate({**ours_config(model, arch), "in_channels": channels, "image_size": image_size})
+    """Our U-Net from its config file, e.g. conf/model/unet_cifar10.yaml, with the CPU speed plug-in's modules
+    swapped in (ddpm_lightning.cpu, as a run with kernels=auto trains it)."""
+    from ddpm_lightning import cpu
+
+    return cpu.accelerate(instantiate({**ours_config(model, arch), "in_channels": channels, "image_size": image_size}))
 
 
 def diffusers_unet(model: str, image_size: int, channels: int, arch: dict | None = None) -> torch.nn.Module:
@@ -109,9 +112,9 @@ def device() -> str:
 def prepare_routes() -> None:
     """Build the CPU kernels before timing (not in the background, as a first training run does), so that
     the routes are measured with every candidate; the route decisions then land in the report."""
-    from ddpm_lightning.nets import routes
+    from ddpm_lightning.cpu import autotune
 
-    routes.configure(wait=True)
+    autotune.configure(wait=True)
     torch.backends.cudnn.benchmark = True  # as train.py and evaluate.py set it (conf cudnn_benchmark)
 
 
@@ -122,9 +125,9 @@ def sync() -> None:
 
 
 def machine() -> dict:
-    from ddpm_lightning.nets import routes
+    from ddpm_lightning.cpu import autotune
 
-    cpu = routes.machine()
+    cpu = autotune.machine()
     return {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu["cpu"],
         "cpu": cpu["cpu"],
@@ -136,8 +139,8 @@ def machine() -> dict:
         "date": datetime.date.today().isoformat(),  # benchmarks/README.md names it for every result
         "amx": getattr(torch.cpu, "_is_amx_tile_supported", lambda: None)(),
         "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "kernels": routes.mode(),
-        "routes": routes.decisions(),  # (layer, input) -> the route it took, measured or from the route cache
+        "kernels": autotune.mode(),
+        "routes": autotune.decisions(),  # (layer, input) -> the route it took, measured or from the route cache
         **_ALLOCATOR,
     }
 

@@ -1,5 +1,5 @@
 """3x3 convolutions (stride 1, padding 1) on the U-Net's shapes, channels-last: oneDNN's direct convolution
-(F.conv2d) against Winograd of ddpm_lightning.nets.conv, forward alone and forward + backward; in fp32 F(4x4, 3x3),
+(F.conv2d) against Winograd of ddpm_lightning.cpu.conv, forward alone and forward + backward; in fp32 F(4x4, 3x3),
 in bf16 (bf16 input and operands, as under autocast) F(2x2, 3x3) with bf16 matrix products.
 
     python benchmarks/conv.py --batch 16 [--precision bf16]
@@ -17,7 +17,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from ddpm_lightning.nets import conv, routes  # noqa: E402
+from ddpm_lightning.cpu import autotune as routes  # noqa: E402
+from ddpm_lightning.cpu import conv  # noqa: E402
 
 SHAPES = [(128, 128, 32), (256, 128, 32), (256, 256, 16), (512, 256, 16), (256, 256, 8), (256, 256, 4)]  # (in, out, side) of unet_cifar10
 

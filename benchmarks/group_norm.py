@@ -1,5 +1,5 @@
 """GroupNorm + SiLU, forward and backward, on the U-Net's activation shapes: F.group_norm on NCHW and on
-channels-last tensors against the fused channels-last kernel of ddpm_lightning.nets.norm.
+channels-last tensors against the fused channels-last kernel of ddpm_lightning.cpu.norm.
 
     python benchmarks/group_norm.py --batch 16 --precision fp32 bf16
 """
@@ -15,7 +15,8 @@ import torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from ddpm_lightning.nets import norm, routes  # noqa: E402
+from ddpm_lightning.cpu import autotune as routes  # noqa: E402
+from ddpm_lightning.cpu import norm  # noqa: E402
 
 SHAPES = [(128, 32), (256, 32), (256, 16), (512, 16), (256, 8), (256, 4)]  # (channels, side) of unet_cifar10
 

@@ -1,4 +1,4 @@
-"""The routes the autotuner (ddpm_lightning.nets.routes) picks for a model's layers, with their timings, and what
+"""The routes the autotuner (ddpm_lightning.cpu.autotune) picks for a model's layers, with their timings, and what
 measuring them costs: the first training step (which times every candidate) against the next ones.
 
     python benchmarks/routes.py --model unet_cifar10 --batch 16 --precision fp32 bf16
@@ -37,7 +37,7 @@ def main() -> None:
     common.set_allocator(args)
     common.prepare_routes()
     os.environ["DDPM_LIGHTNING_CACHE"] = tempfile.mkdtemp(prefix="routes-")
-    from ddpm_lightning.nets import routes
+    from ddpm_lightning.cpu import autotune as routes
 
     rows, summary = [], []
     for precision in args.precision:

@@ -13,6 +13,7 @@ DPMSolverMultistepScheduler, DPM-Solver++ order 2, in the DDPM pipeline).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -63,7 +64,6 @@ def ours_loop(net, sampler: str, steps: int, batch: int, shape, device):
     from omegaconf import OmegaConf
 
     from ddpm_lightning.diffusion.denoiser import Denoiser
-    from ddpm_lightning.nets.conv import fixed_weights
     from ddpm_lightning.diffusion.samplers import PerSampleNoise
     from ddpm_lightning.diffusion.schedules import linear
 
@@ -75,7 +75,7 @@ def ours_loop(net, sampler: str, steps: int, batch: int, shape, device):
 
     def loop():  # as Module.sample runs it
         noise = PerSampleNoise(range(batch), device)
-        with fixed_weights():
+        with getattr(net, "sampling_context", contextlib.nullcontext)():
             sample(denoiser, noise.randn(shape), noise)
 
     return loop

@@ -28,7 +28,7 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 OURS_ADAM = "fused"
-# ours: channels_last, as configured, routes as measured (ddpm_lightning.nets.routes); ours_stock: the same with
+# ours: channels_last, as configured, routes as measured (ddpm_lightning.cpu.autotune); ours_stock: the same with
 # PyTorch's operators everywhere (conf kernels=off), to show what the CPU kernels add
 IMPLS = ("ours", "ours_stock", "ours_nchw", "diffusers", "denoising_diffusion_pytorch")
 
@@ -93,7 +93,7 @@ class Run:
         return self.diffusion((x0 + 1) / 2)  # it takes images in [0, 1]
 
     def step(self) -> None:
-        from ddpm_lightning.nets import routes
+        from ddpm_lightning.cpu import autotune as routes
 
         stock = routes.forcing(conv3x3="onednn", group_norm="stock") if self.impl == "ours_stock" else contextlib.nullcontext()
         with stock:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -34,7 +35,6 @@ from ddpm_lightning.diffusion.samplers import check_compatible
 from ddpm_lightning.images import save_grid, to_model_range, to_uint8
 from ddpm_lightning.interop.diffusers import load_module, weights_file
 from ddpm_lightning.loading import load_model
-from ddpm_lightning.nets.conv import fixed_weights
 from ddpm_lightning.plots import data_images, save_process_strips
 from ddpm_lightning.summary import evaluate_next_steps
 from ddpm_lightning.training.module import DiffusionModule, _plain, count_nfe
@@ -161,7 +161,7 @@ def _nll(cfg: DictConfig, module: DiffusionModule, data: torch.Tensor) -> dict[s
     estimators = cfg.nll.get("estimators")
     if estimators is None:  # every estimator that applies: the bound needs DDPM's discrete buffers
         estimators = ["vlb", "ode"] if module.schedule.discrete else ["ode"]
-    with fixed_weights():  # the weights do not change: each layer's Winograd kernels transformed once
+    with getattr(module.net, "sampling_context", contextlib.nullcontext)():  # a speed plug-in's, if any
         values = bits_per_dim(
             module, data, estimators=list(estimators), seed=cfg.seed_offset, batch_size=cfg.nll.batch_size,
             rtol=cfg.nll.rtol, atol=cfg.nll.atol,
@@ -283,11 +283,12 @@ class Prepared:
     nll_data: torch.Tensor | None = None
 
 
-def evaluate(cfg: DictConfig) -> dict[str, Any]:
+def evaluate(cfg: DictConfig, accelerate: Callable[[torch.nn.Module], Any] | None = None) -> dict[str, Any]:
     """Sample `num_samples` images from `ckpt_path` and compute `metrics`; returns what metrics.json holds.
-    plan (checks, no device) -> prepare (rank 0: scorer, output folder) -> sample (shards over ranks) -> score."""
+    plan (checks, no device) -> prepare (rank 0: scorer, output folder) -> sample (shards over ranks) -> score.
+    `accelerate`: applied to the loaded network (a speed plug-in's module swap, see tasks.evaluate)."""
     start = time.perf_counter()
-    plan = make_plan(cfg)
+    plan = make_plan(cfg, accelerate)
     fabric = L.Fabric(**cfg.trainer)  # strategy auto: DDP for several devices or nodes, torchrun / srun detected
     fabric.launch()
     plan.module = plan.module.to(fabric.device)
@@ -305,7 +306,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def make_plan(cfg: DictConfig) -> EvalPlan:
+def make_plan(cfg: DictConfig, accelerate: Callable[[torch.nn.Module], Any] | None = None) -> EvalPlan:
     """The model, sampler, labels, guidance and conditions of an evaluation, every setting checked."""
     names = M.check_metric_names(cfg.metrics)
     _check(cfg, names)
@@ -317,6 +318,8 @@ def make_plan(cfg: DictConfig) -> EvalPlan:
     else:
         ckpt_path = Path(cfg.ckpt_path)
         module = load_model(ckpt_path, use_ema=cfg.use_ema)
+    if accelerate is not None:
+        accelerate(module.net)
     if len(module.data_shape) != 3:  # a model of points (docs "Toy data"): nothing here applies
         raise ValueError(f"ckpt_path={ckpt_path} models points of shape {module.data_shape}, not images; evaluate.py scores images")
     sampler_cfg = _plain(cfg.get("sampler")) or module.hparams.sampler

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import inspect
 import logging
-import platform
+import types
 from pathlib import Path
 from typing import Any
 
@@ -77,29 +76,26 @@ def check_resumable(ckpt_path: str | Path, module: DiffusionModule, found_in: Pa
         )
 
 
-def retain_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse rather than hand it back to the OS.
-
-    Its defaults serve blocks above a (self-adjusting) threshold with fresh `mmap`s and trim the heap top when
-    it is freed, so a training step that frees and re-allocates the same activation buffers page-faults them
-    all in again (about 40,000 faults and 0.2 s of kernel time per unet_cifar10 bf16 step at batch 16 on a
-    2-core CPU, 20% of the step). With both thresholds raised, the process keeps its peak heap and reuses it.
-    Returns False (and changes nothing) where the C library is not glibc."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, (1 << 31) - 1))
-
-
 def speed_settings(cfg: DictConfig) -> None:
-    """Runtime settings that choose how, not what, the model computes: the CPU routes and kernels (conf `kernels`,
-    see ddpm_lightning.nets.routes) and cuDNN's per-shape algorithm search (conf `cudnn_benchmark`, GPUs)."""
-    from ddpm_lightning.nets import routes
-
-    routes.configure(cfg.get("kernels") or "auto")
-    routes.reset()  # this run's routes only: a checkpoint records them, a resumed run takes them again
+    """cuDNN's per-shape algorithm search (conf `cudnn_benchmark`, GPUs): chooses how, not what, the model computes."""
     torch.backends.cudnn.benchmark = bool(cfg.get("cudnn_benchmark", True))
+
+
+def cpu_plugin(cfg: DictConfig) -> types.ModuleType | None:
+    """The one switch of the CPU speed plug-in (ddpm_lightning.cpu), as conf asks: glibc's malloc keeps freed memory
+    (`retain_freed_memory`), and unless `kernels` is off the plug-in is returned, its routes set up for this run,
+    for the caller to `accelerate` the networks it builds. With both off nothing of it is imported."""
+    kernels = cfg.get("kernels") or "off"
+    if kernels == "off" and not cfg.get("retain_freed_memory"):
+        return None
+    from ddpm_lightning import cpu
+
+    if cfg.get("retain_freed_memory"):
+        cpu.retain_freed_memory()
+    if kernels == "off":
+        return None
+    cpu.enable(kernels)
+    return cpu
 
 
 def _check_control(cfg: DictConfig) -> None:
@@ -152,9 +148,8 @@ def _train(cfg: DictConfig, out: Path, init_state: dict | None = None) -> dict[s
         L.seed_everything(cfg.seed, workers=True)
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(cfg.matmul_precision)
-    if cfg.get("retain_freed_memory"):
-        retain_freed_memory()
     speed_settings(cfg)
+    cpu = cpu_plugin(cfg)
 
     datamodule = build(cfg.data)
     module: DiffusionModule = build(cfg.module)
@@ -162,6 +157,9 @@ def _train(cfg: DictConfig, out: Path, init_state: dict | None = None) -> dict[s
         module.net.load_state_dict(init_state)  # names and shapes checked by init_train_config
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    if cpu is not None:  # the CPU speed modules, and the routes they take kept in every checkpoint
+        cpu.accelerate(module.net)
+        callbacks.append(cpu.RoutesCallback())
     ckpt_path, found_in = cfg.get("ckpt_path"), None
     dirs = [c.dirpath for c in callbacks if isinstance(c, L.pytorch.callbacks.ModelCheckpoint) and c.dirpath]
     root = cfg.trainer.get("default_root_dir") or out
@@ -195,9 +193,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Sample a checkpoint and compute FID / IS / KID (see ddpm_lightning.evaluation)."""
 
     filter_benign_messages()
-    if cfg.get("retain_freed_memory"):
-        retain_freed_memory()
     speed_settings(cfg)
+    cpu = cpu_plugin(cfg)
     resolve_precision(cfg.trainer)
     with process_group_closed_at_end():
-        return run(cfg)
+        return run(cfg, accelerate=None if cpu is None else cpu.accelerate)

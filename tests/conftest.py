@@ -12,14 +12,16 @@ from helpers.config import compose_cfg
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _route_cache(tmp_path_factory):
-    """CPU route decisions (ddpm_lightning.nets.routes) in a folder of this session, not the user's cache, and the
-    kernels built before first use rather than in the background, so that a test's runs all take the same routes."""
-    from ddpm_lightning.nets import routes
-
-    os.environ["DDPM_LIGHTNING_CACHE"] = str(tmp_path_factory.mktemp("routes"))
-    routes.configure(wait=True)
+def _plain_networks():
+    """conf `kernels` resolves to off ($DDPM_LIGHTNING_KERNELS): runs train and evaluate the plain network. Only the
+    plug-in's own tests (tests/cpu) switch the CPU speed plug-in on, and only they build its kernels."""
+    before = os.environ.get("DDPM_LIGHTNING_KERNELS")
+    os.environ["DDPM_LIGHTNING_KERNELS"] = "off"
     yield
+    if before is None:
+        os.environ.pop("DDPM_LIGHTNING_KERNELS")
+    else:
+        os.environ["DDPM_LIGHTNING_KERNELS"] = before
 
 
 @pytest.fixture(scope="session")

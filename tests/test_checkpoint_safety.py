@@ -111,7 +111,7 @@ def test_the_registry_lists_only_model_part_constructors():
         assert _is_model_part(entry.kind, entry.resolve()), name
     # what the old allow-list admitted and a stored config must never name: processes, downloads, file writers
     for bad in ("os.system", "builtins.eval", "ddpm_lightning.tasks.os.system", "ddpm_lightning.training.module.torch.load",
-                "ddpm_lightning.tasks.train", "ddpm_lightning.nets.routes.background", "ddpm_lightning.interop.diffusers.resolve",
+                "ddpm_lightning.tasks.train", "ddpm_lightning.cpu.autotune.background", "ddpm_lightning.interop.diffusers.resolve",
                 "ddpm_lightning.interop.diffusers.export", "ddpm_lightning.images.save_grid", "ddpm_lightning.plots.save_grid",
                 "ddpm_lightning.metrics.cached_features", "ddpm_lightning.physics.figures.main", "torch.load", 3, None):
         assert bad not in registry.REGISTRY, bad

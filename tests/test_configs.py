@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -70,3 +71,21 @@ def test_design_card_example_composes():
     # `python train.py model=unet_small schedule=linear`
     cfg = compose_cfg(["model=unet_small", "schedule=linear"], tiny=False)
     assert cfg.model.ch == 32 and cfg.schedule.T == 1000 and cfg.data._target_.endswith("DigitsDataModule")
+
+
+def test_precision_auto_is_bf16_mixed_on_a_bf16_gpu_and_fp32_elsewhere(monkeypatch):
+    from helpers.config import compose_cfg
+    from ddpm_lightning.compose import auto_precision, resolve_precision
+
+    assert compose_cfg().trainer.precision == "auto"  # the default
+    assert auto_precision("auto", cuda=True, bf16=True) == auto_precision("gpu", cuda=True, bf16=True) == "bf16-mixed"
+    assert auto_precision("auto", cuda=True, bf16=False) == "32-true"  # V100, T4: fp16 needs a loss scaler, a choice
+    assert auto_precision("cpu", cuda=True, bf16=True) == auto_precision("auto", cuda=False) == "32-true"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cfg = compose_cfg()
+    resolve_precision(cfg.trainer)
+    assert cfg.trainer.precision == "bf16-mixed"
+    cfg = compose_cfg(["trainer.precision=32-true"])  # an explicit choice stays
+    resolve_precision(cfg.trainer)
+    assert cfg.trainer.precision == "32-true"

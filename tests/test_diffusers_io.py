@@ -13,7 +13,6 @@ from helpers.config import compose_cfg
 from ddpm_lightning.interop import diffusers as io
 from ddpm_lightning.training.module import DiffusionModule
 from ddpm_lightning.nets import UNet
-from ddpm_lightning.nets.norm import GroupNorm
 from ddpm_lightning.diffusion.denoiser import Denoiser
 from ddpm_lightning.diffusion.samplers import ddpm as ddpm_sampler
 from ddpm_lightning.interop.parity import (
@@ -38,7 +37,7 @@ def test_google_ddpm_cifar10_config_imports_to_the_same_function(tmp_path):
     assert sum(p.numel() for p in net.parameters()) == 35_746_307  # Ho et al.'s CIFAR-10 model
     assert {k: module.hparams.net[k] for k in ("ch", "ch_mult", "num_res_blocks", "attn_resolutions")} == {
         "ch": 128, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 2, "attn_resolutions": [16]}
-    assert {m.eps for m in net.modules() if isinstance(m, GroupNorm)} == {1e-6}
+    assert {m.eps for m in net.modules() if isinstance(m, torch.nn.GroupNorm)} == {1e-6}
     assert module.hparams.schedule == {"_target_": "ddpm_lightning.diffusion.schedules.linear", "T": 1000, "beta_start": 1e-4, "beta_end": 0.02}
     assert (module.hparams.sampler["variance"], module.hparams.sampler["clip_denoised"], module.hparams.parameterization) == ("fixed_small", True, "eps")
     x, t = inputs(unet)

@@ -23,7 +23,8 @@ LAYERS = [
 ]
 # Third-party packages a function may import where it needs them: optional, or slow to import and seldom used.
 LAZY_OK = {"diffusers", "torch_fidelity", "kornia", "matplotlib", "submitit", "safetensors", "huggingface_hub", "scipy", "gdown",
-           "sklearn", "torch.utils.cpp_extension"}
+           "sklearn", "torch.utils.cpp_extension",
+           "ddpm_lightning.cpu"}  # the opt-in CPU plug-in: imported only by its one switch, and only when switched on
 
 
 def module_name(path: Path) -> str:

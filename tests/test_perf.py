@@ -7,9 +7,9 @@ import torch
 
 from ddpm_lightning.diffusion.denoiser import Denoiser
 from ddpm_lightning.diffusion.losses import eps_mse
-from ddpm_lightning.nets import UNet, routes
 from ddpm_lightning.diffusion.samplers import PerSampleNoise, ddim
 from ddpm_lightning.diffusion.schedules import linear
+from ddpm_lightning.nets import UNet
 
 
 def small_unet():
@@ -45,30 +45,6 @@ def test_bf16_autocast_loss_within_bf16_tolerance():
     # bf16 keeps 8 bits of mantissa: relative error of order 2^-8 per op, a few per cent overall
     assert torch.allclose(loss, loss_bf, rtol=3e-2)
     assert torch.nn.functional.cosine_similarity(grads, grads_bf, dim=0) > 0.99
-
-
-def test_fused_group_norm_gives_the_plain_loss_and_gradients_in_bf16():
-    """The fused GroupNorm kernel route (tests/test_norm.py) against the plain F.group_norm route."""
-    net, x0 = small_unet(), torch.rand(4, 3, 8, 8) * 2 - 1
-    with routes.forcing(group_norm="stock"):
-        loss, grads = loss_and_grads(copy.deepcopy(net), x0, channels_last=True, bf16=True)
-    with routes.forcing(group_norm="fused"):
-        loss_f, grads_f = loss_and_grads(copy.deepcopy(net), x0, channels_last=True, bf16=True)
-    assert torch.allclose(loss, loss_f, rtol=1e-2)
-    assert torch.nn.functional.cosine_similarity(grads, grads_f, dim=0) > 0.999
-
-
-def test_winograd_convolutions_give_the_direct_loss_and_gradients_in_fp32():
-    """The Winograd F(4x4, 3x3) route for the 3x3 convolutions against oneDNN's."""
-    torch.manual_seed(0)
-    net, x0 = small_unet(), torch.rand(4, 3, 8, 8) * 2 - 1
-    with routes.forcing(conv3x3="onednn"):
-        loss, grads = loss_and_grads(copy.deepcopy(net), x0, channels_last=True)
-    with routes.forcing(conv3x3="winograd"):
-        loss_w, grads_w = loss_and_grads(copy.deepcopy(net), x0, channels_last=True)
-    assert not torch.equal(grads, grads_w)  # the other algorithm ran: other roundings
-    assert torch.allclose(loss, loss_w, rtol=1e-5)
-    assert torch.allclose(grads, grads_w, rtol=1e-4, atol=1e-6)
 
 
 def test_channels_last_sampling_matches():
@@ -201,33 +177,3 @@ def test_training_start_re_lays_out_restored_optimizer_states(monkeypatch):
         assert opt.state[p][k].stride() == p.stride() and torch.equal(opt.state[p][k], before[k])
 
 
-_FAULTS = """
-import resource, sys, torch
-from ddpm_lightning.tasks import retain_freed_memory
-if sys.argv[1] == "retain":
-    assert retain_freed_memory()
-def faults():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):  # like a training step's activations: 4 buffers of 48 MiB, written, all freed
-        buffers = [torch.ones(48 << 20, dtype=torch.uint8) for _ in range(4)]
-        del buffers
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults()  # the first allocation faults in either way
-print(faults())
-"""
-
-
-@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc malloc only")
-def test_retained_memory_is_reused_without_page_faults():
-    """5 re-allocations of 4 freed 48 MiB buffers fault their 4 x 12,288 pages in every time with glibc's
-    defaults (blocks above its largest automatic mmap threshold, 32 MiB, are always fresh mmaps; smaller ones
-    are often trimmed off the heap top), and (almost) never once freed memory is retained."""
-    import subprocess
-    import sys
-
-    def run(mode):
-        return int(subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True).stdout.split()[-1])
-
-    default, retained = run("default"), run("retain")
-    assert default > 5 * 4 * 12288 * 0.9, default
-    assert retained < 500, retained

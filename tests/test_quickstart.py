@@ -78,7 +78,7 @@ class _Records(logging.Handler):
 
 def test_benign_log_records_are_dropped_only_from_their_logger():
     filter_benign_messages()
-    names = ("lightning.pytorch.utilities.rank_zero", "torch.utils.cpp_extension", "ddpm_lightning.nets.norm")
+    names = ("lightning.pytorch.utilities.rank_zero", "torch.utils.cpp_extension", "ddpm_lightning.cpu.norm")
     seen = _Records()
     loggers = [logging.getLogger(n) for n in names]  # torch's loggers do not propagate: a handler on each
     levels = [lg.level for lg in loggers]

@@ -16,33 +16,15 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from helpers.config import TINY, compose_cfg
+from helpers.resume import EPOCH
+from helpers.resume import assert_same as _assert_same
+from helpers.resume import epoch_states as _states
 from ddpm_lightning.runs import InterruptCheckpoint, RunLock
-from ddpm_lightning.nets import routes
 from ddpm_lightning.tasks import train
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
 # 1617 training digits in batches of 128: 12 batches an epoch (drop_last); a checkpoint every 2 steps.
-EPOCH = ["data.batch_size=128", "trainer.deterministic=true", "callbacks.samples.every_n_steps=0", "logger=none",
-         "trainer.val_check_interval=100", "callbacks.checkpoint.every_n_train_steps=2"]
-
-
-def _states(ckpt: Path) -> dict:
-    c = torch.load(ckpt, weights_only=True)
-    return {"step": c["global_step"], "epoch": c["epoch"], "ema": c["state_dict"], "raw": c["current_model_state"],
-            "adam": c["optimizer_states"][0]["state"]}
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert a["step"] == b["step"] and a["epoch"] == b["epoch"]
-    for part in ("raw", "ema"):
-        for k, v in a[part].items():
-            assert torch.equal(b[part][k], v), f"{part} {k} differs after resume"
-    for i, s in a["adam"].items():
-        for k in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(b["adam"][i][k], s[k]), f"Adam {k} of parameter {i} differs"
-
-
 @pytest.mark.slow
 def test_resume_from_the_last_batch_of_an_epoch_is_exact(tmp_path):
     torch.set_num_threads(1)
@@ -143,36 +125,3 @@ def test_final_steps_after_the_last_periodic_checkpoint_are_saved(tmp_path):
     _assert_same(*(_states(d / "checkpoints" / "last.ckpt") for d in (tmp_path / "straight", tmp_path / "resumed")))
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["last.ckpt"]
 
-
-@pytest.mark.slow
-def test_a_resumed_run_takes_its_checkpoints_routes_whatever_the_route_cache_says(tmp_path, monkeypatch):
-    """Routes differ in rounding and are timed per machine: a run resumed where the route cache says otherwise
-    (another process's measurements, another node) still takes the routes its checkpoint records."""
-    torch.set_num_threads(1)
-    run = [*EPOCH, "kernels=auto"]
-    monkeypatch.setenv("DDPM_LIGHTNING_CACHE", str(tmp_path / "cache_a"))
-    train(compose_cfg([*run, "trainer.max_steps=6"], tmp_path / "straight"))
-    train(compose_cfg([*run, "trainer.max_steps=4"], tmp_path / "resumed"))
-    last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
-    taken = torch.load(last, weights_only=True)["cpu_routes"]["routes"]
-    cache = json.loads(routes.cache_path().read_text())
-    flipped = 0
-    for key, decision in cache["routes"].items():  # every measured decision the run took, changed to another candidate
-        others = [r for r in decision["ms"] if r != decision["route"]]
-        if key in taken and others:
-            decision["route"], flipped = others[0], flipped + 1
-    assert flipped
-    monkeypatch.setenv("DDPM_LIGHTNING_CACHE", str(tmp_path / "cache_b"))
-    routes.cache_path().parent.mkdir()
-    routes.cache_path().write_text(json.dumps(cache))
-    step4 = torch.load(last, weights_only=True)
-
-    train(compose_cfg([*run, "trainer.max_steps=6"], tmp_path / "resumed"))
-    straight = _states(tmp_path / "straight" / "checkpoints" / "last.ckpt")
-    _assert_same(straight, _states(last))
-    # The control: the same resume without the checkpoint's routes takes the cache's, and ends elsewhere.
-    del step4["cpu_routes"]
-    torch.save(step4, last)
-    train(compose_cfg([*run, "trainer.max_steps=6"], tmp_path / "resumed"))
-    with pytest.raises(AssertionError, match="differs after resume"):
-        _assert_same(straight, _states(last))

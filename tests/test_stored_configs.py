@@ -37,7 +37,7 @@ def trained(tiny_run):
 def side_effect_net(marker: Path) -> dict:
     """Package functions with side effects as a network config: a subprocess running Python, and a download."""
     return {
-        "_target_": "ddpm_lightning.nets.routes.background",
+        "_target_": "ddpm_lightning.cpu.autotune.background",
         "code": f"import os; os.mkdir({str(marker)!r})",
         "log_path": {"_target_": "ddpm_lightning.interop.diffusers.resolve", "source": "/dev/null"},
     }
@@ -107,7 +107,7 @@ def test_side_effect_functions_are_refused_at_every_entry_point(trained, tmp_pat
         "classifier guidance": (lambda: load_classifier(classifier), classifier),
     }
     for name, (attempt, path) in attempts.items():
-        message = refused(attempt, str(path), "ddpm_lightning.nets.routes.background", marker=marker)
+        message = refused(attempt, str(path), "ddpm_lightning.cpu.autotune.background", marker=marker)
         assert "not allowed" in message, name
     # the run's config.yaml naming the payload as its data module
     cfg = yaml.safe_load((run / "config.yaml").read_text())
@@ -287,7 +287,7 @@ def test_an_object_array_in_a_cifar10_batch_is_refused(tmp_path):
 # ---------------------------------------------------------------------------------------------- mutations
 
 
-FOREIGN = ["os.system", "builtins.exec", "ddpm_lightning.nets.routes.background", "ddpm_lightning.images.save_grid",
+FOREIGN = ["os.system", "builtins.exec", "ddpm_lightning.cpu.autotune.background", "ddpm_lightning.images.save_grid",
            "ddpm_lightning.diffusion.samplers.ddim", "ddpm_lightning.nets.UNet", "torch.optim.Adam", "ddpm_lightning.data.DigitsDataModule"]
 
 

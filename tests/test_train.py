@@ -112,8 +112,9 @@ def test_checkpoint_of_another_model_is_refused_before_training(trained, tmp_pat
     cfg = compose_cfg([f"ckpt_path={last}", "schedule=cosine"], tmp_path)
     with pytest.raises(ValueError, match="schedule"):
         train(cfg)
-    # the old kernel switches (model.fused_norm / model.winograd, now the runtime setting `kernels`) chose how the
-    # same network computes: a checkpoint resumes whether its config or the current one holds them
+    # the legacy UNet switches model.fused_norm / model.winograd (ignored; written by versions before the runtime
+    # setting `kernels`) chose how the same network computes: a checkpoint resumes whether its config or the
+    # current one holds them
     module = build(compose_cfg(["+model.winograd=true", "+model.fused_norm=true"], tmp_path).module)
     check_resumable(last, module)
 
@@ -159,12 +160,13 @@ def test_loggers_and_precision_compose_into_a_run(overrides, tmp_path):
 
 
 def test_train_sets_the_allocator_and_trains_channels_last(trained, tmp_path, monkeypatch):
-    """conf retain_freed_memory (default true) reaches tasks.retain_freed_memory; module.channels_last (default
-    true) lays the trained network out channels-last, and a checkpoint loads back that way."""
-    import ddpm_lightning.tasks as tasks
+    """conf retain_freed_memory (default true) reaches cpu.retain_freed_memory through the one switch
+    (tasks.cpu_plugin); module.channels_last (default true) lays the trained network out channels-last, and a
+    checkpoint loads back that way."""
+    import ddpm_lightning.cpu as cpu
 
     calls = []
-    monkeypatch.setattr(tasks, "retain_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(cpu, "retain_freed_memory", lambda: calls.append(1) or True)
     train(compose_cfg(["trainer.max_steps=1"], tmp_path / "a"))
     train(compose_cfg(["trainer.max_steps=1", "retain_freed_memory=false"], tmp_path / "b"))
     assert calls == [1]

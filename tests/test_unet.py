@@ -101,31 +101,3 @@ def test_wrong_input_shape_is_reported():
     net = UNet(in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), image_size=8)
     with pytest.raises(ValueError, match="model.in_channels"):
         net(torch.randn(1, 3, 8, 8), torch.tensor([0]))
-
-
-@pytest.mark.parametrize("p", [0.1, 0.5])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_dropout_keeps_each_element_with_probability_1_minus_p(p, channels_last):
-    from ddpm_lightning.nets.unet import Dropout
-
-    drop = Dropout(p)
-    x = torch.rand(64, 32, 16, 16) + 1.0  # no zeros of its own
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_()
-    torch.manual_seed(0)
-    out = drop(x)
-    kept = out != 0
-    n = x.numel()
-    assert abs(kept.float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5
-    assert torch.allclose(out[kept], x[kept] / (1 - p))  # inverted dropout: kept values scaled by 1 / (1 - p)
-    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
-    # neighbouring elements are independent (no structure from cutting one random integer into four masks)
-    flat = kept.permute(0, 2, 3, 1).flatten() if channels_last else kept.flatten()
-    both = (flat[:-1] & flat[1:]).float().mean().item()
-    assert abs(both - (1 - p) ** 2) < 4 * ((1 - p) ** 2 * (1 - (1 - p) ** 2) / n) ** 0.5
-    out.sum().backward()
-    assert torch.equal(x.grad, kept.float() / (1 - p))
-    torch.manual_seed(0)
-    assert torch.equal(drop(x.detach()), out.detach())  # the global RNG decides: seeded runs repeat
-    assert torch.equal(drop.eval()(x), x)

@@ -22,9 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .conv import Conv2d
-from .norm import GroupNorm
-
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding of Vaswani et al. 2017 §3.5, as in Ho et al.'s `get_timestep_embedding`."""
@@ -51,39 +48,25 @@ def zero_init(module: nn.Module) -> nn.Module:
     return module
 
 
-class Dropout(nn.Dropout):
-    """Inverted dropout (Srivastava et al. 2014): zero each element with probability p, scale the rest by
-    1 / (1 - p). On CPU the keep mask compares 16-bit uniforms, cut four at a time from 64-bit random integers,
-    with p * 2^16: a quarter of the generator calls of `bernoulli_`, about 3x faster (p is rounded to a
-    multiple of 2^-16). Elsewhere, or for a tensor that is not densely laid out, it is `nn.Dropout`."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        dense = x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
-        if not self.training or self.p == 0 or x.device.type != "cpu" or not dense or self.inplace:
-            return super().forward(x)
-        n = x.numel()
-        bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), 2**63 - 1).view(torch.int16)[:n]
-        keep = bits.as_strided(x.shape, x.stride()) >= round(self.p * 2**16) - 2**15
-        return x * keep * (1 / (1 - self.p))
-
-
 class ResBlock(nn.Module):
-    """Wide-ResNet block with the time embedding added after the first convolution."""
+    """Wide-ResNet block (Ho et al. App. B): GroupNorm, SiLU, 3x3 conv; plus the projected time embedding;
+    GroupNorm, SiLU, dropout, 3x3 conv (initialised to zero); plus the input (through a 1x1 conv where the
+    channel count changes)."""
 
     def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, groups: int, eps: float = 1e-5):
         super().__init__()
-        self.norm1 = GroupNorm(groups, in_ch, eps, silu=True)
-        self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_ch, out_ch)
-        self.norm2 = GroupNorm(groups, out_ch, eps, silu=True)
-        self.dropout = Dropout(dropout)
-        self.conv2 = zero_init(Conv2d(out_ch, out_ch, 3, padding=1))
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor, temb: Tensor) -> Tensor:
-        h = self.conv1(self.norm1(x))  # norm1 and norm2 apply the SiLU
-        # norm2 adds the projected time embedding to its input and applies the dropout to its output
-        h = self.conv2(self.norm2(h, self.dropout, shift=self.temb_proj(F.silu(temb))))
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
 
 
@@ -92,7 +75,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, ch: int, groups: int, eps: float = 1e-5):
         super().__init__()
-        self.norm = GroupNorm(groups, ch, eps)
+        self.norm = nn.GroupNorm(groups, ch, eps)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = zero_init(nn.Conv2d(ch, ch, 1))
 
@@ -127,7 +110,7 @@ class Upsample(nn.Module):
 
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = Conv2d(ch, ch, 3, padding=1)
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -150,7 +133,7 @@ class UNet(nn.Module):
     `norm_eps` (GroupNorm's epsilon) and `downsample_padding` express the numerical choices other implementations
     of the same network make: diffusers' google/ddpm-* models use 1e-6 and "tf_same" (see diffusers_io.py).
     `fused_norm` and `winograd` are accepted and ignored: checkpoints written before the CPU kernels became a
-    runtime setting (`kernels`, see nets.routes) carry them."""
+    runtime setting (conf `kernels`) carry them."""
 
     def __init__(
         self,
@@ -220,7 +203,7 @@ class UNet(nn.Module):
                 self.up.append(TimestepSequential(*layers))
         out_ch = (out_channels or in_channels) * (2 if learn_sigma else 1)
         self.out = nn.Sequential(
-            GroupNorm(norm_groups, cur, norm_eps), nn.SiLU(), zero_init(nn.Conv2d(cur, out_ch, 3, padding=1))
+            nn.GroupNorm(norm_groups, cur, norm_eps), nn.SiLU(), zero_init(nn.Conv2d(cur, out_ch, 3, padding=1))
         )
         if fused_norm is False or winograd is False:  # kept in checkpoints' configs from before `kernels`
             warnings.warn("model.fused_norm / model.winograd no longer choose the CPU kernels; set kernels=off (conf/train.yaml) for PyTorch's operators", stacklevel=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -23,8 +24,6 @@ from ddpm_lightning.diffusion.losses import (
     eps_mse,
 )
 from ddpm_lightning.diffusion.samplers import PerSampleNoise, check_compatible
-from ddpm_lightning.nets import routes
-from ddpm_lightning.nets.conv import fixed_weights
 from ddpm_lightning.runs import correct_epoch_after_resume
 from ddpm_lightning.seeds import step_seed
 
@@ -251,11 +250,8 @@ class DiffusionModule(ImageModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.timestep_sampler is not None:  # the loss-aware sampler's history: a resumed run draws the same t
             checkpoint["loss_aware_timesteps"] = self.timestep_sampler.state_dict()
-        checkpoint["cpu_routes"] = routes.state()  # the routes taken so far: a resumed run takes them again
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "cpu_routes" in checkpoint:
-            routes.restore(checkpoint["cpu_routes"])
         if self.timestep_sampler is not None and "loss_aware_timesteps" in checkpoint:
             self.timestep_sampler.load_state_dict(checkpoint["loss_aware_timesteps"])
 
@@ -318,7 +314,7 @@ class DiffusionModule(ImageModule):
         was_training = self.training
         self.eval()
         try:
-            with fixed_weights():
+            with getattr(self.net, "sampling_context", contextlib.nullcontext)():  # a speed plug-in's, if any
                 return sampler(denoiser, x_T, noise, callback=callback, **cond).clamp(-1, 1)
         finally:
             self.train(was_training)

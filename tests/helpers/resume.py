@@ -22,3 +22,22 @@ def states(ckpt: Path) -> dict:
             "adam": c["optimizer_states"][0]["state"], "lr": c["lr_schedulers"][0]["last_epoch"]}
 
 
+# Runs that stop on an epoch's last batch (tests/test_resume_edges.py, tests/cpu/test_resume_routes.py).
+EPOCH = ["data.batch_size=128", "trainer.deterministic=true", "callbacks.samples.every_n_steps=0", "logger=none",
+         "trainer.val_check_interval=100", "callbacks.checkpoint.every_n_train_steps=2"]
+
+
+def epoch_states(ckpt: Path) -> dict:
+    c = torch.load(ckpt, weights_only=True)
+    return {"step": c["global_step"], "epoch": c["epoch"], "ema": c["state_dict"], "raw": c["current_model_state"],
+            "adam": c["optimizer_states"][0]["state"]}
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"]
+    for part in ("raw", "ema"):
+        for k, v in a[part].items():
+            assert torch.equal(b[part][k], v), f"{part} {k} differs after resume"
+    for i, s in a["adam"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(b["adam"][i][k], s[k]), f"Adam {k} of parameter {i} differs"

@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddpm_lightning.nets import conv, routes
-from ddpm_lightning.nets.conv import Conv2d
+from ddpm_lightning.cpu import autotune as routes
+from ddpm_lightning.cpu import conv
+from ddpm_lightning.cpu.conv import Conv2d
 
 needs_compiler = pytest.mark.skipif(routes.kernel("winograd", wait=True) is None, reason="no C++ compiler for the kernel")
 
@@ -137,15 +138,15 @@ def test_conv2d_offers_winograd_for_channel_counts_it_blocks_and_bf16_products_i
 
 @needs_compiler
 @pytest.mark.parametrize("m, dtype", [(4, torch.float32), (2, torch.bfloat16)])
-def test_fixed_weights_transforms_each_kernel_once_and_forgets_them_at_its_end(m, dtype):
-    """Inside `fixed_weights` a layer's U is computed on its first call and reused (the same tensor, the same
+def test_sampling_transforms_each_kernel_once_and_forgets_them_at_its_end(m, dtype):
+    """Inside `sampling` a layer's U is computed on its first call and reused (the same tensor, the same
     outputs and input gradients as without the block, as the likelihood's vector-Jacobian products take them);
     after the block a changed weight is transformed afresh."""
     layer = Conv2d(16, 32, 3, padding=1)
     x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last).to(dtype)
     with torch.no_grad():
         outside = conv.winograd_conv3x3(x, layer.weight, layer.bias, m, dtype)
-        with conv.fixed_weights():
+        with conv.sampling():
             first = conv.winograd_kernels(layer.weight, m, dtype)
             assert conv.winograd_kernels(layer.weight, m, dtype) is first
             assert conv.winograd_kernels(layer.weight.detach().clone(), m, dtype) is not first  # not a layer's parameter
@@ -157,7 +158,7 @@ def test_fixed_weights_transforms_each_kernel_once_and_forgets_them_at_its_end(m
         conv.winograd_conv3x3(xg, layer.weight, layer.bias, m, dtype).float().square().sum().backward()
         return xg.grad
 
-    with conv.fixed_weights():
+    with conv.sampling():
         inside = [input_gradient() for _ in range(2)]
     for g in inside:
         torch.testing.assert_close(g, input_gradient(), rtol=0, atol=0)

@@ -9,12 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ddpm_lightning.cpu import accelerate, conv, norm
+from ddpm_lightning.cpu import autotune as routes
+from ddpm_lightning.cpu.blocks import Dropout
+from ddpm_lightning.cpu.conv import Conv2d
+from ddpm_lightning.cpu.norm import GroupNorm
 from ddpm_lightning.diffusion.denoiser import Denoiser
 from ddpm_lightning.diffusion.losses import eps_mse
-from ddpm_lightning.nets import UNet, conv, norm, routes
-from ddpm_lightning.nets.conv import Conv2d
-from ddpm_lightning.nets.norm import GroupNorm
 from ddpm_lightning.diffusion.schedules import linear
+from ddpm_lightning.nets import UNet
 
 CL = torch.channels_last
 needs_kernels = pytest.mark.skipif(routes.kernel("winograd", wait=True) is None or routes.kernel("group_norm", wait=True) is None, reason="no C++ compiler for the kernels")
@@ -149,7 +152,6 @@ def test_a_speed_path_is_taken_only_when_clearly_faster_than_pytorchs_operator()
 @needs_kernels
 def test_timing_leaves_the_global_random_state_alone(cache):
     """Measuring a dropout route on first use must not shift the seeded run's random numbers."""
-    from ddpm_lightning.nets.unet import Dropout
 
     layer, drop = GroupNorm(4, 16, silu=True).train(), Dropout(0.5).train()
     x = torch.randn(2, 16, 4, 4).contiguous(memory_format=CL)
@@ -172,7 +174,8 @@ def test_a_pending_build_takes_pytorchs_operator_without_deciding(cache, monkeyp
 
 def small_unet():
     torch.manual_seed(0)
-    return UNet(in_channels=3, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1, image_size=8).to(memory_format=CL)
+    net = UNet(in_channels=3, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.1, image_size=8)
+    return accelerate(net).to(memory_format=CL)
 
 
 def test_without_a_compiler_the_unet_trains_on_pytorchs_operators(cache, monkeypatch):
@@ -239,29 +242,12 @@ def test_old_kernel_switches_in_a_model_config_are_accepted():
         UNet(ch=32, ch_mult=(1,), attn_resolutions=(), image_size=8, winograd=False)
 
 
-def test_the_run_setting_kernels_reaches_the_routes(monkeypatch):
-    """conf `kernels` (train.yaml / evaluate.yaml, default $DDPM_LIGHTNING_KERNELS or auto) is applied by tasks."""
-    from helpers.config import compose_cfg
-    from ddpm_lightning.tasks import speed_settings
-
-    monkeypatch.setitem(routes._settings, "mode", "auto")
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
-    cfg = compose_cfg(["kernels=off"])
-    assert "fused_norm" not in cfg.model and "winograd" not in cfg.model  # not a model setting
-    speed_settings(cfg)
-    assert routes.mode() == "off" and torch.backends.cudnn.benchmark
-    monkeypatch.setenv("DDPM_LIGHTNING_KERNELS", "off")
-    assert compose_cfg().kernels == "off"
-    with pytest.raises(ValueError, match="kernels='fast'"):
-        speed_settings(compose_cfg(["kernels=fast"]))
-
-
 def test_a_resumed_run_takes_the_routes_in_its_checkpoint_not_the_cache_files(cache, monkeypatch):
     torch.manual_seed(0)
     layer = Conv2d(16, 16, 3, padding=1).to(memory_format=CL)
     x = torch.randn(2, 16, 8, 8).contiguous(memory_format=CL).requires_grad_()
     train_call(layer, x)
-    saved = routes.state()  # what DiffusionModule.on_save_checkpoint stores
+    saved = routes.state()  # what RoutesCallback.on_save_checkpoint stores
     key, = saved["routes"]
     assert saved["mode"] == "auto"
     data = json.loads(cache.read_text())
@@ -288,24 +274,6 @@ def test_a_run_trained_with_kernels_off_resumes_with_them_off(monkeypatch):
     assert routes.mode() == "off"
     routes.restore({"mode": "auto", "routes": {}})  # a run measured with them on keeps this process's setting
     assert routes.mode() == "off"
-
-
-def test_precision_auto_is_bf16_mixed_on_a_bf16_gpu_and_fp32_elsewhere(monkeypatch):
-    from helpers.config import compose_cfg
-    from ddpm_lightning.compose import auto_precision, resolve_precision
-
-    assert compose_cfg().trainer.precision == "auto"  # the default
-    assert auto_precision("auto", cuda=True, bf16=True) == auto_precision("gpu", cuda=True, bf16=True) == "bf16-mixed"
-    assert auto_precision("auto", cuda=True, bf16=False) == "32-true"  # V100, T4: fp16 needs a loss scaler, a choice
-    assert auto_precision("cpu", cuda=True, bf16=True) == auto_precision("auto", cuda=False) == "32-true"
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    cfg = compose_cfg()
-    resolve_precision(cfg.trainer)
-    assert cfg.trainer.precision == "bf16-mixed"
-    cfg = compose_cfg(["trainer.precision=32-true"])  # an explicit choice stays
-    resolve_precision(cfg.trainer)
-    assert cfg.trainer.precision == "32-true"
 
 
 def test_kernels_build_at_the_lowest_cpu_priority(tmp_path):

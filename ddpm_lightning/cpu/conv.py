@@ -24,7 +24,7 @@ numbers takes about one forward). There `Conv2d` computes dL/dW as [O, N H W] @ 
 copies of the zero-padded input (im2col), and dL/dx and dL/db as oneDNN would: the same sums, in another order.
 
 Which route a layer takes for a given input (oneDNN, always a candidate, the Winograd routes, or the
-matrix-product weight gradient) is measured on first use, not decided by rules about the CPU: see `nets.routes`.
+matrix-product weight gradient) is measured on first use, not decided by rules about the CPU: see `cpu.autotune`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import routes
+from . import autotune
 from .norm import channels_last_cpu
 
 # Winograd: bytes of transformed tiles per chunk (kernels/winograd.cpp), by dtype, as measured fastest on 2 AMD EPYC cores
@@ -54,16 +54,16 @@ def weight_grad_3x3(x: Tensor, dy: Tensor) -> Tensor:
     return (g.t() @ cols.reshape(N * H * W, 9 * I)).view(-1, 3, 3, I).permute(0, 3, 1, 2)
 
 
-_fixed: list[dict] = []  # within fixed_weights(): (id(weight), m, dtype, rotated) -> (weight, U)
+_fixed: list[dict] = []  # within sampling(): (id(weight), m, dtype, rotated) -> (weight, U)
 FIXED_BYTES = 2**30  # ... holding at most this many bytes of U (unet_cifar10: 0.57 GB in fp32 F(4x4), 0.13 in bf16)
 
 
 @contextlib.contextmanager
-def fixed_weights() -> Iterator[None]:
+def sampling() -> Iterator[None]:
     """Within this block each Winograd layer transforms its kernels (U = G g G^T) on its first call and reuses them
     until the block ends: for sampling, whose weights do not change from one network evaluation to the next (at
     batch 8 the transforms are about 5% of a unet_cifar10 evaluation). The weights must not change inside it
-    (`Module.sample` runs its sampler in one). Transforms beyond FIXED_BYTES are computed at every call."""
+    (`accelerate` makes it the network's `sampling_context`, which `DiffusionModule.sample` and bits/dim enter). Transforms beyond FIXED_BYTES are computed at every call."""
     _fixed.append({})
     try:
         yield
@@ -73,12 +73,12 @@ def fixed_weights() -> Iterator[None]:
 
 def winograd_kernels(weight: Tensor, m: int, dtype: torch.dtype, rotated: bool = False) -> Tensor:
     """U = G g G^T of every kernel as `kernels/winograd.cpp` takes it ([K, I, O] in `dtype`; `rotated`: of the
-    kernels turned by 180 degrees, [K, O, I]); inside `fixed_weights`, once per layer parameter."""
+    kernels turned by 180 degrees, [K, O, I]); inside `sampling`, once per layer parameter."""
     kept = _fixed[-1] if _fixed and isinstance(weight, nn.Parameter) else None
     key = (id(weight), m, dtype, rotated)
     if kept is not None and key in kept and kept[key][0] is weight:
         return kept[key][1]
-    U = routes.kernel("winograd", wait=True).kernels(weight.float().contiguous(memory_format=torch.channels_last), m, rotated, dtype)
+    U = autotune.kernel("winograd", wait=True).kernels(weight.float().contiguous(memory_format=torch.channels_last), m, rotated, dtype)
     if kept is not None and sum(u.nbytes for _, u in kept.values()) + U.nbytes <= FIXED_BYTES:
         kept[key] = (weight, U)
     return U
@@ -92,7 +92,7 @@ class _Winograd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, m: int, dtype: torch.dtype) -> Tensor:
-        k = routes.kernel("winograd", wait=True)
+        k = autotune.kernel("winograd", wait=True)
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.m, ctx.dtype = bias is not None, m, dtype
         b = x.new_empty(0, dtype=torch.float32) if bias is None else bias.float().contiguous()
@@ -101,7 +101,7 @@ class _Winograd(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy: Tensor):
-        k, (x, weight), m, dtype = routes.kernel("winograd", wait=True), ctx.saved_tensors, ctx.m, ctx.dtype
+        k, (x, weight), m, dtype = autotune.kernel("winograd", wait=True), ctx.saved_tensors, ctx.m, ctx.dtype
         dy = dy.to(dtype).contiguous(memory_format=torch.channels_last)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
@@ -171,9 +171,18 @@ ROUTES = {"onednn": _onednn, "winograd": _winograd, "winograd_bf16": _winograd_b
 
 class Conv2d(nn.Conv2d):
     """`nn.Conv2d` (same parameters and state dict) that, for 3x3, stride-1, padding-1 convolutions of channels-last
-    CPU images, takes the fastest of ROUTES as measured on first use (`nets.routes`): oneDNN's convolution,
+    CPU images, takes the fastest of ROUTES as measured on first use (`cpu.autotune`): oneDNN's convolution,
     `winograd_conv3x3` (channel counts that are multiples of 16; F(4x4) in fp32, and in bf16 also F(2x2) with bf16
     products) and, in training, `_Conv3x3`'s matrix-product weight gradient. Anything else is `nn.Conv2d`."""
+
+    @classmethod
+    def like(cls, conv: nn.Conv2d) -> Conv2d:
+        """This convolution in place of `conv`, holding the same parameter tensors (no copy)."""
+        with torch.device("meta"):
+            new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                      conv.groups, conv.bias is not None, conv.padding_mode)
+        new.weight, new.bias = conv.weight, conv.bias
+        return new.train(conv.training)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self._3x3(x):
@@ -182,23 +191,23 @@ class Conv2d(nn.Conv2d):
         return ROUTES[self.route(x, dtype)](x, self.weight, self.bias, dtype)
 
     def route(self, x: Tensor, dtype: torch.dtype) -> str:
-        """The route name for this channels-last CPU input and compute dtype (routes.choose)."""
-        train = routes.training(x, self.weight, self.bias)
+        """The route name for this channels-last CPU input and compute dtype (autotune.choose)."""
+        train = autotune.training(x, self.weight, self.bias)
         candidates = ["onednn"]
         same = torch.is_autocast_enabled("cpu") or x.dtype == self.weight.dtype  # else F.conv2d's own error
         if same and dtype in (torch.float32, torch.bfloat16) and x.dtype in (torch.float32, torch.bfloat16):
-            if self._winograd_fits() and routes.kernel("winograd") is not None:
+            if self._winograd_fits() and autotune.kernel("winograd") is not None:
                 candidates += ["winograd", "winograd_bf16"] if dtype == torch.bfloat16 else ["winograd"]
             if train and x.numel() * 9 * dtype.itemsize <= IM2COL_BYTES:
                 candidates.append("gemm_weight_grad")
-        key = routes.layer_key("conv3x3", x, dtype, train, f"{self.in_channels}to{self.out_channels}", f"dx{int(x.requires_grad)}")
+        key = autotune.layer_key("conv3x3", x, dtype, train, f"{self.in_channels}to{self.out_channels}", f"dx{int(x.requires_grad)}")
 
         def bench(route: str):
-            leaves = routes.copies(x, self.weight, self.bias)
-            return routes.runner(lambda: ROUTES[route](*leaves, dtype), train, leaves)
+            leaves = autotune.copies(x, self.weight, self.bias)
+            return autotune.runner(lambda: ROUTES[route](*leaves, dtype), train, leaves)
 
-        pending = self._winograd_fits() and routes.building("winograd")
-        return routes.choose(key, candidates, bench, pending=pending)
+        pending = self._winograd_fits() and autotune.building("winograd")
+        return autotune.choose(key, candidates, bench, pending=pending)
 
     def _winograd_fits(self) -> bool:
         return self.weight.dtype in (torch.float32, torch.bfloat16) and self.in_channels % 16 == 0 and self.out_channels % 16 == 0

@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddpm_lightning.nets import norm, routes
-from ddpm_lightning.nets.norm import GroupNorm
+from ddpm_lightning.cpu import autotune as routes
+from ddpm_lightning.cpu import norm
+from ddpm_lightning.cpu.blocks import Dropout
+from ddpm_lightning.cpu.norm import GroupNorm
 
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler to build the kernel")
 
@@ -98,8 +100,6 @@ def test_group_norm_keeps_nn_group_norm_state_dict_and_falls_back_without_a_comp
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_fused_dropout_keeps_elements_with_probability_1_minus_p_and_its_gradient_uses_the_same_mask(p):
     """GroupNorm + SiLU + dropout in one kernel: against the plain GroupNorm + SiLU (float64) times the mask."""
-    from ddpm_lightning.nets.unet import Dropout
-
     torch.manual_seed(0)
     layer, drop = GroupNorm(32, 128, silu=True), Dropout(p)
     torch.nn.init.normal_(layer.weight, 1, 0.5), torch.nn.init.normal_(layer.bias, 0, 0.5)

@@ -7,7 +7,7 @@ in. `kernels/group_norm.cpp` normalises channels-last fp32 / bf16 tensors in two
 backward, fusing the SiLU that follows every GroupNorm of a ResBlock, and for the second the time embedding added
 to its input and the dropout that follows it (its mask a hash of a seed and the element index, regenerated in the
 backward pass rather than stored). Which of the two runs on a channels-last CPU tensor is measured
-(`nets.routes`); without a compiler, or with `kernels: off`, it is `F.group_norm`. Everything else (GPU tensors,
+(`cpu.autotune`); without a compiler, or with `kernels: off`, it is `F.group_norm`. Everything else (GPU tensors,
 contiguous tensors, float64) takes `F.group_norm` as well.
 """
 
@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import routes
+from . import autotune
 
 
 class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, shift: Tensor, groups: int, eps: float, silu: bool, p: float, seed: int) -> Tensor:
-        y, mean, rstd, sums = routes.kernel(wait=True).forward(x, weight, bias, shift, groups, eps, silu, p, seed)
+        y, mean, rstd, sums = autotune.kernel(wait=True).forward(x, weight, bias, shift, groups, eps, silu, p, seed)
         ctx.save_for_backward(x, weight, bias, shift, mean, rstd, sums)
         ctx.groups, ctx.silu, ctx.p, ctx.seed = groups, silu, p, seed
         return y
@@ -33,13 +33,13 @@ class _GroupNormSiLU(torch.autograd.Function):
     def backward(ctx, dy: Tensor):
         x, weight, bias, shift, mean, rstd, sums = ctx.saved_tensors
         dy = dy.to(x.dtype).contiguous(memory_format=torch.channels_last)
-        dx, dweight, dbias, dshift = routes.kernel(wait=True).backward(dy, x, weight, bias, shift, mean, rstd, sums, ctx.groups, ctx.silu, ctx.p, ctx.seed)
+        dx, dweight, dbias, dshift = autotune.kernel(wait=True).backward(dy, x, weight, bias, shift, mean, rstd, sums, ctx.groups, ctx.silu, ctx.p, ctx.seed)
         return dx, dweight, dbias, dshift, None, None, None, None, None
 
 
 class GroupNorm(nn.GroupNorm):
     """`nn.GroupNorm` (same parameters and state dict) with `silu=True` applying SiLU to its output, and, for
-    channels-last fp32 / bf16 CPU inputs, the fused kernel where it is measured faster (`nets.routes`).
+    channels-last fp32 / bf16 CPU inputs, the fused kernel where it is measured faster (`cpu.autotune`).
 
     `forward(x, dropout, shift)` normalises x + shift[:, :, None, None] for a [N, C] `shift` (the ResBlock's time
     embedding; the kernel never writes the sum out) and applies a dropout module after it: in training the kernel
@@ -50,22 +50,30 @@ class GroupNorm(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps)
         self.silu = silu
 
+    @classmethod
+    def like(cls, norm: nn.GroupNorm, silu: bool = False) -> GroupNorm:
+        """This GroupNorm in place of `norm`, holding the same parameter tensors (no copy)."""
+        with torch.device("meta"):
+            new = cls(norm.num_groups, norm.num_channels, norm.eps, silu)
+        new.weight, new.bias = norm.weight, norm.bias
+        return new.train(norm.training)
+
     def forward(self, x: Tensor, dropout: nn.Dropout | None = None, shift: Tensor | None = None) -> Tensor:
         route = self.route(x, dropout, shift) if _fusable(x) else "stock"
         return ROUTES[route](self, x, self.weight, self.bias, dropout, shift)
 
     def route(self, x: Tensor, dropout: nn.Dropout | None, shift: Tensor | None) -> str:
-        """"stock" or "fused" for this channels-last CPU input (routes.choose)."""
+        """"stock" or "fused" for this channels-last CPU input (autotune.choose)."""
         p = dropout.p if dropout is not None and dropout.training else 0.0
-        candidates = ["stock"] + (["fused"] if p < 1 and x.numel() < 2**32 and routes.kernel("group_norm") is not None else [])
-        train = routes.training(x, self.weight, self.bias, shift)
-        key = routes.layer_key("group_norm", x, x.dtype, train, f"g{self.num_groups}", f"silu{int(self.silu)}", f"p{p:g}", f"shift{int(shift is not None)}")
+        candidates = ["stock"] + (["fused"] if p < 1 and x.numel() < 2**32 and autotune.kernel("group_norm") is not None else [])
+        train = autotune.training(x, self.weight, self.bias, shift)
+        key = autotune.layer_key("group_norm", x, x.dtype, train, f"g{self.num_groups}", f"silu{int(self.silu)}", f"p{p:g}", f"shift{int(shift is not None)}")
 
         def bench(route: str):
-            leaves = routes.copies(x, self.weight, self.bias, shift)
-            return routes.runner(lambda: ROUTES[route](self, leaves[0], leaves[1], leaves[2], dropout, leaves[3]), train, leaves)
+            leaves = autotune.copies(x, self.weight, self.bias, shift)
+            return autotune.runner(lambda: ROUTES[route](self, leaves[0], leaves[1], leaves[2], dropout, leaves[3]), train, leaves)
 
-        return routes.choose(key, candidates, bench, pending=routes.building("group_norm"))
+        return autotune.choose(key, candidates, bench, pending=autotune.building("group_norm"))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", silu=True" if self.silu else "")

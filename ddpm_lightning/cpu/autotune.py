@@ -1,6 +1,6 @@
 """Which implementation ("route") a CPU layer takes, chosen by measurement, and the optional C++ kernels.
 
-The convolutions (`nets.conv.Conv2d`) and GroupNorms (`nets.norm.GroupNorm`) of the U-Net have several routes on
+The convolutions (`cpu.conv.Conv2d`) and GroupNorms (`cpu.norm.GroupNorm`) of the U-Net have several routes on
 channels-last CPU tensors: PyTorch's own operator (oneDNN's convolution, `F.group_norm`), always a candidate and
 the default, and the speed paths (Winograd F(4x4, 3x3) in fp32 and F(2x2, 3x3) with bf16 products, the
 matrix-product weight gradient, the fused GroupNorm kernel). Which one is fastest depends on the CPU (AMX or not, AVX-512 or not), the shape, the dtype and whether
@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -212,7 +213,7 @@ def _start_build(name: str) -> subprocess.Popen:
     """A separate process that builds the kernel: beside training on a spare core, else after DEFER_S or as this
     process ends (`kernel`); it finishes the build even if this process ends first, leaving it for the next run."""
     root = str(Path(__file__).resolve().parents[2])
-    code = f"import sys; sys.path.insert(0, {root!r}); from ddpm_lightning.nets.routes import _load; _load({name!r})"
+    code = f"import sys; sys.path.insert(0, {root!r}); from ddpm_lightning.cpu.autotune import _load; _load({name!r})"
     return background(code, _build_log(name))
 
 
@@ -247,8 +248,6 @@ def machine() -> dict:
                 cpu = value.strip()
             elif key.strip() in ("flags", "Features") and not flags:
                 flags = set(value.split())
-    import platform
-
     return {
         "cpu": cpu or platform.processor() or platform.machine(),
         "flags": [f for f in _CPU_FLAGS if f in flags],
@@ -260,7 +259,7 @@ def machine() -> dict:
 
 
 def _routes_hash() -> str:
-    """Hash of the Python side of the routes (nets/conv.py, nets/norm.py: chunk sizes, conversions), which the
+    """Hash of the Python side of the routes (cpu/conv.py, cpu/norm.py: chunk sizes, conversions), which the
     timings depend on as much as on the kernels."""
     here = Path(__file__).parent
     return hashlib.sha256(b"".join((here / f).read_bytes() for f in ("conv.py", "norm.py"))).hexdigest()[:12]
