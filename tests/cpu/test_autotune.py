@@ -1,4 +1,4 @@
-"""Routes chosen by measurement (ddpm_lightning.nets.routes): every route computes the same convolution and
+"""Routes chosen by measurement (ddpm_lightning.cpu.autotune): every route computes the same convolution and
 GroupNorm, decisions follow the cache file, bad cache files are replaced, and the U-Net trains without the
 kernels and never touches them on other devices."""
 

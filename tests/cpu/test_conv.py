@@ -1,4 +1,4 @@
-"""The 3x3 convolutions of nets.conv against autograd through F.conv2d: Winograd F(4x4, 3x3) and F(2x2, 3x3) in fp32,
+"""The 3x3 convolutions of cpu.conv against autograd through F.conv2d: Winograd F(4x4, 3x3) and F(2x2, 3x3) in fp32,
 F(2x2, 3x3) with bf16 matrix products, and the small-image bf16 weight gradient."""
 
 import pytest

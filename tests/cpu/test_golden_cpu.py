@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ddpm_lightning import cpu
-from ddpm_lightning.checkpointing import load_model
+from ddpm_lightning.loading import load_model
 from ddpm_lightning.cpu import autotune
 from ddpm_lightning.nets import UNet
 
