@@ -111,7 +111,6 @@ def check_inception_weights(path: Path, key: str, hint: str = "") -> str:
 
 @functools.lru_cache(maxsize=4)
 def _check_state_dict_file(path: str, size: int, mtime_ns: int, key: str, hint: str) -> None:
-
     try:
         state = load_file(path, key, what="Inception weights file")
     except ValueError as e:
@@ -254,7 +253,6 @@ def cache_key(description: Mapping[str, Any], extractor: str = "inception-v3-com
 def cached_features(path: Path, compute) -> dict[str, Tensor]:
     """Load features from `path`, or compute and save them there atomically (a crash leaves no partial file)."""
     if path.is_file():
-
         log.info("Reference features from cache %s", path)
         return load_file(path, "reference.cache_dir", what="reference feature cache")
     features = compute()

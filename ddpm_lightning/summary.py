@@ -23,7 +23,6 @@ def cli_overrides() -> list[str]:
     """The Hydra overrides of this process's command line (`python train.py a=b c=d` -> [a=b, c=d]); [] when not
     run through Hydra (e.g. `tasks.train(cfg)` called from Python)."""
     try:
-
         return list(HydraConfig.get().overrides.task)
     except ValueError:  # HydraConfig not set
         return []
@@ -71,7 +70,6 @@ def _metrics_line(metrics: Mapping[str, float]) -> str:
 def train_summary(trainer: L.Trainer, run_dir: Path, metrics: Mapping[str, float], overrides: Sequence[str] = ()) -> str:
     """The end-of-run text of `train.py`: run directory, last / best checkpoint, latest sample grid, final
     metrics, and the commands to continue training, evaluate, and sample with another sampler."""
-
 
     ckpts = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
     last = next((Path(c.last_model_path) for c in ckpts if c.last_model_path and Path(c.last_model_path).is_file()), None)

@@ -83,7 +83,6 @@ class ControlNetModule(DiffusionModule):
         return cond
 
     def on_fit_start(self) -> None:
-
         for cb in self.trainer.callbacks:
             if isinstance(cb, SampleGrid) and not isinstance(cb, ControlSampleGrid):
                 raise ValueError("a ControlNet samples under conditions: set callbacks.samples._target_=ddpm_lightning.control.module.ControlSampleGrid (as experiment=controlnet_digits does)")
@@ -148,7 +147,6 @@ class EvalConditions:
     name) of `folder`; `scale` is the conditioning_scale. Loaded at once, so a bad folder fails before sampling."""
 
     def __init__(self, cfg: Mapping, module: DiffusionModule, datamodule, seed_offset: int = 0):
-
         self.module, self.seed_offset = module, seed_offset
         self.scale = float(cfg.get("scale", 1.0))
         self.images = self.hints = None

@@ -148,7 +148,6 @@ class ClassifierGuidance(Guided):
 def build(guidance):
     """A guidance config (a `_partial_` node of conf/guidance/, or a list of them) as callables; callables pass."""
 
-
     is_cfg = isinstance(guidance, Mapping) or (
         isinstance(guidance, Sequence) and not isinstance(guidance, str) and any(isinstance(g, Mapping) for g in guidance)
     )

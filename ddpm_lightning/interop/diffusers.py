@@ -94,7 +94,6 @@ def _require(module: str):
 
 
 def _unet_defaults() -> dict[str, Any]:
-
     return {k: p.default for k, p in inspect.signature(UNet).parameters.items()}
 
 

@@ -89,9 +89,6 @@ def check_sampler(sampler: Any, pl_module: L.LightningModule, key: str) -> None:
     """A callback's own sampler (a config or the partial Hydra built from it), checked against the model's schedule
     when training starts (e.g. its steps beyond the schedule's T) rather than when it first samples."""
     if sampler:
-
-
-
         if OmegaConf.is_config(sampler):  # the user's config (conf/callbacks), resolved as Hydra would
             sampler = OmegaConf.to_container(sampler, resolve=True)
         try:
@@ -239,7 +236,6 @@ class FID(L.Callback):
         self.history: dict[int, float] = {}  # global step -> FID
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-
         check_sampler(self.sampler, pl_module, "callbacks.fid.sampler")
         if stage == "fit" and trainer.is_global_zero:
             self._weights = resolve_inception_weights(self.weights_path, "callbacks.fid.weights_path")
@@ -263,7 +259,6 @@ class FID(L.Callback):
             pl_module.log("val/fid", fid, on_step=True, on_epoch=False)
 
     def compute(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
-
         module = ema_module(trainer, pl_module)
         world = trainer.world_size
         seeds = [self.seed + i for i in rank_share(self.num_samples, world, trainer.global_rank)]
