@@ -37,8 +37,6 @@ def build_module(constructor: Any, ckpt: dict, path: str | Path, key: str, state
     return module
 
 
-
-
 def load_model(ckpt_path: str | Path, use_ema: bool = True, map_location: Any = "cpu"):
     """Rebuild a trained DiffusionModule from a checkpoint alone, in eval mode, with the EMA weights by default."""
     ckpt = read_checkpoint(ckpt_path, map_location)
@@ -102,8 +100,8 @@ def read_base(base_ckpt: str | Path | None) -> tuple[dict, dict, str]:
     hp = ckpt["hyper_parameters"]
     if "schedule" not in hp or "sampler" not in hp:
         raise ValueError(f"base_ckpt={path} is not a diffusion model checkpoint (a classifier's?)")
-    if str(hp["net"].get("_target_", "")).endswith("ControlledUNet"):
-        raise ValueError(f"base_ckpt={path} is a ControlNet checkpoint; give the checkpoint of the model it controls")
     registry.check_module(DiffusionModule, hp, f"checkpoint {path} (base_ckpt)")
+    if hp["net"]["_target_"].endswith("ControlledUNet"):
+        raise ValueError(f"base_ckpt={path} is a ControlNet checkpoint; give the checkpoint of the model it controls")
     state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     return hp, state, file_sha256(path)
