@@ -93,7 +93,8 @@ REGISTRY: dict[str, Entry] = {
     **_entries("net", "ddpm_lightning.nets.mlp", ("MLP",), ("ddpm_lightning.nets",)),
     **_entries("net", "ddpm_lightning.nets.classifier", ("EncoderClassifier",), ("ddpm_lightning.nets",)),
     **_entries("net", "ddpm_lightning.nets.controlnet", ("ControlledUNet",), nested={"base": "net", "condition": "condition"}),
-    **_entries("schedule", f"{_D}.schedules", ("linear", "cosine", "scaled_linear", "ncsn", "NCSNSchedule", "VPSDE", "SubVPSDE", "VESDE"),
+    **_entries("schedule", f"{_D}.schedules", ("linear", "cosine", "scaled_linear", "ncsn", "NCSNSchedule", "VPSDE", "SubVPSDE", "VESDE",
+                                                   "EDMSchedule", "RectifiedFlow"),
                (_old(f"{_D}.schedules"),)),
     **{k: v for module, names in _SAMPLERS.items()
        for k, v in _entries("sampler", module, names, (f"{_D}.samplers", _old(module), _old(f"{_D}.samplers")), partial=True).items()},

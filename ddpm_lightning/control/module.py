@@ -70,6 +70,7 @@ class ControlNetModule(DiffusionModule):
             image_size=image_size, channels=channels, warmup_steps=warmup_steps,
             parameterization=hp.get("parameterization", "eps"), channels_last=channels_last, seed=seed,
             p_uncond=hp.get("p_uncond", 0.1) if p_uncond is None else p_uncond,
+            weighting=hp.get("weighting", "uniform"), snr_gamma=hp.get("snr_gamma", 5.0),
         )
         self.net.load_base(state, f"base_ckpt={base_ckpt}")
 

@@ -53,6 +53,18 @@ class Preconditioning:
         """eps_theta = c_skip x_t + c_out F (a subclass may group the same terms so as to round as before)."""
         return self.c_skip(alpha, sigma) * x + self.c_out(alpha, sigma) * F
 
+    # Training: what F should output for (x_0, eps), and how an error in F moves the x_0 estimate.
+    own_loss = False  # True: the objective's paper trains on ||F - target||^2; False: on Ho et al.'s eps error
+
+    def target(self, x0: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+        """The regression target of F at x_t = alpha x_0 + sigma eps."""
+        raise NotImplementedError
+
+    def x0_scale(self, alpha: Tensor, sigma: Tensor) -> Tensor | float:
+        """d x_0-estimate / d F, so that ||x_0 - x^_0||^2 = x0_scale^2 ||F - target||^2 (the loss weightings are
+        written on the x_0 error, `weighting.py`)."""
+        raise NotImplementedError
+
 
 class EpsPrediction(Preconditioning):
     """Ho et al. 2020 eq. 11-12: the network predicts eps itself (c_skip = 0, c_out = 1)."""
@@ -66,6 +78,13 @@ class EpsPrediction(Preconditioning):
     def eps(self, x, alpha, sigma, F):
         """eps_theta = F."""
         return F
+
+    def target(self, x0, eps, alpha, sigma):
+        return eps
+
+    def x0_scale(self, alpha, sigma):
+        """x_0 = (x_t - sigma F) / alpha."""
+        return -sigma / alpha
 
 
 class X0Prediction(Preconditioning):
@@ -81,6 +100,12 @@ class X0Prediction(Preconditioning):
     def eps(self, x, alpha, sigma, F):
         """eps_theta = (x_t - alpha F) / sigma: c_skip x_t + c_out F with one rounding fewer."""
         return (x - alpha * F) / sigma
+
+    def target(self, x0, eps, alpha, sigma):
+        return x0
+
+    def x0_scale(self, alpha, sigma):
+        return 1.0
 
 
 class VPrediction(Preconditioning):
@@ -99,9 +124,83 @@ class VPrediction(Preconditioning):
         """eps_theta = (sigma x_t + alpha F) / (alpha^2 + sigma^2): c_skip x_t + c_out F with one rounding fewer."""
         return (sigma * x + alpha * F) / (alpha**2 + sigma**2)
 
+    def target(self, x0, eps, alpha, sigma):
+        return alpha * eps - sigma * x0
+
+    def x0_scale(self, alpha, sigma):
+        """x_0 = (alpha x_t - sigma F) / (alpha^2 + sigma^2)."""
+        return -sigma / (alpha**2 + sigma**2)
+
+
+class EDMPreconditioning(Preconditioning):
+    """Karras et al. 2022 Table 1 (EDM column), on the noise level s = sigma / alpha of x^ = x_t / alpha:
+    D(x^; s) = c_skip^E x^ + c_out^E F(c_in^E x^; c_noise) with c_skip^E = sigma_d^2 / (s^2 + sigma_d^2),
+    c_out^E = s sigma_d / sqrt(s^2 + sigma_d^2), c_in^E = 1 / sqrt(s^2 + sigma_d^2), c_noise = ln(s) / 4, sigma_d = 0.5.
+    As an eps prediction (eps = (x^ - D) / s): c_skip = s^2 / ((s^2 + sigma_d^2) sigma), c_out = -sigma_d /
+    sqrt(s^2 + sigma_d^2), and F sees c_in^E x_t / alpha. The loss lambda(s) ||D - x_0||^2 with lambda = (s^2 +
+    sigma_d^2) / (s sigma_d)^2 (eq. 8) is ||F - target||^2 exactly (lambda c_out^E^2 = 1), hence `own_loss`."""
+
+    own_loss = True
+
+    def __init__(self, sigma_data: float = 0.5):
+        self.sigma_data = sigma_data
+
+    def _root(self, alpha, sigma):
+        """sqrt(s^2 + sigma_d^2) at s = sigma / alpha."""
+        return ((sigma / alpha) ** 2 + self.sigma_data**2) ** 0.5
+
+    def c_in(self, alpha, sigma):
+        return 1 / (alpha * self._root(alpha, sigma))
+
+    def c_noise(self, schedule, t):
+        """ln(s) / 4."""
+        return schedule.noise_level(t).log().float() / 4
+
+    def c_skip(self, alpha, sigma):
+        s = sigma / alpha
+        return s**2 / ((s**2 + self.sigma_data**2) * sigma)
+
+    def c_out(self, alpha, sigma):
+        return -self.sigma_data / self._root(alpha, sigma)
+
+    def target(self, x0, eps, alpha, sigma):
+        """(x_0 - c_skip^E x^) / c_out^E = (s x_0 / sigma_d - sigma_d eps) / sqrt(s^2 + sigma_d^2)."""
+        s = sigma / alpha
+        return (s * x0 / self.sigma_data - self.sigma_data * eps) / self._root(alpha, sigma)
+
+    def x0_scale(self, alpha, sigma):
+        """c_out^E."""
+        return (sigma / alpha) * self.sigma_data / self._root(alpha, sigma)
+
+
+class FlowPrediction(Preconditioning):
+    """Flow matching (Lipman et al. 2023 eq. 23; Liu et al. 2023): F predicts the velocity u = eps - x_0 of the
+    straight path x_t = (1 - t) x_0 + t eps; on any schedule x_0 = eps - u gives eps = (x_t + alpha u) / (alpha +
+    sigma): c_skip = 1 / (alpha + sigma), c_out = alpha / (alpha + sigma). Its loss is the velocity error
+    ||F - (eps - x_0)||^2 (`own_loss`)."""
+
+    own_loss = True
+
+    def c_skip(self, alpha, sigma):
+        return 1 / (alpha + sigma)
+
+    def c_out(self, alpha, sigma):
+        return alpha / (alpha + sigma)
+
+    def eps(self, x, alpha, sigma, F):
+        return (x + alpha * F) / (alpha + sigma)
+
+    def target(self, x0, eps, alpha, sigma):
+        return eps - x0
+
+    def x0_scale(self, alpha, sigma):
+        """x_0 = eps - u = (x_t - sigma u) / (alpha + sigma)."""
+        return -sigma / (alpha + sigma)
+
 
 # `module.parameterization` -> its preconditioning; iterating gives the names.
-PARAMETERIZATIONS = {"eps": EpsPrediction(), "x0": X0Prediction(), "v": VPrediction()}
+PARAMETERIZATIONS = {"eps": EpsPrediction(), "x0": X0Prediction(), "v": VPrediction(), "edm": EDMPreconditioning(),
+                     "flow": FlowPrediction()}
 
 
 class Denoiser:
@@ -127,8 +226,13 @@ class Denoiser:
         network, the interpolation v of Nichol & Dhariwal eq. 15 (None otherwise), from one network evaluation.
         The network's second half is mapped to v = (out + 1) / 2, as in Nichol & Dhariwal's code, so a zero output
         is the geometric mean of beta_t and beta~_t."""
-        pre = self.precond
         alpha, sigma = expand_as(self.schedule.alpha(t), x), expand_as(self.schedule.sigma(t), x)
+        out, v = self.F_and_v(x, t, alpha, sigma, **cond)
+        return self.precond.eps(x, alpha, sigma, out), v
+
+    def F_and_v(self, x: Tensor, t: Tensor, alpha: Tensor, sigma: Tensor, **cond) -> tuple[Tensor, Tensor | None]:
+        """The network's output F(c_in x_t; c_noise) and, for a learned-variance network, v (`eps_and_v`)."""
+        pre = self.precond
         out = self.net(pre.c_in(alpha, sigma) * x, pre.c_noise(self.schedule, t), **cond).to(x.dtype)
         v = None
         if self.learn_sigma:
@@ -138,7 +242,7 @@ class Denoiser:
                 )
             out, v = out.chunk(2, dim=1)
             v = (v + 1) / 2
-        return pre.eps(x, alpha, sigma, out), v
+        return out, v
 
     def eps(self, x: Tensor, t: Tensor, **cond) -> Tensor:
         """The noise estimate eps_theta(x_t, t)."""

@@ -11,6 +11,8 @@ from torch import Tensor
 from ddpm_lightning.diffusion.denoiser import Denoiser
 from ddpm_lightning.diffusion.likelihood import vlb_term
 from ddpm_lightning.diffusion.samplers.ddpm import p_mean_log_variance
+from ddpm_lightning.diffusion.schedules import expand_as
+from ddpm_lightning.diffusion.weighting import F_weight
 
 LOSSES = ("simple", "vlb", "hybrid")
 
@@ -21,24 +23,28 @@ def eps_mse(
     generator: torch.Generator | None = None,
     t: Tensor | None = None,
     eps: Tensor | None = None,
+    weighting: str = "uniform",
+    snr_gamma: float = 5.0,
     **cond,
 ) -> tuple[Tensor, Tensor]:
-    """Ho et al. 2020 Algorithm 1 / eq. 14 (L_simple): ||eps - eps_theta(alpha x_0 + sigma eps, t)||^2,
-    t drawn per example from the schedule (unless given, as eps). Returns the per-example losses and the t used."""
+    """Ho et al. 2020 Algorithm 1 / eq. 14 (L_simple): ||eps - eps_theta(alpha x_0 + sigma eps, t)||^2 (or the
+    objective's own, weighted loss: `simple_loss`), t drawn per example from the schedule (unless given, as eps).
+    Returns the per-example losses and the t used."""
     schedule = denoiser.schedule
     t = schedule.sample_t(x0.shape[0], x0.device, generator) if t is None else t
     eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator) if eps is None else eps
     x_t = schedule.q_sample(x0, t, eps)
-    return (eps - denoiser.eps(x_t, t, **cond)).float().pow(2).flatten(1).mean(1), t
+    return simple_loss(denoiser, x0, x_t, t, eps, weighting, snr_gamma, **cond), t
 
 
 def diffusion_losses(
     denoiser: Denoiser, x0: Tensor, t: Tensor, eps: Tensor, loss: str = "simple", hybrid_lambda: float = 0.001,
-    vlb_variance: str = "fixed_large", **cond
+    vlb_variance: str = "fixed_large", weighting: str = "uniform", snr_gamma: float = 5.0, **cond
 ) -> dict[str, Tensor]:
     """Per-example training losses at the given t and eps, from one network evaluation:
 
-    - "mse": ||eps - eps_theta(x_t, t)||^2 averaged over dimensions (Ho et al. 2020 eq. 14, L_simple);
+    - "mse": `simple_loss`: ||eps - eps_theta(x_t, t)||^2 averaged over dimensions (Ho et al. 2020 eq. 14,
+      L_simple), or the objective's own loss on F (EDM, flow matching), weighted by `weighting` (weighting.py);
     - "vlb" (loss vlb or hybrid): T L_{t-1}, the one-step estimate of L_vlb = L_0 + ... + L_{T-1} (Ho et al. eq. 5;
       L_T has no parameters) in bits/dim, with the KL of Gaussians for t > 1 and the discretised decoder for t = 1.
       With learned variances p's variance is the network's (Nichol & Dhariwal 2021 eq. 15), and for "hybrid" the
@@ -51,7 +57,7 @@ def diffusion_losses(
     schedule = denoiser.schedule
     x_t = schedule.q_sample(x0, t, eps)
     if loss == "simple":
-        mse = (eps - denoiser.eps(x_t, t, **cond)).float().pow(2).flatten(1).mean(1)
+        mse = simple_loss(denoiser, x0, x_t, t, eps, weighting, snr_gamma, **cond)
         return {"mse": mse, "loss": mse}
     if getattr(denoiser, "learn_sigma", False):
         eps_hat, v = denoiser.eps_and_v(x_t, t, **cond)
@@ -66,6 +72,23 @@ def diffusion_losses(
     mean, log_var, _ = p_mean_log_variance(denoiser, schedule, x_t, t, t, mean_eps.float(), v, variance, False)
     vlb = schedule.T * vlb_term(schedule, x0.float(), x_t.float(), t, mean, log_var) / (x0[0].numel() * math.log(2))
     return {"mse": mse, "vlb": vlb, "loss": vlb if loss == "vlb" else mse + hybrid_lambda * vlb}
+
+
+def simple_loss(denoiser: Denoiser, x0: Tensor, x_t: Tensor, t: Tensor, eps: Tensor, weighting: str = "uniform",
+                snr_gamma: float = 5.0, **cond) -> Tensor:
+    """The per-example regression loss, averaged over dimensions: Ho et al.'s ||eps - eps_theta||^2 for eps, x0 and
+    v networks under `weighting` uniform; otherwise w ||F - target||^2 on the network's own output F, w = 1 for
+    an objective with its own loss (EDM, flow matching) under uniform, else `weighting.F_weight`."""
+    pre = denoiser.precond
+    if weighting == "uniform" and not pre.own_loss:
+        return (eps - denoiser.eps(x_t, t, **cond)).float().pow(2).flatten(1).mean(1)
+    schedule = denoiser.schedule
+    alpha, sigma = expand_as(schedule.alpha(t), x0), expand_as(schedule.sigma(t), x0)
+    F, _ = denoiser.F_and_v(x_t, t, alpha, sigma, **cond)
+    mse = (F - pre.target(x0, eps, alpha, sigma)).float().pow(2).flatten(1).mean(1)
+    if weighting == "uniform":
+        return mse
+    return (F_weight(weighting, snr_gamma, pre, schedule.alpha(t), schedule.sigma(t)) * mse.double()).float()
 
 
 VLB_FIXED_VARIANCES = ("fixed_large", "fixed_small")

@@ -344,10 +344,12 @@ class ContinuousSchedule(Schedule):
     continuous = True
     has_sde = True
 
+    t_max: float = 1.0  # where sampling starts (below 1 where the process has no noise level at t = 1)
+
     def __init__(self, t_min: float, t_eps: float = 1e-5):
         super().__init__()
-        if not 0 < t_min < 1:
-            raise ValueError(f"schedule.t_min={t_min} must lie in (0, 1)")
+        if not 0 < t_min < self.t_max:
+            raise ValueError(f"schedule.t_min={t_min} must lie in (0, {self.t_max:g})")
         if not 0 <= t_eps < 1:
             raise ValueError(f"schedule.t_eps={t_eps} must lie in [0, 1)")
         self.t_min, self.t_eps, self.T = float(t_min), float(t_eps), 1
@@ -361,15 +363,15 @@ class ContinuousSchedule(Schedule):
         return self.t_eps + (1 - self.t_eps) * torch.rand(n, device=device, generator=generator)
 
     def timesteps(self, steps: int | None = None, spacing: str = DEFAULT_SPACING) -> list[float]:
-        """`steps` decreasing times from 1 to t_min: even (trailing, leading, linspace and uniform all name the
-        even grid here, which always starts at t = 1) or quadratic (denser near t_min)."""
+        """`steps` decreasing times from t_max (1 but for rectified flow) to t_min: even (trailing, leading, linspace
+        and uniform all name the even grid here, which always starts at t_max) or quadratic (denser near t_min)."""
         steps = 1000 if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
             raise ValueError(f"sampler.steps={steps!r} must be an integer >= 2 for a continuous schedule")
         u = torch.linspace(1, 0, steps, dtype=torch.float64)
         if discrete_spacing(spacing) == "quadratic":
             u = u**2
-        return (self.t_min + (1 - self.t_min) * u).tolist()
+        return (self.t_min + (self.t_max - self.t_min) * u).tolist()
 
 
 class VPSDE(ContinuousSchedule):
@@ -459,3 +461,72 @@ class VESDE(ContinuousSchedule):
 
     def extra_repr(self) -> str:
         return f"sigma_min={self.sigma_min:g}, sigma_max={self.sigma_max:g}"
+
+
+class EDMSchedule(VESDE):
+    """Karras et al. 2022 (EDM) Table 1 / §5: x = x_0 + sigma eps with sigma in [sigma_min, sigma_max] = [0.002, 80],
+    as the VE SDE sigma(t) = sigma_min (sigma_max / sigma_min)^t (so every VE sampler and the ODE likelihood apply);
+    training draws ln sigma ~ N(P_mean, P_std^2) = N(-1.2, 1.2^2) (`sample_t`), sampling starts from N(0, 80^2 I)."""
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, P_mean: float = -1.2, P_std: float = 1.2,
+                 t_min: float = 1e-5):
+        super().__init__(sigma_min, sigma_max, t_min, t_eps=0.0)
+        if not P_std > 0:
+            raise ValueError(f"schedule.P_std={P_std} must be positive")
+        self.P_mean, self.P_std = float(P_mean), float(P_std)
+
+    def sample_t(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+        """The time of sigma = exp(P_mean + P_std n), n ~ N(0, 1) (Karras et al. Table 1, "noise distribution"); a
+        sigma outside [sigma_min, sigma_max] gets a time outside [0, 1], where sigma(t) continues geometrically."""
+        log_sigma = self.P_mean + self.P_std * torch.randn(n, device=device, generator=generator)
+        return (log_sigma - math.log(self.sigma_min)) / math.log(self.sigma_max / self.sigma_min)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, P_mean={self.P_mean:g}, P_std={self.P_std:g}"
+
+
+T_SAMPLINGS = ("uniform", "logit_normal")
+
+
+class RectifiedFlow(ContinuousSchedule):
+    """Flow matching on the straight path (Lipman et al. 2023's optimal-transport path with sigma_min = 0; Liu et
+    al. 2023's rectified flow): x_t = (1 - t) x_0 + t eps, t in [0, 1]. Training draws t ~ U(0, 1) or
+    logit-normal, t = sigmoid(m + s n) (Esser et al. 2024 §3.1, m = 0, s = 1). Sampling runs from t_max = 0.999
+    (noise level t / (1 - t) = 999; alpha(1) = 0 has none) down to t_min. Its SDE (`sde`) has these marginals, so
+    the reverse-SDE and probability-flow samplers and the ODE likelihood apply as to any score SDE."""
+
+    t_max = 0.999
+
+    def __init__(self, t_min: float = 1e-3, t_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0):
+        super().__init__(t_min, t_eps=0.0)
+        if t_sampling not in T_SAMPLINGS:
+            raise ValueError(f"schedule.t_sampling={t_sampling!r} must be one of {T_SAMPLINGS}")
+        if not logit_std > 0:
+            raise ValueError(f"schedule.logit_std={logit_std} must be positive")
+        self.t_sampling, self.logit_mean, self.logit_std = t_sampling, float(logit_mean), float(logit_std)
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return 1 - t
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return t
+
+    def sample_t(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+        """t ~ U(0, 1), or t = sigmoid(m + s n) for logit_normal; kept below 1 (alpha(1) = 0)."""
+        if self.t_sampling == "uniform":
+            return torch.rand(n, device=device, generator=generator)
+        t = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, device=device, generator=generator))
+        return t.clamp(max=1 - 2**-24)
+
+    def sde(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """f(t) = d log alpha / dt = -1 / (1 - t) and g(t)^2 = d sigma^2 / dt - 2 f sigma^2 = 2 t / (1 - t): the
+        linear SDE whose marginals are x_t = (1 - t) x_0 + t eps (Song et al. 2021 App. B's construction)."""
+        return -x / expand_as(1 - t, x), (2 * t / (1 - t)).sqrt()
+
+    def t_of_noise_level(self, level: Tensor) -> Tensor:
+        """t = level / (1 + level) (the inverse of t / (1 - t)), clamped to [t_min, t_max]."""
+        level = torch.as_tensor(level, dtype=torch.float64)
+        return (level / (1 + level)).clamp(self.t_min, self.t_max)
+
+    def extra_repr(self) -> str:
+        return f"t_sampling={self.t_sampling}"

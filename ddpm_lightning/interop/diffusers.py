@@ -299,10 +299,16 @@ def diffusers_scheduler_config(schedule: dict, parameterization: str, sampler: d
     if target not in SCHEDULES:
         problems.append(
             f"schedule._target_={target!r}: diffusers' DDPMScheduler has discrete linear, scaled_linear and "
-            f"squaredcos_cap_v2 betas only ({sorted(SCHEDULES)}); NCSN and score-SDE schedules have no equivalent"
+            f"squaredcos_cap_v2 betas only ({sorted(SCHEDULES)}); NCSN, score-SDE, EDM and rectified-flow schedules "
+            "have no equivalent"
         )
     elif target.endswith("cosine") and (schedule.get("s", 0.008), schedule.get("max_beta", 0.999)) != (0.008, 0.999):
         problems.append(f"schedule.s={schedule.get('s')}, schedule.max_beta={schedule.get('max_beta')}: squaredcos_cap_v2 fixes 0.008 and 0.999")
+    if parameterization not in PREDICTIONS.values():
+        problems.append(
+            f"module.parameterization={parameterization!r}: DDPMScheduler's prediction_type is epsilon, v_prediction or "
+            "sample; the EDM and flow-matching preconditionings act outside the UNet2DModel and have none"
+        )
     if problems:
         raise UnsupportedConfig("this schedule cannot be written as a DDPMScheduler", problems)
     spacing = _export_spacing(sampler)

@@ -24,6 +24,7 @@ from ddpm_lightning.diffusion.losses import (
     eps_mse,
 )
 from ddpm_lightning.diffusion.samplers import PerSampleNoise, check_compatible
+from ddpm_lightning.diffusion.weighting import check_weighting
 from ddpm_lightning.runs import correct_epoch_after_resume
 from ddpm_lightning.seeds import step_seed
 
@@ -110,8 +111,10 @@ TIMESTEP_SAMPLERS = ("uniform", "loss_aware")
 
 
 class DiffusionModule(ImageModule):
-    """Trains an eps-network with L_simple (Ho et al. 2020 Algorithm 1), or with learned variances on the bound
-    L_vlb or the hybrid loss (Nichol & Dhariwal 2021, `loss`), and samples from it.
+    """Trains a network under its preconditioning (`parameterization`: eps, x0, v, EDM, flow matching) with
+    L_simple (Ho et al. 2020 Algorithm 1) or the objective's own loss, weighted over noise levels by `weighting`
+    (uniform, min-SNR, soft-min-SNR), or with learned variances on the bound L_vlb or the hybrid loss (Nichol &
+    Dhariwal 2021, `loss`), and samples from it.
 
     The network, schedule, sampler and optimiser arrive as Hydra configs (`_target_` dicts), so the
     checkpoint's hyperparameters hold plain configs, never modules, and `load_from_checkpoint`
@@ -138,6 +141,8 @@ class DiffusionModule(ImageModule):
         timestep_sampler: str = "uniform",
         timestep_history: int = 10,
         vlb_variance: str = "fixed_large",
+        weighting: str = "uniform",
+        snr_gamma: float = 5.0,
     ):
         hparams = {k: v for k, v in locals().items() if k not in ("self", "__class__")}  # the arguments, as given
         super().__init__()
@@ -146,6 +151,9 @@ class DiffusionModule(ImageModule):
         _check_labels_and_warmup(net, p_uncond, warmup_steps)
         learn_sigma = bool(net.get("learn_sigma", False))
         _check_loss(loss, hybrid_lambda, timestep_sampler, learn_sigma, vlb_variance)
+        check_weighting(weighting, snr_gamma)
+        if weighting != "uniform" and loss != "simple":
+            raise ValueError(f"module.weighting={weighting} weights L_simple; module.loss={loss} has its own weights (use module.loss=simple)")
         # plain containers in the checkpoint: never modules, never OmegaConf nodes
         self.save_hyperparameters({**hparams, "net": net, "schedule": schedule, "sampler": sampler, "optimizer": optimizer,
                                    "data_shape": data_shape})
@@ -235,7 +243,8 @@ class DiffusionModule(ImageModule):
         eps = torch.randn((world * n, *x0.shape[1:]), device=x0.device, dtype=x0.dtype, generator=g)[part]
         hp = self.hparams
         losses = diffusion_losses(self.denoiser, x0, t, eps, hp.get("loss", "simple"), hp.get("hybrid_lambda", 0.001),
-                                  hp.get("vlb_variance", "fixed_large"), **cond)
+                                  hp.get("vlb_variance", "fixed_large"), hp.get("weighting", "uniform"), hp.get("snr_gamma", 5.0),
+                                  **cond)
         if self.timestep_sampler is not None:
             self._update_timesteps(t, losses["loss"].detach())
             losses["loss"] = losses["loss"] * weights
@@ -280,7 +289,9 @@ class DiffusionModule(ImageModule):
         # A fixed generator per batch makes the validation loss comparable across evaluations.
         g = torch.Generator(self.device).manual_seed(batch_idx)
         batch = unpack(batch)
-        losses, _ = eps_mse(self.denoiser, batch["x"], generator=g, **self._conditions(batch))
+        hp = self.hparams
+        losses, _ = eps_mse(self.denoiser, batch["x"], generator=g, weighting=hp.get("weighting", "uniform"),
+                            snr_gamma=hp.get("snr_gamma", 5.0), **self._conditions(batch))
         self.log("val/loss", losses.mean(), prog_bar=True, sync_dist=True)
 
     @torch.no_grad()
