@@ -115,7 +115,7 @@ def test_hydra_multirun_sweep_on_slurm_runs_every_job(slurm, tmp_path):
     for num, schedule in ((0, "linear"), (1, "cosine")):
         run = sweep / str(num)
         assert _step(run / "checkpoints" / "last.ckpt") == 4
-        assert f"_target_: ddpm_lightning.diffusion.schedules." in (run / "config.yaml").read_text()
+        assert "_target_: ddpm_lightning.diffusion.schedules." in (run / "config.yaml").read_text()
         assert (run / ".hydra" / "overrides.yaml").read_text().count(f"schedule={schedule}") == 1
     assert len(list((sweep / ".submitit").iterdir())) >= 2  # one submitit folder per SLURM job
 
