@@ -309,3 +309,14 @@ def test_classifier_free_guidance_and_controlnet_work_unchanged_on_a_flow_model(
     train(compose_cfg(["experiment=controlnet_digits", f"base_ckpt={base}", *RUN], tmp_path / "cn"))
     controlled = load_model(tmp_path / "cn" / "checkpoints" / "last.ckpt")
     assert controlled.hparams.parameterization == "flow" and type(controlled.schedule).__name__ == "RectifiedFlow"
+
+
+def test_edm_cifar10_has_the_papers_settings():
+    """Karras et al. 2022 Table 1 / App. F for CIFAR-10: batch 512, lr 1e-3, dropout 0.13, EMA half-life 0.5 Mimg,
+    ramp-up 10 Mimg, 200 Mimg, Heun with 18 steps (35 network evaluations), sigma in [0.002, 80]."""
+    cfg = compose_cfg(["experiment=edm_cifar10"], tiny=False)
+    assert (cfg.data.batch_size, cfg.module.optimizer.lr, cfg.model.dropout) == (512, 1e-3, 0.13)
+    assert cfg.module.parameterization == "edm" and cfg.schedule.sigma_min == 0.002 and cfg.schedule.sigma_max == 80.0
+    assert abs(cfg.callbacks.ema.decay - 0.5 ** (512 / 500_000)) < 1e-5  # half-life 0.5 Mimg in steps of 512
+    assert cfg.module.warmup_steps == round(10e6 / 512) and cfg.trainer.max_steps == round(200e6 / 512)
+    assert cfg.sampler._target_.endswith(".heun") and 2 * cfg.sampler.steps - 1 == 35
