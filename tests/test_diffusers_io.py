@@ -16,8 +16,8 @@ from ddpm_lightning.nets import UNet
 from ddpm_lightning.diffusion.denoiser import Denoiser
 from ddpm_lightning.diffusion.samplers import ddpm as ddpm_sampler
 from ddpm_lightning.interop.parity import (
-    CLASS_COND, GOOGLE_CIFAR10, GOOGLE_SCHEDULER, SIZE64, FixedOutput as _Fixed, QueuedNoise as _Noise, diffusers_unet,
-    inputs, randomize, save_pipeline,
+    CLASS_COND, GOOGLE_CIFAR10, GOOGLE_SCHEDULER, SIZE64, TRAIN_UNCONDITIONAL, FixedOutput as _Fixed, QueuedNoise as _Noise,
+    diffusers_unet, inputs, randomize, save_pipeline,
 )
 
 diffusers = pytest.importorskip("diffusers")
@@ -51,7 +51,8 @@ def test_google_ddpm_cifar10_config_imports_to_the_same_function(tmp_path):
         assert (other(x, t.float()) - want).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("config", [CLASS_COND, SIZE64], ids=["class_conditional", "64px_two_attention_levels"])
+@pytest.mark.parametrize("config", [CLASS_COND, SIZE64, TRAIN_UNCONDITIONAL],
+                         ids=["class_conditional", "64px_two_attention_levels", "train_unconditional_defaults"])
 def test_other_layouts_import_to_the_same_function(tmp_path, config):
     unet = diffusers_unet(config, seed=2)
     module = imported(save_pipeline(unet, tmp_path / "pipe"), null_label=True if config.get("num_class_embeds") else None)
@@ -418,3 +419,37 @@ def test_diffusers_ddim_with_clipped_model_output_is_our_ddim(tmp_path, spacing)
             theirs[clipped] = x
     assert (ours - theirs[True]).abs().max() < 1e-4
     assert (ours - theirs[False]).abs().max() > 1e-2
+
+
+def test_train_unconditional_models_import_fine_tune_and_export_exactly(tmp_path):
+    """diffusers' own UNet2DModel defaults (8-dim multi-head attention, freq_shift 0, [cos, sin]), as the community
+    checkpoints trained with train_unconditional.py have them: imported to the same function (and not to it with one
+    head or Ho et al.'s frequencies), fine-tuned, exported, loaded back by diffusers to the same function."""
+    from ddpm_lightning.tasks import train
+
+    unet = diffusers_unet(TRAIN_UNCONDITIONAL, seed=5)
+    folder = save_pipeline(unet, tmp_path / "pipe")
+    module = imported(folder)
+    assert (module.hparams.net["attention_head_dim"], module.hparams.net["freq_shift"]) == (8, 0)
+    assert [m.heads for m in module.net.modules() if hasattr(m, "heads")] == [4, 4, 8, 4, 4, 4]  # 32 / 8 and 64 / 8
+    x, t = inputs(unet, 3)
+    with torch.no_grad():
+        want = unet(x, t).sample
+        assert (module.net(x, t.float()) - want).abs().max() < TOL
+        for change in ({"attention_head_dim": None}, {"freq_shift": 1}):  # the test can fail
+            other = UNet(**{**{k: v for k, v in module.hparams.net.items() if k != "_target_"}, **change}).eval()
+            other.load_state_dict(module.net.state_dict())
+            assert (other(x, t.float()) - want).abs().max() > 1e-3, change
+    try:
+        train(hydra_run_cfg([*RUN, f"init_from={folder}", "sampler=ddim", "sampler.steps=2"], tmp_path / "run"))
+    finally:
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().cfg = None
+    io.main(["export", str(tmp_path / "run" / "checkpoints" / "last.ckpt"), str(tmp_path / "out")])
+    back = diffusers.UNet2DModel.from_pretrained(tmp_path / "out" / "unet").eval()
+    assert (back.config.attention_head_dim, back.config.freq_shift) == (8, 0)
+    tuned = io.load_module(tmp_path / "out", None, channels_last=False).net.eval()
+    with torch.no_grad():
+        assert (back(x, t).sample - tuned(x, t.float())).abs().max() < TOL
+        assert (back(x, t).sample - want).abs().max() > 1e-6  # the fine-tuning moved the weights

@@ -131,7 +131,21 @@ def net_config_from_diffusers(config: dict, null_label: bool | None = None) -> d
         "norm_groups": c["norm_num_groups"],
         "norm_eps": float(c["norm_eps"]),
         "downsample_padding": "tf_same" if c["downsample_padding"] == 0 else "symmetric",
+        **_heads_and_shift(c["attention_head_dim"], attn_channels_of(c), c["freq_shift"]),
     }
+
+
+def attn_channels_of(c: dict) -> list[int]:
+    """The channels of the attention blocks of a UNet2DModel config (the attention levels and the middle block)."""
+    channels = list(c["block_out_channels"])
+    return [x for x, b in zip(channels, c["down_block_types"]) if DOWN_BLOCKS[b]] + channels[-1:]
+
+
+def _heads_and_shift(head_dim: int | None, attn_channels: list[int], freq_shift: int) -> dict:
+    """Our attention_head_dim (left out for one head per block, the paper's, so today's configs stay as they were)
+    and freq_shift (left out for Ho et al.'s 1)."""
+    out = {} if head_dim is None or all(x == head_dim for x in attn_channels) else {"attention_head_dim": int(head_dim)}
+    return {**out, **({} if freq_shift == 1 else {"freq_shift": int(freq_shift)})}
 
 
 def _option_problems(config: dict, c: dict) -> list[str]:
@@ -142,7 +156,7 @@ def _option_problems(config: dict, c: dict) -> list[str]:
     unknown = sorted(k for k in c if k not in UNET_DEFAULTS and k != "attn_num_head_channels" and c[k] is not None)
     problems += [f"{k}={c[k]!r}: unknown UNet2DModel option" for k in unknown]
     expected = {
-        "center_input_sample": False, "time_embedding_type": "positional", "freq_shift": 1,
+        "center_input_sample": False, "time_embedding_type": "positional",
         "mid_block_type": "UNetMidBlock2D", "mid_block_scale_factor": 1, "downsample_type": "conv",
         "upsample_type": "conv", "resnet_time_scale_shift": "default", "add_attention": True, "class_embed_type": None,
     }
@@ -181,11 +195,10 @@ def _layout_problems(c: dict, size: Any) -> list[str]:
         problems.append(f"time_embedding_dim={c['time_embedding_dim']}: our U-Net's is 4 * block_out_channels[0] = {4 * ch}")
     head_dim = c["attention_head_dim"]
     attn_channels = [x for x, b in zip(channels, down) if DOWN_BLOCKS.get(b)] + channels[-1:]  # + the middle block
-    if head_dim is not None and any(x != head_dim for x in attn_channels):
-        problems.append(
-            f"attention_head_dim={head_dim}: multi-head attention ({[x // head_dim for x in attn_channels]} heads); "
-            "our U-Net's attention is single-head (attention_head_dim null or the block's channels)"
-        )
+    if head_dim is not None and (not isinstance(head_dim, int) or head_dim < 1 or any(x % head_dim for x in attn_channels)):
+        problems.append(f"attention_head_dim={head_dim!r}: must divide the channels of every attention block {attn_channels}")
+    if not isinstance(c["freq_shift"], int) or c["freq_shift"] >= ch // 2:
+        problems.append(f"freq_shift={c['freq_shift']!r}: an integer below half the embedding width {ch // 2}")
     return problems
 
 
@@ -229,7 +242,7 @@ def diffusers_unet_config(net: dict) -> dict:
         "out_channels": a["out_channels"] or a["in_channels"],
         "center_input_sample": False,
         "time_embedding_type": "positional",
-        "freq_shift": 1,  # Ho et al.'s embedding: frequencies exp(-log(10000) i / (half - 1)), [sin, cos]
+        "freq_shift": a["freq_shift"],  # Ho et al.'s 1: frequencies exp(-log(10000) i / (half - 1)), [sin, cos]
         "flip_sin_to_cos": False,
         "down_block_types": ["AttnDownBlock2D" if h else "DownBlock2D" for h in has_attn],
         "mid_block_type": "UNetMidBlock2D",
@@ -242,7 +255,7 @@ def diffusers_unet_config(net: dict) -> dict:
         "upsample_type": "conv",
         "dropout": float(a["dropout"]),
         "act_fn": "silu",
-        "attention_head_dim": None,  # one head: the block's channels
+        "attention_head_dim": a["attention_head_dim"],  # null: one head, the block's channels
         "norm_num_groups": a["norm_groups"],
         "norm_eps": float(a["norm_eps"]),
         "resnet_time_scale_shift": "default",

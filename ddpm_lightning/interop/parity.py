@@ -36,6 +36,15 @@ SIZE64 = {
     "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"], "layers_per_block": 1,
     "downsample_padding": 0, "norm_eps": 1e-6, "freq_shift": 1, "flip_sin_to_cos": False, "attention_head_dim": None,
 }
+# diffusers' examples/unconditional_image_generation/train_unconditional.py builds its UNet2DModel with diffusers'
+# defaults for the rest (most community DDPM checkpoints on the Hub): attention_head_dim 8 (multi-head attention),
+# freq_shift 0, flip_sin_to_cos true, downsample_padding 1, norm_eps 1e-5. Its layout, narrowed to 16x16 digits.
+TRAIN_UNCONDITIONAL = {
+    "sample_size": 16, "in_channels": 1, "out_channels": 1, "layers_per_block": 2, "block_out_channels": [32, 32, 64],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+}
+
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Random non-zero weights everywhere (norm scales around 1), outputs of order 1."""

@@ -23,10 +23,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal embedding of Vaswani et al. 2017 §3.5, as in Ho et al.'s `get_timestep_embedding`."""
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0, freq_shift: int = 1) -> Tensor:
+    """Sinusoidal embedding of Vaswani et al. 2017 §3.5, as in Ho et al.'s `get_timestep_embedding`: [sin, cos] of
+    t times the frequencies exp(-log(max_period) i / (half - freq_shift)), i < half; Ho et al.'s freq_shift is 1
+    (diffusers' default 0 spaces the frequencies by 1 / half)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - 1))
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - freq_shift))
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([args.sin(), args.cos()], dim=1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
@@ -71,21 +73,27 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head spatial self-attention with a residual connection (Ho et al. App. B)."""
+    """Spatial self-attention with a residual connection: single-head as in Ho et al. App. B, or `heads` heads of
+    ch / heads channels each (head h takes channels [h d, (h + 1) d) of q, k and v, scaled by d^-1/2)."""
 
-    def __init__(self, ch: int, groups: int, eps: float = 1e-5):
+    def __init__(self, ch: int, groups: int, eps: float = 1e-5, heads: int = 1):
         super().__init__()
         self.norm = nn.GroupNorm(groups, ch, eps)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = zero_init(nn.Conv2d(ch, ch, 1))
+        self.heads = heads
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
         B, C, H, W = x.shape
         # [B, 1, HW, C] each; split from a [B, HW, 3, C] view so that on channels-last tensors their gradients
         # stack into a channels-last gradient of qkv's output (the qkv convolution's backward is slow on others)
-        q, k, v = self.qkv(self.norm(x)).permute(0, 2, 3, 1).reshape(B, 1, H * W, 3, C).unbind(3)
-        h = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
-        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+        qkv = self.qkv(self.norm(x)).permute(0, 2, 3, 1)
+        if self.heads == 1:
+            q, k, v = qkv.reshape(B, 1, H * W, 3, C).unbind(3)
+        else:  # [B, heads, HW, d] each
+            q, k, v = qkv.reshape(B, H * W, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        h = F.scaled_dot_product_attention(q, k, v)  # [B, heads, HW, d]
+        return x + self.proj(h.permute(0, 1, 3, 2).reshape(B, C, H, W))
 
 
 DOWNSAMPLE_PADDINGS = ("symmetric", "tf_same")
@@ -153,6 +161,8 @@ class UNet(nn.Module):
         norm_eps: float = 1e-5,
         downsample_padding: str = "symmetric",
         null_label: bool = True,
+        attention_head_dim: int | None = None,
+        freq_shift: int = 1,
     ):
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
@@ -161,7 +171,8 @@ class UNet(nn.Module):
             raise ValueError(f"model.downsample_padding={downsample_padding!r} must be one of {DOWNSAMPLE_PADDINGS}")
         if not norm_eps > 0:
             raise ValueError(f"model.norm_eps={norm_eps} must be positive (GroupNorm's epsilon)")
-        self.in_channels, self.image_size, self.ch = in_channels, image_size, ch
+        _validate_heads(ch, ch_mult, attn_resolutions, image_size, attention_head_dim)
+        self.in_channels, self.image_size, self.ch, self.freq_shift = in_channels, image_size, ch, freq_shift
         self.num_classes, self.learn_sigma, self.null_label = num_classes, bool(learn_sigma), bool(null_label)
         temb_ch = 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
@@ -171,7 +182,10 @@ class UNet(nn.Module):
 
         def res(i: int, o: int, resolution: int) -> list[nn.Module]:
             block = [ResBlock(i, o, temb_ch, dropout, norm_groups, norm_eps)]
-            return block + [AttnBlock(o, norm_groups, norm_eps)] if resolution in attn_resolutions else block
+            return block + [attention(o)] if resolution in attn_resolutions else block
+
+        def attention(channels: int) -> AttnBlock:
+            return AttnBlock(channels, norm_groups, norm_eps, channels // (attention_head_dim or channels))
 
         # Encoder: every unit's output is a skip connection.
         self.down = nn.ModuleList([TimestepSequential(_Conv(in_channels, ch))])
@@ -188,7 +202,7 @@ class UNet(nn.Module):
         self.skip_channels = tuple(skip_ch)
         self.mid = TimestepSequential(
             ResBlock(cur, cur, temb_ch, dropout, norm_groups, norm_eps),
-            AttnBlock(cur, norm_groups, norm_eps),
+            attention(cur),
             ResBlock(cur, cur, temb_ch, dropout, norm_groups, norm_eps),
         )
         # Decoder: every unit consumes one skip connection.
@@ -210,7 +224,7 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, control: Sequence[Tensor] | None = None) -> Tensor:
         check_input(x, self.in_channels, self.image_size, "UNet")
-        temb = self.temb(timestep_embedding(t.expand(x.shape[0]), self.ch))
+        temb = self.temb(timestep_embedding(t.expand(x.shape[0]), self.ch, freq_shift=self.freq_shift))
         if self.label_emb is not None:
             if not self.null_label and (y is None or bool((y == self.num_classes).any())):
                 raise ValueError(
@@ -274,3 +288,15 @@ def _validate(ch, ch_mult, num_res_blocks, attn_resolutions, dropout, image_size
         )
     if num_classes is not None and num_classes < 1:
         raise ValueError(f"model.num_classes={num_classes} must be a positive integer or null")
+
+
+def _validate_heads(ch: int, ch_mult, attn_resolutions, image_size: int, attention_head_dim: int | None) -> None:
+    """attention_head_dim (null: one head per block) must divide the channels of every attention block."""
+    if attention_head_dim is None:
+        return
+    if isinstance(attention_head_dim, bool) or not isinstance(attention_head_dim, int) or attention_head_dim < 1:
+        raise ValueError(f"model.attention_head_dim={attention_head_dim!r} must be a positive integer or null (one head)")
+    widths = [ch * m for level, m in enumerate(ch_mult) if image_size // 2**level in attn_resolutions] + [ch * ch_mult[-1]]
+    bad = sorted({w for w in widths if w % attention_head_dim})
+    if bad:
+        raise ValueError(f"model.attention_head_dim={attention_head_dim} must divide the channels of every attention block; {bad} are not multiples")

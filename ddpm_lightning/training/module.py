@@ -150,10 +150,7 @@ class DiffusionModule(ImageModule):
         data_shape = _check_data_shape(data_shape, image_size, channels)
         _check_labels_and_warmup(net, p_uncond, warmup_steps)
         learn_sigma = bool(net.get("learn_sigma", False))
-        _check_loss(loss, hybrid_lambda, timestep_sampler, learn_sigma, vlb_variance)
-        check_weighting(weighting, snr_gamma)
-        if weighting != "uniform" and loss != "simple":
-            raise ValueError(f"module.weighting={weighting} weights L_simple; module.loss={loss} has its own weights (use module.loss=simple)")
+        _check_loss(loss, hybrid_lambda, timestep_sampler, learn_sigma, vlb_variance, weighting, snr_gamma)
         # plain containers in the checkpoint: never modules, never OmegaConf nodes
         self.save_hyperparameters({**hparams, "net": net, "schedule": schedule, "sampler": sampler, "optimizer": optimizer,
                                    "data_shape": data_shape})
@@ -345,10 +342,13 @@ def _check_labels_and_warmup(net: dict, p_uncond: float, warmup_steps: int) -> N
 
 
 def _check_loss(loss: str, hybrid_lambda: float, timestep_sampler: str, learn_sigma: bool,
-                vlb_variance: str = "fixed_large") -> None:
+                vlb_variance: str = "fixed_large", weighting: str = "uniform", snr_gamma: float = 5.0) -> None:
     """Refuse a loss setting that cannot train, naming the config keys."""
     if loss not in LOSSES:
         raise ValueError(f"module.loss={loss!r} must be one of {LOSSES}")
+    check_weighting(weighting, snr_gamma)
+    if weighting != "uniform" and loss != "simple":
+        raise ValueError(f"module.weighting={weighting} weights L_simple; module.loss={loss} has its own weights (use module.loss=simple)")
     if loss == "hybrid" and not learn_sigma:
         raise ValueError(
             "module.loss=hybrid trains the reverse variances (Nichol & Dhariwal 2021): set model.learn_sigma=true, "
