@@ -26,14 +26,15 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def load_file(path: str | Path, key: str, map_location: Any = "cpu", what: str = "checkpoint") -> Any:
+def load_file(path: str | Path, key: str, map_location: Any = "cpu", what: str = "checkpoint", mmap: bool = False) -> Any:
     """torch.load(weights_only=True): tensors and plain containers only, so a file whose pickle would run code or
-    build arbitrary objects is refused. `key` is the config key that named the file (for the error messages)."""
+    build arbitrary objects is refused. `key` is the config key that named the file (for the error messages);
+    `mmap`: tensors mapped from the file, read when used."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path} (check {key})")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         detail = str(e).split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0].strip()
         if "global" not in detail.lower():  # not a pickle at all (a truncated or foreign file)

@@ -38,6 +38,7 @@ from ddpm_lightning.loading import load_model
 from ddpm_lightning.plots import data_images, save_process_strips
 from ddpm_lightning.summary import evaluate_next_steps
 from ddpm_lightning.training.module import DiffusionModule, _plain, count_nfe
+from ddpm_lightning.training.posthoc_ema import sigma_rel_to_gamma, write_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,11 @@ def _check(cfg: DictConfig, names: list[str]) -> None:
             raise ValueError(f"{key}={value!r} must be a {'non-negative' if key == 'seed_offset' else 'positive'} integer")
     if not isinstance(cfg.get("use_ema"), bool):
         raise ValueError(f"use_ema={cfg.get('use_ema')!r} must be true or false")
+    if _posthoc_sigma_rel(cfg) is not None:
+        sigma_rel_to_gamma(_posthoc_sigma_rel(cfg), "posthoc_ema.sigma_rel")
+        if cfg.get("init_from") or not cfg.use_ema:
+            raise ValueError("posthoc_ema.sigma_rel replaces the EMA weights of a checkpoint of ours (ckpt_path=...): "
+                             "it takes use_ema=true and no init_from")
     M.features_for(names, str(cfg.inception.feature))
     n = cfg.num_samples
     if "isc" in names and n < cfg.isc_splits:
@@ -210,7 +216,8 @@ def _output_dir(cfg: DictConfig, module: DiffusionModule, sampler_cfg: dict, ckp
         return Path(cfg.output_dir)
     name = sampler_cfg.get("_target_", "sampler").rsplit(".", 1)[-1]
     steps = sampler_cfg.get("steps") or getattr(module.schedule, "T", "")
-    weights = "ema" if cfg.use_ema else "raw"
+    sigma_rel = _posthoc_sigma_rel(cfg)
+    weights = ("ema" if cfg.use_ema else "raw") if sigma_rel is None else f"posthoc{sigma_rel:.3f}"
     folder = f"step{module.global_step_loaded}-{weights}-{name}{steps}-{ckpt_sha256[:8]}"
     if not cfg.get("ckpt_path"):  # an imported diffusers model (init_from): outputs/imported/<folder name>/
         return Path(cfg.paths.log_dir) / "imported" / Path(str(cfg.init_from)).name / f"{name}{steps}-{ckpt_sha256[:8]}"
@@ -316,7 +323,7 @@ def make_plan(cfg: DictConfig, accelerate: Callable[[torch.nn.Module], Any] | No
     if cfg.get("init_from"):  # diffusers weights (docs "diffusers"); ckpt_path: their weights file
         ckpt_path, module = weights_file(cfg.init_from), load_module(cfg.init_from, cfg.get("init_null_label"))
     else:
-        ckpt_path = Path(cfg.ckpt_path)
+        ckpt_path = Path(cfg.ckpt_path) if _posthoc_sigma_rel(cfg) is None else posthoc_checkpoint(cfg)
         module = load_model(ckpt_path, use_ema=cfg.use_ema)
     if accelerate is not None:
         accelerate(module.net)
@@ -332,6 +339,25 @@ def make_plan(cfg: DictConfig, accelerate: Callable[[torch.nn.Module], Any] | No
     if control_lib.is_controlled(module):  # the condition of every image, loaded before any sampling
         plan.control = control_lib.EvalConditions(_plain(cfg.get("control")) or {}, module, lambda: plan.datamodule, cfg.seed_offset)
     return plan
+
+
+def _posthoc_sigma_rel(cfg: DictConfig) -> float | None:
+    return (cfg.get("posthoc_ema") or {}).get("sigma_rel")
+
+
+def posthoc_checkpoint(cfg: DictConfig) -> Path:
+    """posthoc_ema.sigma_rel: the checkpoint of the post-hoc EMA of that width at ckpt_path's step (Karras et al.
+    2024), reconstructed from the run's snapshots and written next to ckpt_path (ddpm_lightning.training.posthoc_ema)."""
+    template = Path(cfg.ckpt_path)
+    if not template.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {template} (check ckpt_path)")
+    run_dir = template.resolve().parent.parent
+    try:
+        path = write_checkpoint(run_dir, _posthoc_sigma_rel(cfg), template=template, snapshots=cfg.posthoc_ema.get("snapshots"), template_step=True)
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(f"posthoc_ema.sigma_rel={_posthoc_sigma_rel(cfg)} with ckpt_path={template}: {e}") from None
+    log.info("Post-hoc EMA, sigma_rel=%s: wrote %s", _posthoc_sigma_rel(cfg), path)
+    return path
 
 
 def _labels(cfg: DictConfig, module: DiffusionModule, guidance: Any) -> dict[int, int] | None:
@@ -469,6 +495,8 @@ def score(plan: EvalPlan, prepared: Prepared) -> dict:
         "feature_extractor": f"inception-v3-compat ({cfg.inception.feature})" if prepared.scorer is not None else None,
         "features_time_s": f_time,
     }
+    if _posthoc_sigma_rel(cfg) is not None:
+        result["checkpoint"]["posthoc_ema_sigma_rel"] = _posthoc_sigma_rel(cfg)
     if plan.control is not None and len(images):
         _control_result(cfg, module, plan.control, images, result, plan.out)
     if prepared.nll_data is not None:

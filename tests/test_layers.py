@@ -19,7 +19,7 @@ LAYERS = [
     ["control"],
     ["compose", "summary"],
     ["evaluation"],
-    ["tasks", "diffusers_io"],
+    ["tasks", "diffusers_io", "posthoc_ema"],
 ]
 # Third-party packages a function may import where it needs them: optional, or slow to import and seldom used.
 LAZY_OK = {"diffusers", "torch_fidelity", "kornia", "matplotlib", "submitit", "safetensors", "huggingface_hub", "scipy", "gdown",
