@@ -1,9 +1,12 @@
 """Run plumbing: the checkpoint a run directory resumes from, Lightning's epoch count after such a resume, the
-checkpoint saved on Ctrl-C / SIGTERM, and the lock that keeps two trainings out of one run directory."""
+checkpoint saved on Ctrl-C / SIGTERM, the lock that keeps two trainings out of one run directory, and the run's
+record (.hydra/, train.log), written only once a training is accepted."""
 
 from __future__ import annotations
 
 import json
+import logging
+import logging.handlers
 import os
 import signal
 import socket
@@ -13,7 +16,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch import Callback
+from omegaconf import DictConfig, OmegaConf
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -199,3 +204,47 @@ class RunLock:
 
     def __exit__(self, *exc: Any) -> None:
         self.release()
+
+
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's default job log format
+
+
+class RunRecord:
+    """The run's record: Hydra's `.hydra/` (config.yaml, hydra.yaml, overrides.yaml) and the job's log (`train.log`),
+    which Hydra would write before the training could be checked (conf/train.yaml turns that off). Log records are
+    held in memory from the start and go to the log file, with the `.hydra/` files, only on `accept` (the training
+    passed its checks: the lock, the checkpoint it resumes); a refused training leaves an existing run's record as it
+    was."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))  # as composed, before any resolving
+        self.held = logging.handlers.MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1, flushOnClose=False)
+        self.file: logging.Handler | None = None
+        logging.getLogger().addHandler(self.held)
+
+    def accept(self, out: Path) -> None:
+        """Write `.hydra/` (under Hydra) and start `<job name>.log` in `out` with the records held so far."""
+        name = "train"
+        if HydraConfig.initialized():
+            hydra_cfg = HydraConfig.get()
+            name = hydra_cfg.job.name
+        if HydraConfig.initialized() and hydra_cfg.output_subdir is None:  # else Hydra wrote it (a DDP rank > 0's)
+            record = out / ".hydra"
+            record.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(self.cfg, record / "config.yaml")
+            OmegaConf.save(hydra_cfg.overrides.task, record / "overrides.yaml")
+            OmegaConf.save({"hydra": hydra_cfg}, record / "hydra.yaml")
+        self.file = logging.FileHandler(out / f"{name}.log")
+        self.file.setFormatter(logging.Formatter(LOG_FORMAT))
+        self.held.setTarget(self.file)
+        self.held.flush()
+        root = logging.getLogger()
+        root.removeHandler(self.held)
+        root.addHandler(self.file)
+
+    def close(self) -> None:
+        root = logging.getLogger()
+        for handler in (self.held, self.file):
+            if handler is not None:
+                root.removeHandler(handler)
+                handler.close()

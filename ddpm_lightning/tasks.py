@@ -21,6 +21,7 @@ from ddpm_lightning.compose import build, fit_model_to_data, resolve_precision
 from ddpm_lightning.evaluation import evaluate as run
 from ddpm_lightning.interop.diffusers import init_train_config
 from ddpm_lightning.runs import (
+    RunRecord,
     RunLock,
     hpc_checkpoint,
     last_checkpoint,
@@ -129,21 +130,24 @@ def process_group_closed_at_end():
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build data, model, callbacks, loggers and trainer from `cfg` and fit. Returns the final metrics."""
     filter_benign_messages()
-    init_state = None
-    if cfg.get("init_from"):  # fine-tune diffusers weights: the model config comes from the import
+    record = RunRecord(cfg)
+    try:
+        init_state = None
+        if cfg.get("init_from"):  # fine-tune diffusers weights: the model config comes from the import
+            init_state = init_train_config(cfg)
+        fit_model_to_data(cfg)
+        resolve_precision(cfg.trainer)
+        OmegaConf.resolve(cfg)
+        out = Path(cfg.paths.output_dir)
+        _check_control(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        with RunLock(out), process_group_closed_at_end():
+            return _train(cfg, out, init_state, record)
+    finally:
+        record.close()
 
-        init_state = init_train_config(cfg)
-    fit_model_to_data(cfg)
-    resolve_precision(cfg.trainer)
-    OmegaConf.resolve(cfg)
-    out = Path(cfg.paths.output_dir)
-    _check_control(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out), process_group_closed_at_end():
-        return _train(cfg, out, init_state)
 
-
-def _train(cfg: DictConfig, out: Path, init_state: dict | None = None) -> dict[str, float]:
+def _train(cfg: DictConfig, out: Path, init_state: dict | None = None, record: RunRecord | None = None) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     if cfg.get("matmul_precision"):
@@ -178,6 +182,8 @@ def _train(cfg: DictConfig, out: Path, init_state: dict | None = None) -> dict[s
     if ckpt_path:
         check_resumable(ckpt_path, module, found_in)
     OmegaConf.save(cfg, out / "config.yaml")  # only now: a refused resume leaves the run's config as it was
+    if record is not None:
+        record.accept(out)  # .hydra/ and train.log, likewise
     if not loggers:  # nothing to log the learning rate to
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -125,3 +125,28 @@ def test_final_steps_after_the_last_periodic_checkpoint_are_saved(tmp_path):
     _assert_same(*(_states(d / "checkpoints" / "last.ckpt") for d in (tmp_path / "straight", tmp_path / "resumed")))
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["last.ckpt"]
 
+
+
+def _record(run: Path) -> dict[str, bytes]:
+    return {name: (run / name).read_bytes() for name in (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "train.log", "config.yaml")}
+
+
+def test_a_refused_training_leaves_the_runs_record_as_it_was(tmp_path):
+    """.hydra/ and train.log are written once a training is accepted: a second training of another model in the run
+    directory, or one against the lock of a live training, is refused and leaves them byte for byte as they were."""
+    run = tmp_path / "run"
+    train_py = [sys.executable, str(ROOT / "train.py"), *TINY, "trainer.max_steps=2", "callbacks.samples.every_n_steps=0",
+                "logger=none", f"paths.output_dir={run}", f"hydra.run.dir={run}"]
+    first = subprocess.run(train_py, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _record(run)
+    assert b"Run directory" in before["train.log"] and b"trainer.max_steps=2" in before[".hydra/overrides.yaml"]
+    refused = subprocess.run([*train_py, "model.ch=64", "trainer.max_steps=4"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "model.ch=64" not in before[".hydra/overrides.yaml"].decode()
+    assert _record(run) == before
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:
+        _lock(run, pid=other.pid)
+        locked = subprocess.run([*train_py, "trainer.max_steps=4"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        other.kill()
+    assert locked.returncode != 0 and "run.lock" in locked.stderr + locked.stdout
+    assert _record(run) == before
