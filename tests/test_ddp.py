@@ -19,10 +19,11 @@ DATA = ["data._target_=helpers.scaleout.FixedOrderDigits", "+data.world=2", "tra
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("objective", [[], ["schedule=edm", "module.parameterization=edm"]], ids=["ddpm", "edm"])
+def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path, objective):
     ddp = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, *DATA, "+data.single_process=false", "trainer=ddp",
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, *DATA, *objective, "+data.single_process=false", "trainer=ddp",
            "trainer.devices=2", "trainer.accelerator=cpu", "+trainer.use_distributed_sampler=false", "trainer.strategy.process_group_backend=gloo",
            f"paths.output_dir={ddp}", f"hydra.run.dir={ddp}",
            "+callbacks.dump._target_=helpers.scaleout.DumpRankState", f"+callbacks.dump.dirpath={ddp}/ranks"]
@@ -31,7 +32,7 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
 
     single = tmp_path / "single"
     torch.set_num_threads(1)
-    train(compose_cfg([*DATA, "+data.single_process=true", "+callbacks.dump._target_=helpers.scaleout.DumpRankState",
+    train(compose_cfg([*DATA, *objective, "+data.single_process=true", "+callbacks.dump._target_=helpers.scaleout.DumpRankState",
                        f"+callbacks.dump.dirpath={single}/ranks"], single))
 
     r0, r1 = (torch.load(ddp / "ranks" / f"rank{r}.pt", weights_only=False) for r in (0, 1))
