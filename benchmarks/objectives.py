@@ -45,12 +45,12 @@ SAMPLERS = {  # (network evaluations, sampler config)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def train_objective(name: str, steps: list[int], out: Path) -> dict:
-    """Train the quickstart run under objective `name`; the seconds and the checkpoints at `steps`."""
+def train_run(overrides: list[str], steps: list[int], out: Path) -> dict:
+    """Train the quickstart run with `overrides` (e.g. an objective's); the seconds and the checkpoints at `steps`."""
     from ddpm_lightning.tasks import train
 
     every = min(steps)
-    cfg = common.compose_train(["experiment=digits", *OBJECTIVES[name], f"trainer.max_steps={max(steps)}", "logger=none",
+    cfg = common.compose_train(["experiment=digits", *overrides, f"trainer.max_steps={max(steps)}", "logger=none",
                                 f"callbacks.checkpoint.every_n_train_steps={every}", "callbacks.checkpoint.save_top_k=-1",
                                 "callbacks.samples.every_n_steps=0", f"trainer.val_check_interval={max(steps)}"], out)
     t0 = time.perf_counter()
@@ -103,7 +103,7 @@ def main() -> None:
     for name in args.only:
         out = Path(tempfile.mkdtemp(prefix=f"objectives_{name}_"))
         try:
-            run = train_objective(name, sorted(args.steps), out)
+            run = train_run(OBJECTIVES[name], sorted(args.steps), out)
             by_step = {str(s): judge_checkpoint(c, judge, x_val, args.samples) for s, c in run["checkpoints"].items()}
         finally:
             shutil.rmtree(out, ignore_errors=True)
