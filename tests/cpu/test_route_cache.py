@@ -9,11 +9,11 @@ import json
 import logging
 import os
 import pathlib
-import threading
 import warnings
 
 import pytest
 
+from helpers.promptly import promptly
 from ddpm_lightning.cpu import autotune as routes
 
 DECISIONS = 13  # keys a short run meets: each one writes the file
@@ -26,27 +26,10 @@ def decide_all() -> None:
 
 def notices_while_deciding(cache, caplog) -> list[str]:
     """The warnings and logged warnings that name the cache file while a run makes its decisions, which must end
-    promptly (a FIFO in the file's place is unblocked afterwards so that a failing test does not hang)."""
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            decide_all()
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            errors.append(e)
-
+    promptly (a FIFO in the file's place must not block it)."""
     with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING):
         warnings.simplefilter("always")
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        worker.join(timeout=60)
-        hung = worker.is_alive()
-        if hung and cache.is_fifo():
-            os.close(os.open(cache, os.O_WRONLY | os.O_NONBLOCK))  # the blocked reader sees an empty file
-            worker.join(timeout=10)
-    assert not hung, f"deciding the routes hung on the cache {cache}"
-    if errors:
-        raise errors[0]
+        promptly(decide_all, fifos=[cache] if cache.is_fifo() else [], timeout=60)
     return [str(w.message) for w in caught if str(cache) in str(w.message)] + \
         [r.getMessage() for r in caplog.records if str(cache) in r.getMessage()]
 
