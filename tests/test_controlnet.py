@@ -8,6 +8,7 @@ import csv
 import hashlib
 import os
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from helpers.config import compose_cfg
+from helpers.config import TINY, compose_cfg
 from helpers.promptly import promptly
 from ddpm_lightning import registry
 from ddpm_lightning.control.conditions import Edges, LowRes, Mask, load_folder
@@ -273,6 +274,27 @@ def test_controlnet_digits_trains_writes_condition_sample_grids_and_loads_in_one
     sampler = {"_target_": "ddpm_lightning.diffusion.samplers.ddim", "_partial_": True, "steps": 3}
     images = model.sample([0, 1], sampler=sampler, hint=hint)
     assert images.shape == (2, 1, 8, 8) and torch.allclose(model.sample([1], sampler=sampler, hint=hint[1:]), images[1:], atol=1e-5)
+
+
+def test_controlnet_digits_trains_without_lightnings_logging_interval_or_locked_base_warnings(base, tmp_path):
+    """At the experiment's batch size the digits make 12 batches an epoch (Lightning warned that log_every_n_steps,
+    50 by default, is more), and the locked base is in eval mode on purpose (Lightning warned "Found N module(s) in
+    eval mode"): neither is shown, while the same message with another count, or from elsewhere, still is."""
+    tiny = [o for o in TINY if not o.startswith(("trainer.log_every_n_steps=", "data.batch_size="))]
+    cfg = compose_cfg(tiny + CN + [f"base_ckpt={base}", "logger=csv", "trainer.max_steps=2"], tmp_path, tiny=False)
+    assert cfg.data.batch_size == 128 and cfg.trainer.log_every_n_steps < 12
+    eval_mode = " module(s) in eval mode at the start of training. This may lead to unexpected behavior during training."
+    fit_loop = "lightning.pytorch.loops.fit_loop"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg)
+        shown = [str(w.message) for w in caught]
+        assert not [m for m in shown if "logging interval" in m or "in eval mode" in m], shown
+        locked = sum(1 for _ in load_model(tmp_path / "checkpoints" / "last.ckpt").net.base.modules())
+        for count, module in ((locked + 1, fit_loop), (locked - 1, fit_loop), (locked, "ddpm_lightning.training.module")):
+            warnings.warn_explicit(f"Found {count}{eval_mode}", UserWarning, "x.py", 1, module=module)
+        warnings.warn_explicit(f"Found {locked}{eval_mode}", UserWarning, "x.py", 1, module=fit_loop)
+    assert [str(w.message) for w in caught[len(shown):]] == [f"Found {n}{eval_mode}" for n in (locked + 1, locked - 1, locked)]
 
 
 def test_training_leaves_the_base_bitwise_unchanged_and_moves_only_the_branch(base, run):
