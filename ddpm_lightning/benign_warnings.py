@@ -1,7 +1,8 @@
 """The one place where known-benign messages of third-party libraries are filtered, each narrowly: a warning by its
 message and the module it is raised from, a log record by its logger and message. Nothing raised by this package,
 and no other message of those modules, is hidden. `filter_benign_messages()` is called by `tasks.train` and
-`tasks.evaluate`; it is idempotent."""
+`tasks.evaluate`; it is idempotent. One message is filtered per run instead, where it is benign
+(`hide_locked_modules_notice`, called by a ControlNet's training)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,20 @@ LOG_RECORDS = (
         "printed when the CPU kernels are built on a machine with a CUDA toolkit but no GPU; they are CPU kernels",
     ),
 )
+
+
+# Filtered only in the runs it is benign in, with the count it is benign at (`hide_locked_modules_notice`):
+# Lightning's fit loop warns when modules are in eval mode as training starts; a ControlNet's base network is, on
+# purpose (locked: its dropout must stay off while the control branch trains). Another module left in eval mode
+# changes the count, and the warning is shown.
+LOCKED_MODULES = (r"Found {count} module\(s\) in eval mode at the start of training\.", r"lightning\.pytorch\.loops\.fit_loop")
+
+
+def hide_locked_modules_notice(count: int) -> None:
+    """Hide Lightning's "Found `count` module(s) in eval mode at the start of training" (LOCKED_MODULES), raised by
+    its fit loop, for a run whose `count` modules in eval mode are those of a network locked on purpose."""
+    message, module = LOCKED_MODULES
+    warnings.filterwarnings("ignore", message=message.format(count=int(count)), category=UserWarning, module=module)
 
 
 class _DropMatching(logging.Filter):

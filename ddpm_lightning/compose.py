@@ -5,6 +5,7 @@ instantiates a config node (Hydra), its values type-checked against the target's
 from __future__ import annotations
 
 import logging
+import platform
 import types
 import typing
 from typing import Any
@@ -63,13 +64,43 @@ def auto_precision(accelerator: str, cuda: bool | None = None, bf16: bool | None
     return "bf16-mixed" if bf16 else "32-true"
 
 
+def cpu_native_bf16() -> bool | None:
+    """Whether this CPU computes in bf16 natively: on x86, avx512_bf16 or AMX, as torch's own CPU-feature queries
+    report them (the ones its oneDNN kernels go by). None where that cannot be told (another architecture, or a
+    torch without these queries)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "x86", "i386", "i686"):
+        return None
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if avx512_bf16 is None or amx is None:
+        return None
+    return bool(avx512_bf16() or amx())
+
+
+def warn_slow_bf16(trainer: DictConfig) -> None:
+    """An explicit bf16 precision on a CPU without native bf16 (AVX2 only): bf16 is emulated there, several times
+    slower than fp32 (which `auto` picks on a CPU); say so in one line, naming the faster setting, and run as asked."""
+    precision = str(trainer.get("precision"))
+    accelerator = str(trainer.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if precision.startswith("bf16") and on_cpu and cpu_native_bf16() is False:
+        log.warning(
+            "trainer.precision=%s on a CPU without native bf16 (no avx512_bf16, no AMX): bf16 is emulated there and "
+            "trains several times slower than fp32; trainer.precision=32-true (or auto) is faster on this machine",
+            precision,
+        )
+
+
 def resolve_precision(trainer: DictConfig) -> None:
-    """Replace `precision: auto` (the default) in a trainer config by what `auto_precision` picks, logging it."""
+    """Replace `precision: auto` (the default) in a trainer config by what `auto_precision` picks, logging it; warn
+    about an explicit bf16 precision on a CPU that only emulates it (`warn_slow_bf16`)."""
     if trainer.get("precision") == "auto":
         picked = auto_precision(str(trainer.get("accelerator", "auto")))
         log.info("trainer.precision=auto: %s", picked)
         with open_dict(trainer):
             trainer.precision = picked
+    else:
+        warn_slow_bf16(trainer)
 
 
 def _simple_types(hint: Any) -> tuple[type, ...] | None:

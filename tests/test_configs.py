@@ -89,3 +89,41 @@ def test_precision_auto_is_bf16_mixed_on_a_bf16_gpu_and_fp32_elsewhere(monkeypat
     cfg = compose_cfg(["trainer.precision=32-true"])  # an explicit choice stays
     resolve_precision(cfg.trainer)
     assert cfg.trainer.precision == "32-true"
+
+
+@pytest.mark.parametrize("accelerator", ["cpu", "auto"])
+def test_explicit_bf16_on_a_cpu_without_native_bf16_warns_once_naming_the_faster_setting(monkeypatch, caplog, accelerator):
+    from ddpm_lightning import compose
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    native = {"value": False}
+    monkeypatch.setattr(compose, "cpu_native_bf16", lambda: native["value"], raising=False)
+
+    def warnings_for(precision: str) -> list[str]:
+        caplog.clear()
+        cfg = compose_cfg([f"trainer.precision={precision}", f"trainer.accelerator={accelerator}"])
+        with caplog.at_level("WARNING", logger="ddpm_lightning.compose"):
+            resolve_precision(cfg.trainer)
+        assert cfg.trainer.precision == ("32-true" if precision == "auto" else precision)  # the choice stays
+        return [r.getMessage() for r in caplog.records if r.name == "ddpm_lightning.compose" and r.levelname == "WARNING"]
+
+    slow = warnings_for("bf16-mixed")
+    assert len(slow) == 1 and "\n" not in slow[0]
+    assert "avx512_bf16" in slow[0] and "AMX" in slow[0] and "trainer.precision=32-true" in slow[0]
+    assert warnings_for("32-true") == warnings_for("auto") == []
+    native["value"] = True  # avx512_bf16 or AMX: bf16 pays, nothing to say
+    assert warnings_for("bf16-mixed") == []
+    native["value"] = None  # cannot tell (not x86): nothing said
+    assert warnings_for("bf16-mixed") == []
+
+
+def test_cpu_native_bf16_follows_torchs_cpu_feature_queries(monkeypatch):
+    from ddpm_lightning import compose
+
+    monkeypatch.setattr(compose.platform, "machine", lambda: "x86_64")
+    for avx512_bf16, amx, native in [(False, False, False), (True, False, True), (False, True, True)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert compose.cpu_native_bf16() is native
+    monkeypatch.setattr(compose.platform, "machine", lambda: "aarch64")
+    assert compose.cpu_native_bf16() is None

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -14,9 +16,10 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from helpers.config import compose_cfg
+from helpers.config import TINY, compose_cfg
+from helpers.promptly import promptly
 from ddpm_lightning import registry
-from ddpm_lightning.control.conditions import Edges, LowRes, Mask
+from ddpm_lightning.control.conditions import Edges, LowRes, Mask, load_folder
 from ddpm_lightning.control.module import ControlNetModule, split_hints
 from ddpm_lightning.diffusion.guidance import ClassifierFree
 from ddpm_lightning.images import to_model_range
@@ -273,6 +276,27 @@ def test_controlnet_digits_trains_writes_condition_sample_grids_and_loads_in_one
     assert images.shape == (2, 1, 8, 8) and torch.allclose(model.sample([1], sampler=sampler, hint=hint[1:]), images[1:], atol=1e-5)
 
 
+def test_controlnet_digits_trains_without_lightnings_logging_interval_or_locked_base_warnings(base, tmp_path):
+    """At the experiment's batch size the digits make 12 batches an epoch (Lightning warned that log_every_n_steps,
+    50 by default, is more), and the locked base is in eval mode on purpose (Lightning warned "Found N module(s) in
+    eval mode"): neither is shown, while the same message with another count, or from elsewhere, still is."""
+    tiny = [o for o in TINY if not o.startswith(("trainer.log_every_n_steps=", "data.batch_size="))]
+    cfg = compose_cfg(tiny + CN + [f"base_ckpt={base}", "logger=csv", "trainer.max_steps=2"], tmp_path, tiny=False)
+    assert cfg.data.batch_size == 128 and cfg.trainer.log_every_n_steps < 12
+    eval_mode = " module(s) in eval mode at the start of training. This may lead to unexpected behavior during training."
+    fit_loop = "lightning.pytorch.loops.fit_loop"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg)
+        shown = [str(w.message) for w in caught]
+        assert not [m for m in shown if "logging interval" in m or "in eval mode" in m], shown
+        locked = sum(1 for _ in load_model(tmp_path / "checkpoints" / "last.ckpt").net.base.modules())
+        for count, module in ((locked + 1, fit_loop), (locked - 1, fit_loop), (locked, "ddpm_lightning.training.module")):
+            warnings.warn_explicit(f"Found {count}{eval_mode}", UserWarning, "x.py", 1, module=module)
+        warnings.warn_explicit(f"Found {locked}{eval_mode}", UserWarning, "x.py", 1, module=fit_loop)
+    assert [str(w.message) for w in caught[len(shown):]] == [f"Found {n}{eval_mode}" for n in (locked + 1, locked - 1, locked)]
+
+
 def test_training_leaves_the_base_bitwise_unchanged_and_moves_only_the_branch(base, run):
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4
@@ -340,6 +364,56 @@ def test_evaluate_takes_conditions_from_a_folder_and_refuses_bad_files(run, tmp_
     with pytest.raises(ValueError, match=r"control.folder: .*2.png is not a readable image"):
         evaluate(eval_cfg(ckpt, tmp_path / "h", "num_samples=4", f"control.folder={folder}"))
     assert not (tmp_path / "h" / "shards").exists() or not any((tmp_path / "h" / "shards").iterdir())
+
+
+def folder_of(tmp_path, name: str, image: Image.Image, **save) -> object:
+    """A condition folder holding one image, a.png."""
+    folder = tmp_path / name
+    folder.mkdir()
+    image.save(folder / "a.png", **save)
+    return folder
+
+
+def model_range(a) -> torch.Tensor:
+    return to_model_range(torch.tensor(a, dtype=torch.uint8))
+
+
+def palette(indices, colours) -> Image.Image:
+    im = Image.fromarray(np.array(indices, np.uint8), "P")
+    im.putpalette([v for c in colours for v in c])
+    return im
+
+
+def test_condition_images_are_converted_by_their_mode(tmp_path):
+    """16-bit grayscale is scaled to 8 bits (it wrapped modulo 256: 16384 and 32768 read as 0), 1-bit reads 0 / 255
+    (not 0 / 1), a palette image its colours (not its indices): grey ones as L, others as RGB, with transparency
+    as alpha; a mode that is not read (32-bit float) is refused, naming the file."""
+    sixteen = Image.fromarray(np.array([[0, 16384], [32768, 65535]], np.uint16))
+    folder = folder_of(tmp_path, "i16", sixteen)
+    assert Image.open(folder / "a.png").mode in ("I;16", "I")
+    assert torch.equal(load_folder(folder, Edges(), 1, 2), model_range([[[[0, 64], [128, 255]]]]))
+    folder = folder_of(tmp_path, "bits", Image.fromarray(np.array([[0, 1], [1, 0]], bool)))
+    assert Image.open(folder / "a.png").mode == "1"
+    assert torch.equal(load_folder(folder, Edges(), 1, 2), model_range([[[[0, 255], [255, 0]]]]))
+    greys = palette([[0, 1], [2, 1]], [(0, 0, 0), (255, 255, 255), (128, 128, 128)])
+    assert torch.equal(load_folder(folder_of(tmp_path, "greys", greys), Edges(), 1, 2), model_range([[[[0, 255], [128, 255]]]]))
+    colours = palette([[0, 1], [2, 1]], [(255, 0, 0), (0, 255, 0), (10, 20, 30)])
+    hints = load_folder(folder_of(tmp_path, "colours", colours), LowRes(2), 3, 4)  # lowres 2x2, shown 4x4
+    want = model_range([[[[255, 0], [10, 0]], [[0, 255], [20, 255]], [[0, 0], [30, 0]]]])
+    assert torch.equal(hints[..., ::2, ::2], want)
+    hints = load_folder(folder_of(tmp_path, "transparent", greys, transparency=0), Mask(), 1, 2)  # alpha 0: fill in
+    assert torch.equal(hints[:, 1], torch.tensor([[[-1.0, 1.0], [1.0, 1.0]]]))
+    assert torch.equal(hints[:, 0, 1], model_range([[128, 255]]))
+    folder = folder_of(tmp_path, "float", Image.fromarray(np.zeros((2, 2), np.float32)), format="TIFF")
+    with pytest.raises(ValueError, match=r"control.folder: .*a.png has the image mode F"):
+        load_folder(folder, Edges(), 1, 2)
+
+
+def test_a_fifo_named_like_a_condition_image_is_refused_without_blocking(tmp_path):
+    folder = folder_of(tmp_path, "conds", Image.fromarray(np.zeros((2, 2), np.uint8)))
+    os.mkfifo(folder / "b.png")
+    with pytest.raises(ValueError, match=r"control.folder: .*b.png is not a regular file"):
+        promptly(lambda: load_folder(folder, Edges(), 1, 2), fifos=[folder / "b.png"])
 
 
 def test_bad_controlnet_configs_stop_before_training(base, run, tmp_path):

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import kornia
@@ -144,11 +146,68 @@ def _check_images(images: Tensor, shape: tuple[int, int, int], what: str) -> Non
         raise ValueError(f"control.folder holds images of shape {tuple(images.shape[1:])} (C, H, W); this ControlNet expects {what}")
 
 
+def _open_regular(path: Path):
+    """`path` opened for reading if it is a regular file (after links); a ValueError naming it otherwise. Opened
+    without blocking and checked on the open file, so a FIFO named like an image cannot hang the run."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise ValueError(f"control.folder: {path} is not a regular file (a FIFO, device or directory); remove it or rename it")
+    return f
+
+
+def _pixels(im: Image.Image, path: Path) -> np.ndarray:
+    """An opened condition image as uint8 [H, W] or [H, W, C], converted by its mode: L, LA, RGB and RGBA as they
+    are; 1-bit as 0 / 255; 16-bit grayscale scaled to 8 bits (v / 257, rounded); palette images to RGB (RGBA
+    with transparency), then to L (LA) where every colour is a grey; CMYK and YCbCr to RGB. Other modes are
+    refused, naming the file."""
+    mode = im.mode
+    if mode in ("L", "LA", "RGB", "RGBA"):
+        return np.asarray(im, dtype=np.uint8)
+    if mode == "1":
+        return np.asarray(im.convert("L"), dtype=np.uint8)
+    if mode.startswith("I;16") or mode == "I":
+        a = np.asarray(im).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ValueError(f"control.folder: {path} holds {mode} values outside 0..65535; save it as 8- or 16-bit grayscale")
+        return np.rint(a / 257).astype(np.uint8)
+    if mode in ("P", "PA"):
+        alpha = mode == "PA" or "transparency" in im.info
+        a = np.asarray(im.convert("RGBA" if alpha else "RGB"), dtype=np.uint8)
+        grey = (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all()
+        return a[..., [0, 3]] if grey and alpha else a[..., 0] if grey else a
+    if mode in ("La", "RGBa", "CMYK", "YCbCr"):
+        return np.asarray(im.convert({"La": "LA", "RGBa": "RGBA"}.get(mode, "RGB")), dtype=np.uint8)
+    raise ValueError(
+        f"control.folder: {path} has the image mode {mode}, which is not read as a condition (use 8-bit grayscale, "
+        "grayscale + alpha, RGB or RGBA; 1-bit, palette and 16-bit grayscale images are converted)"
+    )
+
+
+def read_condition_image(path: Path) -> Tensor:
+    """One condition image as uint8 [C, H, W] (see `_pixels` for the modes); a ValueError naming the file where it
+    is not a regular file, not a readable image, or of a mode that is not read."""
+    try:
+        with _open_regular(path) as f, Image.open(f) as im:
+            a = _pixels(im, path).copy()
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        raise ValueError(f"control.folder: {path} is not a readable image ({type(e).__name__}: {e})") from None
+    except ValueError as e:
+        if str(e).startswith("control.folder: "):
+            raise
+        raise ValueError(f"control.folder: {path} is not a readable image ({type(e).__name__}: {e})") from None
+    x = torch.from_numpy(a)
+    return x[None] if x.ndim == 2 else x.permute(2, 0, 1)
+
+
 def load_folder(folder: str | Path, op, channels: int, image_size: int) -> Tensor:
     """The conditions in a folder of condition images (sorted by name), as the operator's hints.
 
-    PNG modes: 1 channel L, 2 LA, 3 RGB, 4 RGBA; every file must have the shape the operator expects (see its
-    `from_images`). An unreadable file or a missing / empty folder stops with an error naming `control.folder`."""
+    PNG modes: 1 channel L, 2 LA, 3 RGB, 4 RGBA (1-bit, palette and 16-bit grayscale images converted, see
+    `read_condition_image`); every file must have the shape the operator expects (see its `from_images`). A file
+    that is not a regular file, an unreadable file or a missing / empty folder stops with an error naming
+    `control.folder`."""
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -156,15 +215,7 @@ def load_folder(folder: str | Path, op, channels: int, image_size: int) -> Tenso
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ValueError(f"control.folder={folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    images = []
-    for p in files:
-        try:
-            with Image.open(p) as im:
-                a = np.asarray(im, dtype=np.uint8).copy()
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-            raise ValueError(f"control.folder: {p} is not a readable image ({type(e).__name__}: {e})") from None
-        x = torch.from_numpy(a)
-        images.append(x[None] if x.ndim == 2 else x.permute(2, 0, 1))
+    images = [read_condition_image(p) for p in files]
     shapes = {tuple(x.shape) for x in images}
     if len(shapes) > 1:
         raise ValueError(f"control.folder={folder}: the images differ in shape ({sorted(shapes)}); all must be alike")

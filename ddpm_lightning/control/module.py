@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from ddpm_lightning.benign_warnings import hide_locked_modules_notice
 from ddpm_lightning.control.conditions import load_folder
 from ddpm_lightning.loading import read_base
 from ddpm_lightning.nets.controlnet import ControlledUNet
@@ -96,6 +97,7 @@ class ControlNetModule(DiffusionModule):
             f"{counts['base']:,}", self.net.base_ckpt, f"{counts['control']:,}", counts["control"] / counts["base"],
         )
         assert trainable == counts["control"], "only the control branch may train"
+        hide_locked_modules_notice(sum(1 for _ in self.net.base.modules()))  # the locked base, in eval mode on purpose
 
 
 def is_controlled(module: DiffusionModule) -> bool:

@@ -12,8 +12,10 @@ worse than PyTorch's operator by more than the measurement noise.
 
 Decisions are kept in memory and in `<cache>/routes-<machine>.json` (cache: $DDPM_LIGHTNING_CACHE or
 ~/.cache/ddpm_lightning; machine: a hash of the CPU model and flags, torch's version and the kernels' and routes'
-sources), so later runs start without measuring and take the same routes. A file that cannot be read, or that
-was written for another machine, is ignored with a notice and written afresh.
+sources), so later runs start without measuring and take the same routes. A file that cannot be read (bad
+JSON, nesting too deep, wrong types, no permission), or that was written for another machine, is ignored with
+one notice naming it and written afresh; where something other than a file (a directory) stands in its place,
+or it cannot be written, the routes are kept in memory for the run, again with one notice.
 
 `configure("off")` (conf `kernels: off`, or $DDPM_LIGHTNING_KERNELS=off) takes PyTorch's operators everywhere:
 no kernel is built and nothing is timed. Tensors on other devices (CUDA) never reach this module.
@@ -35,6 +37,7 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import statistics
 import subprocess
 import sys
@@ -72,7 +75,7 @@ _used: dict[str, str] = {}  # key -> route, of the keys met by this process
 _forced: dict[str, str] = {}  # op -> route (tests and benchmarks)
 _pinned: dict[str, str] = {}  # key -> route, of the run being resumed (its checkpoint's `decisions()`)
 _NEEDS = {"winograd": "winograd", "winograd_bf16": "winograd", "fused": "group_norm"}  # route -> the kernel it runs
-_file: dict = {"loaded": False}
+_file: dict = {"loaded": False, "noticed": set(), "memory_only": set()}  # the last two: cache paths (str)
 
 
 def configure(kernels: str | None = None, wait: bool | None = None) -> None:
@@ -270,13 +273,24 @@ def cache_path() -> Path:
     return cache_dir() / f"routes-{key}.json"
 
 
+def _notice(path: Path, text: str) -> None:
+    """One notice per cache file and process, however many decisions meet it."""
+    if str(path) not in _file["noticed"]:
+        _file["noticed"].add(str(path))
+        warnings.warn(f"ddpm_lightning: {text}", stacklevel=5)
+
+
 def _read_file() -> dict:
     """The decisions in the cache file: {} where it is missing, and (with a notice) where it is unreadable or
-    written for another machine."""
+    written for another machine. Only a regular file is opened (a FIFO in its place would block the run); where
+    something else stands there, the run keeps its routes in memory (`_write_file` leaves it alone)."""
     path = cache_path()
-    if not path.exists():
-        return {}
     try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            _file["memory_only"].add(str(path))
+            _notice(path, f"ignoring the route cache {path} (not a regular file); measuring the routes again and "
+                          "keeping them for this run only (remove it to have them kept)")
+            return {}
         data = json.loads(path.read_text())
         if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("routes"), dict):
             raise ValueError("not a route cache of this version")
@@ -285,24 +299,36 @@ def _read_file() -> dict:
         if not all(isinstance(v, dict) and isinstance(v.get("route"), str) for v in data["routes"].values()):
             raise ValueError("malformed entries")
         return data["routes"]
-    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
-        warnings.warn(f"ddpm_lightning: ignoring the route cache {path} ({e}); measuring the routes again", stacklevel=4)
+    except FileNotFoundError:
         return {}
+    except RecursionError:  # json's decoder on deeply nested brackets
+        _notice(path, f"ignoring the route cache {path} (nested too deeply to be one); measuring the routes again")
+    except (OSError, ValueError) as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        _notice(path, f"ignoring the route cache {path} ({e}); measuring the routes again")
+    return {}
 
 
 def _write_file() -> None:
-    """Merge this process's decisions into the cache file (written whole to a temporary file, then renamed)."""
+    """Merge this process's decisions into the cache file (written whole to a temporary file, then renamed; the
+    temporary file never outlives the call). Where that fails (a read-only home, a directory in the file's place),
+    one notice, and the decisions stay in memory."""
     path = cache_path()
+    if str(path) in _file["memory_only"]:
+        return
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the notice was given when the file was first read
-            routes = {**_read_file(), **_decisions}
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        routes = {**_read_file(), **_decisions}  # a bad file was noticed when first read: no second notice
+        if str(path) in _file["memory_only"]:
+            return
         tmp.write_text(json.dumps({"format": FORMAT, "machine": machine(), "routes": routes}, indent=1, sort_keys=True))
         os.replace(tmp, path)
-    except OSError as e:  # a read-only home: decisions stay in memory
-        log.warning("could not write the route cache %s: %s", path, e)
+    except OSError as e:
+        _file["memory_only"].add(str(path))
+        _notice(path, f"could not write the route cache {path} ({e}); the routes are kept for this run only")
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def decisions() -> dict[str, str]:
@@ -315,7 +341,7 @@ def reset() -> None:
     _decisions.clear()
     _used.clear()
     _pinned.clear()
-    _file["loaded"] = False
+    _file.update(loaded=False, noticed=set(), memory_only=set())
 
 
 def state() -> dict:

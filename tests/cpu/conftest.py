@@ -24,3 +24,17 @@ def _plug_in_on(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A fresh route cache in tmp_path (its path is the fixture's value); the decisions of the rest of the session
+    are restored afterwards."""
+    from ddpm_lightning.cpu import autotune as routes
+
+    monkeypatch.setenv("DDPM_LIGHTNING_CACHE", str(tmp_path))
+    saved = dict(routes._decisions), dict(routes._used), dict(routes._file)
+    routes.reset()
+    yield routes.cache_path()
+    routes.reset()
+    routes._decisions.update(saved[0]), routes._used.update(saved[1]), routes._file.update(saved[2])

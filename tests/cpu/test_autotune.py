@@ -23,17 +23,6 @@ CL = torch.channels_last
 needs_kernels = pytest.mark.skipif(routes.kernel("winograd", wait=True) is None or routes.kernel("group_norm", wait=True) is None, reason="no C++ compiler for the kernels")
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """A fresh route cache in tmp_path; the decisions of the rest of the session are restored afterwards."""
-    monkeypatch.setenv("DDPM_LIGHTNING_CACHE", str(tmp_path))
-    saved = dict(routes._decisions), dict(routes._used), dict(routes._file)
-    routes.reset()
-    yield routes.cache_path()
-    routes.reset()
-    routes._decisions.update(saved[0]), routes._used.update(saved[1]), routes._file.update(saved[2])
-
-
 def relative_errors(got, want):
     return [((g.double() - w).abs().max() / w.abs().max()).item() for g, w in zip(got, want)]
 
