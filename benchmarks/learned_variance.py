@@ -2,7 +2,7 @@
 L_simple with fixed variances, L_vlb with learned ones (loss-aware timesteps, §3.3), the hybrid loss, and L_vlb
 with fixed variances beta_t and uniform t (Ho et al. 2020 Table 2, "L, fixed isotropic Sigma"; `vlb_fixed`).
 
-    python benchmarks/learned_variance.py --runs RUN_DIR [--steps 1600] [--samples 500]
+    python benchmarks/learned_variance.py --runs RUN_DIR [--steps 1600] [--samples 500] [--only vlb_fixed]
 
 Trains each objective with `python train.py experiment=digits` (8x8, batch 128, `--steps` steps; a run whose
 RUN_DIR/<objective>/checkpoints/last.ckpt exists is reused), all side by side with `--threads` threads
@@ -39,13 +39,13 @@ OBJECTIVES = {
 }
 
 
-def train_runs(out: Path, steps: int, threads: int) -> None:
-    """Train every objective whose out/<name> has no last.ckpt yet, all at once (each with `threads` threads),
-    and write each run's wall-clock seconds to out/<name>/train_seconds.txt."""
+def train_runs(out: Path, steps: int, threads: int, only: list[str]) -> None:
+    """Train every objective of `only` whose out/<name> has no last.ckpt yet, all at once (each with `threads`
+    threads), and write each run's wall-clock seconds to out/<name>/train_seconds.txt."""
     procs = {}
     for name, overrides in OBJECTIVES.items():
         run = out / name
-        if (run / "checkpoints" / "last.ckpt").is_file():
+        if name not in only or (run / "checkpoints" / "last.ckpt").is_file():
             continue
         cmd = [sys.executable, "train.py", "experiment=digits", f"trainer.max_steps={steps}", "logger=csv",
                f"paths.output_dir={run}", f"hydra.run.dir={run}", *overrides]
@@ -106,22 +106,29 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="threads per process (the runs go side by side)")
     p.add_argument("--train-only", action="store_true")
     p.add_argument("--evaluate", choices=list(OBJECTIVES), help="evaluate this objective only (internal)")
+    p.add_argument("--only", nargs="+", choices=list(OBJECTIVES), default=list(OBJECTIVES),
+                   help="train and evaluate these objectives; the others' rows are kept from the results file")
     args = p.parse_args()
     if args.evaluate:
         evaluate_run(args.evaluate, args.runs, args.samples, args.nll_images)
         return
-    train_runs(args.runs, args.steps, args.threads)
+    train_runs(args.runs, args.steps, args.threads, args.only)
     if args.train_only:
         return
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     procs = [subprocess.Popen([sys.executable, __file__, "--runs", str(args.runs), "--samples", str(args.samples),
                                "--nll-images", str(args.nll_images), "--evaluate", name], env=env)
-             for name in OBJECTIVES if not (args.runs / name / "eval.json").is_file()]  # an evaluated run is reused
+             for name in args.only if not (args.runs / name / "eval.json").is_file()]  # an evaluated run is reused
     if any(proc.wait() for proc in procs):
         raise RuntimeError("an evaluation failed")
-    rows = [json.loads((args.runs / name / "eval.json").read_text()) for name in OBJECTIVES]
+    rows = [json.loads((args.runs / name / "eval.json").read_text()) for name in args.only]
     for row in rows:  # written by train_runs once every run had finished
         row["train_seconds"] = float((args.runs / row["objective"] / "train_seconds.txt").read_text())
+    kept = common.RESULTS / "learned_variance.json"
+    if kept.is_file():  # the other objectives' rows as last measured
+        old = {r["objective"]: r for r in json.loads(kept.read_text())["rows"] if r.get("objective") in OBJECTIVES}
+        rows = [old[name] if name in old and name not in args.only else next(r for r in rows if r["objective"] == name)
+                for name in OBJECTIVES if name in old or name in args.only]
     x_train, y_train, x_val = digits()
     reference = DigitJudge(x_train, y_train).frechet(x_train, x_val)
     print(f"digits 8x8, {args.steps} steps each, batch 128; FD-digits of {args.samples} samples against the 180 "
