@@ -18,6 +18,7 @@ from ddpm_lightning import registry
 from ddpm_lightning.benign_warnings import filter_benign_messages
 from ddpm_lightning.checkpointing import read_checkpoint
 from ddpm_lightning.compose import build, fit_model_to_data, resolve_precision
+from ddpm_lightning import edits
 from ddpm_lightning.evaluation import evaluate as run
 from ddpm_lightning.interop.diffusers import init_train_config
 from ddpm_lightning.runs import (
@@ -202,5 +203,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     speed_settings(cfg)
     cpu = cpu_plugin(cfg)
     resolve_precision(cfg.trainer)
+    if cfg.get("task", "sample") != "sample":  # inpaint / sdedit: ddpm_lightning.edits
+        return edits.run(cfg)
     with process_group_closed_at_end():
         return run(cfg, accelerate=None if cpu is None else cpu.accelerate)

@@ -18,7 +18,7 @@ LAYERS = [
     ["interop"],
     ["control"],
     ["compose", "summary"],
-    ["evaluation"],
+    ["evaluation", "edits"],
     ["tasks", "diffusers_io", "posthoc_ema"],
 ]
 # Third-party packages a function may import where it needs them: optional, or slow to import and seldom used.

@@ -299,17 +299,22 @@ class DiffusionModule(ImageModule):
         callback: Callable | None = None,
         labels: Sequence[int] | Tensor | None = None,
         guidance: Any = None,
+        edit: Any = None,
         **cond,
     ) -> Tensor:
         """Samples in [-1, 1] (images, or points for data_shape), one per seed; the sample for a seed does not depend
         on the batch it is in.
 
         `labels`: one class per seed (class-conditional models or classifier guidance). `guidance`: a callable
-        wrapping the denoiser (see ddpm_lightning.diffusion.guidance), its Hydra config, or a list of them."""
+        wrapping the denoiser (see ddpm_lightning.diffusion.guidance), its Hydra config, or a list of them. `edit`:
+        an edit of given images instead of sampling from scratch (ddpm_lightning.diffusion.editing: `Inpaint`,
+        `SDEdit`), checked against the model and the sampler before any compute."""
         sampler = self.sampler if sampler is None else sampler
         if isinstance(sampler, Mapping):
             sampler = registry.build(_plain(sampler), "sampler")
         check_compatible(sampler, self.schedule, self.denoiser.learn_sigma)
+        if edit is not None:
+            edit.check(sampler, self.schedule, self.data_shape, len(seeds))
         denoiser = guidance_lib.apply(self.denoiser, guidance_lib.build(guidance))
         if labels is not None:
             y = torch.as_tensor(list(labels) if not isinstance(labels, Tensor) else labels, dtype=torch.long, device=self.device)
@@ -318,11 +323,13 @@ class DiffusionModule(ImageModule):
             guidance_lib.check_labels(y, guidance_lib.num_classes_of(denoiser))
             cond["y"] = y
         noise = PerSampleNoise(seeds, self.device)
-        x_T = noise.randn(self.data_shape) * self.schedule.prior_std()
         was_training = self.training
         self.eval()
         try:
             with getattr(self.net, "sampling_context", contextlib.nullcontext)():  # a speed plug-in's, if any
+                if edit is not None:
+                    return edit(sampler, denoiser, noise, self.data_shape, callback=callback, **cond).clamp(-1, 1)
+                x_T = noise.randn(self.data_shape) * self.schedule.prior_std()
                 return sampler(denoiser, x_T, noise, callback=callback, **cond).clamp(-1, 1)
         finally:
             self.train(was_training)

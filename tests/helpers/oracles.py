@@ -176,3 +176,30 @@ def mixture_z_scores(x: torch.Tensor) -> torch.Tensor:
         targets += [torch.zeros(len(x), 2, dtype=torch.float64), (MIXTURE.w[k] * MIXTURE.S[k]).flatten()[[0, 1, 3]].expand(len(x), -1)]
     terms, targets = torch.cat(terms, 1), torch.cat(targets, 1)
     return (terms.mean(0) - targets[0]) / (terms.std(0) / len(x) ** 0.5)
+
+
+class FullGaussianDenoiser(Denoiser):
+    """A denoiser whose eps is exact for data x_0 ~ N(m, S) with a full covariance S over the flattened example
+    (e.g. [B, 1, 2, 2] images: 4 dimensions): x_t ~ N(alpha m, C), C = alpha^2 S + sigma^2 I, so
+    E[eps | x_t] = sigma C^{-1} (x_t - alpha m) (float64 inside)."""
+
+    def __init__(self, mean, cov, schedule):
+        super().__init__(nn.Identity(), schedule)
+        self.m = torch.as_tensor(mean, dtype=torch.float64).flatten()
+        self.S = torch.as_tensor(cov, dtype=torch.float64)
+
+    def eps(self, x, t, **cond):
+        alpha = self.schedule.alpha(t).double()[:, None]
+        sigma = self.schedule.sigma(t).double()[:, None]
+        flat = x.double().flatten(1)
+        C = alpha[:, :, None] ** 2 * self.S + sigma[:, :, None] ** 2 * torch.eye(len(self.m), dtype=torch.float64)
+        e = sigma * torch.linalg.solve(C, (flat - alpha * self.m)[..., None])[..., 0]
+        return e.reshape(x.shape).to(x.dtype)
+
+    def conditional(self, known: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and covariance of the dimensions where `keep` (flat bool) is False given the others = `known`."""
+        u, k = ~keep, keep
+        S_uk, S_kk = self.S[u][:, k], self.S[k][:, k]
+        gain = S_uk @ torch.linalg.inv(S_kk)
+        mean = self.m[u] + gain @ (known.double().flatten()[k] - self.m[k])
+        return mean, self.S[u][:, u] - gain @ S_uk.T

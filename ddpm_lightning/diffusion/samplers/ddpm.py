@@ -148,28 +148,37 @@ def ddim(
     decreasing times `ts` (default: `grids.grid(schedule, steps, spacing)`)."""
     if not 0 <= eta < math.inf:
         raise ValueError(f"sampler.eta={eta} must be a finite non-negative number")
-    schedule = denoiser.schedule
-    ts = grid(schedule, steps, spacing) if ts is None else list(ts)
-    one = torch.ones((), device=x.device)
+    ts = grid(denoiser.schedule, steps, spacing) if ts is None else list(ts)
     for k, t_now in enumerate(ts):
-        t = torch.full((x.shape[0],), t_now, device=x.device)
-        alpha, sigma = schedule.alpha(t[:1])[0], schedule.sigma(t[:1])[0]
-        if k + 1 < len(ts):
-            s = torch.full((1,), ts[k + 1], device=x.device)
-            alpha_s, sigma_s = schedule.alpha(s)[0], schedule.sigma(s)[0]
-        else:
-            alpha_s, sigma_s = one, 0 * one  # the last step lands on the data, t = 0
-        eps = denoiser.eps(x, t, **cond)
-        x0 = denoiser.x0_from_eps(x, t, eps)
-        if clip_denoised:
-            x0 = x0.clamp(-1, 1)
-            eps = (x - alpha * x0) / sigma
-        c = eta * sigma_s * (1 - (alpha * sigma_s / (alpha_s * sigma)) ** 2).clamp(min=0).sqrt()
-        x = alpha_s * x0 + (sigma_s**2 - c**2).clamp(min=0).sqrt() * eps
-        if k + 1 < len(ts) and eta > 0:
-            x = x + c * noise.randn_like(x)
+        t_next = ts[k + 1] if k + 1 < len(ts) else None
+        x, x0 = ddim_step(denoiser, x, t_now, t_next, eta, clip_denoised, noise.randn_like, **cond)
         report(callback, k, x, x0)
     return x
+
+
+def ddim_step(denoiser: Denoiser, x: Tensor, t_now, t_next, eta: float, clip_denoised: bool,
+              draw: Callable[[Tensor], Tensor], **cond) -> tuple[Tensor, Tensor]:
+    """One step of `ddim` from time t_now to t_next (None: the data, t = 0); `draw(x)` gives the step's noise,
+    asked for only where it adds some (eta > 0, not the last step). Returns (x_s, the x_0 prediction)."""
+    schedule = denoiser.schedule
+    one = torch.ones((), device=x.device)
+    t = torch.full((x.shape[0],), t_now, device=x.device)
+    alpha, sigma = schedule.alpha(t[:1])[0], schedule.sigma(t[:1])[0]
+    if t_next is not None:
+        s = torch.full((1,), t_next, device=x.device)
+        alpha_s, sigma_s = schedule.alpha(s)[0], schedule.sigma(s)[0]
+    else:
+        alpha_s, sigma_s = one, 0 * one  # the last step lands on the data, t = 0
+    eps = denoiser.eps(x, t, **cond)
+    x0 = denoiser.x0_from_eps(x, t, eps)
+    if clip_denoised:
+        x0 = x0.clamp(-1, 1)
+        eps = (x - alpha * x0) / sigma
+    c = eta * sigma_s * (1 - (alpha * sigma_s / (alpha_s * sigma)) ** 2).clamp(min=0).sqrt()
+    x = alpha_s * x0 + (sigma_s**2 - c**2).clamp(min=0).sqrt() * eps
+    if t_next is not None and eta > 0:
+        x = x + c * draw(x)
+    return x, x0
 
 
 def check_ddim(schedule, steps: int = 50, eta: float = 0.0, spacing: str = DEFAULT_SPACING, ts=None, **_) -> None:
