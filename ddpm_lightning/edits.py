@@ -13,7 +13,7 @@ from PIL import Image
 from torch import Tensor
 
 from ddpm_lightning import registry
-from ddpm_lightning.control.conditions import IMAGE_SUFFIXES, read_condition_image
+from ddpm_lightning.control.conditions import read_image_folder
 from ddpm_lightning.diffusion.editing import Inpaint, SDEdit
 from ddpm_lightning.images import save_grid, to_model_range, to_uint8
 from ddpm_lightning.loading import load_model
@@ -24,17 +24,7 @@ MASK_PRESETS = ("lower", "right", "rect")
 
 def read_images(folder: str | Path, what: str = "edit.images") -> Tensor:
     """The PNG / JPEG images of a folder (sorted by name), uint8 [N, C, H, W]."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{what}={folder} is not a directory of images")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"{what}={folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    images = [read_condition_image(p) for p in files]
-    shapes = {tuple(x.shape) for x in images}
-    if len(shapes) > 1:
-        raise ValueError(f"{what}={folder}: the images differ in shape ({sorted(shapes)}); all must be alike")
-    return torch.stack(images)
+    return read_image_folder(folder, what)
 
 
 def make_mask(spec: str, rect: Any, size: tuple[int, int]) -> Tensor:

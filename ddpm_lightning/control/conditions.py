@@ -209,14 +209,20 @@ def load_folder(folder: str | Path, op, channels: int, image_size: int) -> Tenso
     that is not a regular file, an unreadable file or a missing / empty folder stops with an error naming
     `control.folder`."""
 
+    return op.from_images(to_model_range(read_image_folder(folder, "control.folder")), channels, image_size)
+
+
+def read_image_folder(folder: str | Path, what: str) -> Tensor:
+    """The PNG / JPEG images of a folder (sorted by name, `read_condition_image`), uint8 [N, C, H, W]; a missing or
+    empty folder, or images of different shapes, stop with an error naming the config key `what`."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"control.folder={folder} is not a directory of condition images")
+        raise FileNotFoundError(f"{what}={folder} is not a directory of images")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"control.folder={folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise ValueError(f"{what}={folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     images = [read_condition_image(p) for p in files]
     shapes = {tuple(x.shape) for x in images}
     if len(shapes) > 1:
-        raise ValueError(f"control.folder={folder}: the images differ in shape ({sorted(shapes)}); all must be alike")
-    return op.from_images(to_model_range(torch.stack(images)), channels, image_size)
+        raise ValueError(f"{what}={folder}: the images differ in shape ({sorted(shapes)}); all must be alike")
+    return torch.stack(images)
