@@ -34,7 +34,7 @@ from ddpm_lightning.diffusion.likelihood import bits_per_dim
 from ddpm_lightning.diffusion.samplers import check_compatible
 from ddpm_lightning.images import save_grid, to_model_range, to_uint8
 from ddpm_lightning.interop.diffusers import load_module, weights_file
-from ddpm_lightning.loading import load_model
+from ddpm_lightning.loading import combine_controlnets, load_model
 from ddpm_lightning.plots import data_images, save_process_strips
 from ddpm_lightning.summary import evaluate_next_steps
 from ddpm_lightning.training.module import DiffusionModule, _plain, count_nfe
@@ -59,7 +59,7 @@ def sample_shard(
     """uint8 images [n, C, H, W] for seeds first..end-1, in batches of `batch_size` counted from `first` (so a
     shard is batched the same way whatever the number of processes), and the network evaluations per image.
     `labels`: the class of each seed (class-conditional models, classifier guidance); `hints`: seeds -> their
-    conditions (ControlNet models)."""
+    conditions (ControlNet models; a list of them for several ControlNets)."""
     calls, handle = count_nfe(module)
     out, nfe = [], 0
     try:
@@ -69,7 +69,8 @@ def sample_shard(
             if labels is not None:
                 cond["labels"] = [labels[s] for s in seeds]
             if hints is not None:
-                cond["hint"] = hints(seeds).to(module.device)
+                hint = hints(seeds)
+                cond["hint"] = [h.to(module.device) for h in hint] if isinstance(hint, list) else hint.to(module.device)
             x = module.sample(seeds, sampler=sampler, **cond)
             if not torch.isfinite(x).all():  # would be written as black images
                 raise FloatingPointError(
@@ -219,6 +220,7 @@ def _output_dir(cfg: DictConfig, module: DiffusionModule, sampler_cfg: dict, ckp
     sigma_rel = _posthoc_sigma_rel(cfg)
     weights = ("ema" if cfg.use_ema else "raw") if sigma_rel is None else f"posthoc{sigma_rel:.3f}"
     folder = f"step{module.global_step_loaded}-{weights}-{name}{steps}-{ckpt_sha256[:8]}"
+    folder += "".join(f"+{file_sha256(p)[:8]}" for p in _control_ckpts(cfg))  # further ControlNets
     if not cfg.get("ckpt_path"):  # an imported diffusers model (init_from): outputs/imported/<folder name>/
         return Path(cfg.paths.log_dir) / "imported" / Path(str(cfg.init_from)).name / f"{name}{steps}-{ckpt_sha256[:8]}"
     return Path(cfg.ckpt_path).resolve().parent.parent / "eval" / folder
@@ -325,6 +327,11 @@ def make_plan(cfg: DictConfig, accelerate: Callable[[torch.nn.Module], Any] | No
     else:
         ckpt_path = Path(cfg.ckpt_path) if _posthoc_sigma_rel(cfg) is None else posthoc_checkpoint(cfg)
         module = load_model(ckpt_path, use_ema=cfg.use_ema)
+    extra = _control_ckpts(cfg)
+    if extra:  # several ControlNets over one base (Zhang et al. 2023 Sec. 3.5): ckpt_path's and control.ckpts'
+        others = [load_model(p, use_ema=cfg.use_ema) for p in extra]
+        module = combine_controlnets([module, *others], [f"ckpt_path={ckpt_path}", *(f"control.ckpts={p}" for p in extra)],
+                                     (cfg.get("control") or {}).get("scale", 1.0))
     if accelerate is not None:
         accelerate(module.net)
     if len(module.data_shape) != 3:  # a model of points (docs "Toy data"): nothing here applies
@@ -337,8 +344,21 @@ def make_plan(cfg: DictConfig, accelerate: Callable[[torch.nn.Module], Any] | No
     guidance = guidance_lib.build(guidance_cfg)
     plan = EvalPlan(cfg, names, module, ckpt_path, sampler_cfg, sampler, guidance_cfg, guidance, _labels(cfg, module, guidance))
     if control_lib.is_controlled(module):  # the condition of every image, loaded before any sampling
-        plan.control = control_lib.EvalConditions(_plain(cfg.get("control")) or {}, module, lambda: plan.datamodule, cfg.seed_offset)
+        plan.control = control_lib.eval_conditions(_plain(cfg.get("control")) or {}, module, lambda: plan.datamodule, cfg.seed_offset)
     return plan
+
+
+def _control_ckpts(cfg: DictConfig) -> list[str]:
+    """control.ckpts: the ControlNet checkpoints summed with ckpt_path's (none: [])."""
+    ckpts = _plain((cfg.get("control") or {}).get("ckpts")) or []
+    if isinstance(ckpts, str) or not all(isinstance(p, str) for p in ckpts):
+        raise ValueError(f"control.ckpts={ckpts!r} must be a list of ControlNet checkpoints, e.g. control.ckpts=[b.ckpt]")
+    if ckpts and (cfg.get("init_from") or not cfg.get("ckpt_path")):
+        raise ValueError("control.ckpts adds ControlNets to the one of ckpt_path=<ControlNet checkpoint>; give ckpt_path")
+    for p in ckpts:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"control.ckpts: {p} is not a file (a ControlNet checkpoint)")
+    return list(ckpts)
 
 
 def _posthoc_sigma_rel(cfg: DictConfig) -> float | None:
@@ -382,6 +402,8 @@ def _fingerprint(plan: EvalPlan, ckpt_sha256: str) -> dict:
     }
     if plan.control is not None:
         fingerprint["control"] = {**plan.control.source, "scale": plan.control.scale}
+        if _control_ckpts(cfg):
+            fingerprint["control"]["ckpts"] = _files_sha256(_control_ckpts(cfg))
     return fingerprint
 
 
@@ -524,12 +546,12 @@ def _control_result(cfg, module, control, images: np.ndarray, result: dict, out:
     grid as condition | sample pairs."""
     samples = to_model_range(torch.from_numpy(images))
     seeds = list(range(cfg.seed_offset, cfg.seed_offset + len(images)))
-    result["metrics"]["adherence"] = control.adherence(samples, seeds)
-    result["control"] = {**control.source, "scale": control.scale, "condition": type(module.net.condition).__name__}
+    result["metrics"].update(control.metrics(samples, seeds))
+    result["control"] = control.describe()
     if cfg.grid_size:
         n = min(cfg.grid_size, len(samples))
-        pairs = control_lib.condition_pairs(module, control(seeds[:n]), samples[:n])
-        save_grid(pairs.flatten(0, 1), out / "grid.png", nrow=2 * max(1, int(n**0.5)))
+        shown = control.shown(seeds[:n], samples[:n])  # [n, conditions + 1, C, H, W]
+        save_grid(shown.flatten(0, 1), out / "grid.png", nrow=shown.shape[1] * max(1, int(n**0.5)))
 
 
 def _summary(result: dict, out: Path, schedule: Any = None) -> None:

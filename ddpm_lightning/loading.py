@@ -1,7 +1,7 @@
 """Every model read from a checkpoint: a diffusion model (`load_model`), a noise-aware classifier for classifier
 guidance (`load_classifier`, `classifier_guidance`), a ControlNet's base (`read_base`). Files are read by
 `checkpointing.read_checkpoint` (weights_only, stored configs checked) and models built through the registry's
-checks (`build_module`); diffusers folders are `ddpm_lightning.interop.diffusers`."""
+checks (`build_module`); several ControlNets over one base (`load_controlnets`); diffusers folders are `ddpm_lightning.interop.diffusers`."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from ddpm_lightning import registry
 from ddpm_lightning.checkpointing import file_sha256, read_checkpoint
 from ddpm_lightning.diffusion.denoiser import Denoiser
 from ddpm_lightning.diffusion.guidance import ClassifierGuidance
+from ddpm_lightning.nets.controlnet import ControlledUNet, MultiControlledUNet
 from ddpm_lightning.training.classifier_module import NoisyClassifierModule
 from ddpm_lightning.training.module import DiffusionModule
 
@@ -105,3 +106,35 @@ def read_base(base_ckpt: str | Path | None) -> tuple[dict, dict, str]:
         raise ValueError(f"base_ckpt={path} is a ControlNet checkpoint; give the checkpoint of the model it controls")
     state = {k[len("net.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     return hp, state, file_sha256(path)
+
+
+def load_controlnets(ckpt_paths: list[str | Path], scales: Any = 1.0, use_ema: bool = True, map_location: Any = "cpu") -> DiffusionModule:
+    """Several ControlNet checkpoints over one base (Zhang et al. 2023 Sec. 3.5) as one model: the first
+    checkpoint's DiffusionModule (schedule, sampler, hyper-parameters) whose network is a `MultiControlledUNet`
+    holding the base once and every checkpoint's control branch, summed with `scales` (one per checkpoint, or one
+    number for all). `model.sample(seeds, hint=[h_1, ..., h_N], conditioning_scale=[...])` samples under all the
+    conditions. Checkpoints that are not ControlNets, or whose recorded base_sha256 differ, are refused naming them."""
+    modules = [load_model(p, use_ema=use_ema, map_location=map_location) for p in ckpt_paths]
+    return combine_controlnets(modules, [str(p) for p in ckpt_paths], scales)
+
+
+def combine_controlnets(modules: list[DiffusionModule], names: list[str], scales: Any = 1.0) -> DiffusionModule:
+    """`load_controlnets` on models already loaded (`names`: their files, for the errors)."""
+    if len(modules) < 1 or len(modules) != len(names):
+        raise ValueError("load_controlnets: give at least one ControlNet checkpoint")
+    for module, name in zip(modules, names):
+        if not isinstance(module.net, ControlledUNet):
+            raise ValueError(f"{name} is not a ControlNet checkpoint (trained with experiment=controlnet_*); only "
+                             "ControlNets over the same base combine")
+    digests = {name: module.net.base_sha256 for module, name in zip(modules, names)}
+    if len(set(digests.values())) != 1 or None in digests.values():
+        listed = ", ".join(f"{n} (base_sha256 {str(d)[:12]})" for n, d in digests.items())
+        raise ValueError(f"these ControlNets were trained on different base checkpoints and cannot be summed over one "
+                         f"base: {listed}")
+    host = modules[0]
+    net = MultiControlledUNet(host.net.base, [m.net.control for m in modules], [m.net.condition for m in modules],
+                              scales, host.net.base_sha256)
+    host.net = net.to(host.device)
+    host.denoiser = Denoiser(net, host.schedule, host.denoiser.parameterization, host.denoiser.learn_sigma)
+    host.controlnet_paths = list(names)
+    return host.eval()

@@ -70,3 +70,15 @@ def test_images_of_another_size_are_refused(setup, tmp_path):
     Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(tmp_path / "a.png")
     with pytest.raises(ValueError, match="model makes"):
         evaluate(eval_cfg(ckpt, root / "bad", "task=sdedit", f"edit.images={tmp_path}"))
+
+
+def test_inpaint_command_with_the_predictor_corrector_sampler(setup):
+    root, ckpt, images = setup
+    out = root / "inpaint_pc"
+    cfg = eval_cfg(ckpt, out, "task=inpaint", f"edit.images={images}", "edit.mask=lower", "edit.jump_n_sample=1",
+                   "sampler=pc", "sampler.steps=3")
+    assert evaluate(cfg)["images"] == 3
+    for src, dst in zip(sorted(images.iterdir()), sorted((out / "images").iterdir())):
+        assert (np.asarray(Image.open(src))[:4] == np.asarray(Image.open(dst))[:4]).all()  # the upper half is kept
+    with pytest.raises(ValueError, match="edit.jump_n_sample=1"):
+        evaluate(eval_cfg(ckpt, root / "bad_pc", "task=inpaint", f"edit.images={images}", "sampler=pc"))

@@ -169,3 +169,62 @@ def test_bad_edits_are_refused_before_any_compute():
             edit.check(s, schedule, SHAPE, 3 if match == "seed" else 2)
     with pytest.raises(ValueError, match="schedule"):  # ddpm needs a discrete schedule
         Inpaint(images, mask).check(sampler, schedules.VPSDE(), SHAPE, 2)
+
+
+# --- predictor-corrector imputation (Song et al. 2021 App. I.2) ------------------------------------------------
+
+PC_CASES = {
+    "ve_reverse_diffusion": (lambda: schedules.VESDE(sigma_max=5.0), functools.partial(pc, steps=30, snr=0.1)),
+    "vp_ancestral": (lambda: schedules.VPSDE(), functools.partial(pc, steps=30, predictor="ancestral", n_corrector=2)),
+    "linear_euler_maruyama": (lambda: linear(40), functools.partial(pc, steps=20, predictor="euler_maruyama", denoise=False)),
+}
+
+
+@pytest.mark.parametrize("case", list(PC_CASES))
+def test_pc_inpainting_with_an_empty_mask_is_pc_and_with_a_full_one_the_input(case):
+    make_schedule, sampler = PC_CASES[case]
+    schedule = make_schedule()
+    denoiser = FullGaussianDenoiser(torch.zeros(4), blocks(0.5), schedule)
+    images = torch.rand(3, *SHAPE) * 2 - 1
+    seeds = [3, 4, 5]
+    noise = PerSampleNoise(seeds)
+    plain = sampler(denoiser, noise.randn(SHAPE) * schedule.prior_std(), noise)
+    edit = Inpaint(images, torch.zeros(1, *SHAPE))
+    edit.check(sampler, schedule, SHAPE, 3)
+    torch.testing.assert_close(edit(sampler, denoiser, PerSampleNoise(seeds), SHAPE), plain, rtol=0, atol=0)
+    kept = Inpaint(images, torch.ones(3, *SHAPE))(sampler, denoiser, PerSampleNoise(seeds), SHAPE)
+    torch.testing.assert_close(kept, images, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", ["ve_reverse_diffusion", "vp_ancestral"])
+def test_pc_inpainting_of_independent_pixels_samples_the_unknown_ones_as_pc_does(case):
+    """Independent pixels: the known ones carry no information, so the unknown pixels are distributed as pc's own
+    samples (the replacement after every step does not touch them), and the known ones are the input."""
+    make_schedule, sampler = PC_CASES[case]
+    schedule = make_schedule()
+    cov = torch.diag(torch.tensor([0.2, 0.3, 0.25, 0.15], dtype=torch.float64))
+    denoiser = FullGaussianDenoiser(torch.tensor([0.1, -0.1, 0.2, -0.3]), cov, schedule)
+    known = torch.tensor([0.5, -0.5, 0.0, 0.0]).reshape(1, *SHAPE)
+    n = 2000
+    x = BatchNoise(0).randn_like(torch.zeros(n, *SHAPE)) * schedule.prior_std()
+    plain = sampler(denoiser, x, BatchNoise(1)).double().flatten(1)[:, 2:]
+    edit = Inpaint(known.expand(n, *SHAPE), KEEP.float().reshape(1, *SHAPE))
+    out = edit(sampler, denoiser, BatchNoise(2), SHAPE).double().flatten(1)
+    assert (out[:, :2] == known.flatten()[:2].double()).all()
+    se = (cov.diag()[2:] * 2 / n).sqrt()
+    assert ((out[:, 2:].mean(0) - plain.mean(0)).abs() < 4 * se).all(), (out[:, 2:].mean(0), plain.mean(0))
+    assert ((out[:, 2:].var(0) - plain.var(0)).abs() < 4 * cov.diag()[2:] * (2 * 2 / n) ** 0.5).all()
+    assert ((out[:, 2:].mean(0) - denoiser.m[2:]).abs() < 0.1).all()
+
+
+def test_pc_inpainting_refuses_repaints_jumps_and_other_samplers_stay_refused():
+    schedule = schedules.VESDE(sigma_max=5.0)
+    images, mask = torch.zeros(2, *SHAPE), torch.ones(1, *SHAPE)
+    Inpaint(images, mask, 10, 1).check(functools.partial(pc, steps=10), schedule, SHAPE, 2)
+    with pytest.raises(ValueError, match="edit.jump_n_sample=1"):
+        Inpaint(images, mask, 10, 10).check(functools.partial(pc, steps=10), schedule, SHAPE, 2)
+    with pytest.raises(ValueError, match="sampler.predictor"):
+        Inpaint(images, mask).check(functools.partial(pc, predictor="leapfrog"), schedule, SHAPE, 2)
+    for other in (ald, heun, euler_ancestral):
+        with pytest.raises(ValueError, match="sampler=ddpm or sampler=ddim .*sampler=pc"):
+            Inpaint(images, mask).check(functools.partial(other), schedule, SHAPE, 2)

@@ -22,7 +22,7 @@ from torch import Tensor
 from ddpm_lightning.benign_warnings import hide_locked_modules_notice
 from ddpm_lightning.control.conditions import load_folder
 from ddpm_lightning.loading import read_base
-from ddpm_lightning.nets.controlnet import ControlledUNet
+from ddpm_lightning.nets.controlnet import ControlledUNet, MultiControlledUNet
 from ddpm_lightning.seeds import rank_share
 from ddpm_lightning.training.callbacks import FID, SampleGrid, ema_module
 from ddpm_lightning.training.module import DiffusionModule, _plain
@@ -101,7 +101,8 @@ class ControlNetModule(DiffusionModule):
 
 
 def is_controlled(module: DiffusionModule) -> bool:
-    return isinstance(module.net, ControlledUNet)
+    """A ControlNet model, or several ControlNets over one base."""
+    return isinstance(module.net, (ControlledUNet, MultiControlledUNet))
 
 
 def condition_pairs(module: DiffusionModule, hints: Tensor, samples: Tensor) -> Tensor:
@@ -113,7 +114,11 @@ def condition_pairs(module: DiffusionModule, hints: Tensor, samples: Tensor) -> 
 def split_hints(module: DiffusionModule, images: Tensor, seeds: Sequence[int]) -> Tensor:
     """The conditions of `images` (one per seed), random ones (masks) drawn from each seed's own generator, so a
     seed's condition does not depend on its batch."""
-    op = module.net.condition
+    return condition_hints(module.net.condition, images, seeds)
+
+
+def condition_hints(op: Any, images: Tensor, seeds: Sequence[int]) -> Tensor:
+    """`split_hints` with the condition operator `op` itself."""
     return torch.cat([op(x[None], torch.Generator().manual_seed(int(s))) for x, s in zip(images, seeds)])
 
 
@@ -149,12 +154,16 @@ class EvalConditions:
     condition of image i mod N of `split` of the checkpoint's data module, or of the i mod N-th file (sorted by
     name) of `folder`; `scale` is the conditioning_scale. Loaded at once, so a bad folder fails before sampling."""
 
-    def __init__(self, cfg: Mapping, module: DiffusionModule, datamodule, seed_offset: int = 0):
+    def __init__(self, cfg: Mapping, module: DiffusionModule, datamodule, seed_offset: int = 0, condition: Any = None):
         self.module, self.seed_offset = module, seed_offset
-        self.scale = float(cfg.get("scale", 1.0))
+        self.condition = module.net.condition if condition is None else condition
+        scale = cfg.get("scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise ValueError(f"control.scale={scale!r}: one ControlNet takes one number (a list is for control.ckpts)")
+        self.scale = float(scale)
         self.images = self.hints = None
         if cfg.get("folder"):
-            self.hints = load_folder(cfg["folder"], module.net.condition, module.hparams.channels, module.hparams.image_size)
+            self.hints = load_folder(cfg["folder"], self.condition, module.hparams.channels, module.hparams.image_size)
             self.source = {"folder": str(cfg["folder"]), "conditions": len(self.hints)}
         else:
             split = cfg.get("split", "val")
@@ -171,8 +180,64 @@ class EvalConditions:
         if self.hints is not None:
             return self.hints[[i % len(self.hints) for i in index]]
         images = torch.stack([self.images[i % len(self.images)][0] for i in index])
-        return split_hints(self.module, images, seeds)
+        return condition_hints(self.condition, images, seeds)
 
     def adherence(self, samples: Tensor, seeds: Sequence[int]) -> float:
         """Mean over the samples of the condition operator's adherence error (see ddpm_lightning.control.conditions)."""
-        return float(self.module.net.condition.adherence(samples, self(seeds)).mean())
+        return float(self.condition.adherence(samples, self(seeds)).mean())
+
+    def metrics(self, samples: Tensor, seeds: Sequence[int]) -> dict[str, float]:
+        return {"adherence": self.adherence(samples, seeds)}
+
+    def describe(self) -> dict:
+        """What metrics.json records under `control`."""
+        return {**self.source, "scale": self.scale, "condition": type(self.condition).__name__}
+
+    def shown(self, seeds: Sequence[int], samples: Tensor) -> Tensor:
+        """[N, 2, C, H, W]: condition | sample, for the grid."""
+        shown = self.condition.show(self(seeds).to(samples.device, samples.dtype), samples.shape[1]).clamp(-1, 1)
+        return torch.stack([shown, samples], 1)
+
+
+class MultiEvalConditions:
+    """The conditions of several ControlNets over one base (`loading.load_controlnets`; evaluate.py
+    `control.ckpts`): one `EvalConditions` per branch, ckpt_path's first. `control.folder`: null (every branch
+    takes its condition from `control.split`) or a list with one entry per ControlNet (a folder, or null for the
+    split); `control.scale`: one number for all or a list with one per ControlNet."""
+
+    def __init__(self, cfg: Mapping, module: DiffusionModule, datamodule, seed_offset: int = 0):
+        conditions = module.net.conditions
+        n = len(conditions)
+        folders = cfg.get("folder")
+        if folders is None:
+            folders = [None] * n
+        elif isinstance(folders, str) or len(folders) != n:
+            raise ValueError(f"control.folder={folders!r}: with {n} ControlNets give a list of {n} entries, a folder "
+                             "of condition images or null (the condition of control.split) for each, ckpt_path's first")
+        scales = module.net._scales(cfg.get("scale", 1.0))  # one per ControlNet, checked
+        self.parts = [EvalConditions({**cfg, "folder": f, "scale": s}, module, datamodule, seed_offset, op)
+                      for f, s, op in zip(folders, scales, conditions)]
+        self.scale = scales
+        self.source = {"controlnets": [p.source for p in self.parts]}
+
+    def __call__(self, seeds: Sequence[int]) -> list[Tensor]:
+        return [p(seeds) for p in self.parts]
+
+    def metrics(self, samples: Tensor, seeds: Sequence[int]) -> dict[str, float]:
+        """The adherence error of the samples to each ControlNet's condition: adherence/<i>_<condition>."""
+        return {f"adherence/{i}_{type(p.condition).__name__.lower()}": p.adherence(samples, seeds) for i, p in enumerate(self.parts)}
+
+    def describe(self) -> dict:
+        return {**self.source, "scale": self.scale, "condition": [type(p.condition).__name__ for p in self.parts]}
+
+    def shown(self, seeds: Sequence[int], samples: Tensor) -> Tensor:
+        """[N, n + 1, C, H, W]: every condition, then the sample."""
+        pairs = [p.shown(seeds, samples) for p in self.parts]
+        return torch.cat([q[:, :1] for q in pairs] + [samples[:, None]], 1)
+
+
+def eval_conditions(cfg: Mapping, module: DiffusionModule, datamodule, seed_offset: int = 0):
+    """The evaluation conditions of a ControlNet model (`EvalConditions`) or of several (`MultiEvalConditions`)."""
+    if isinstance(module.net, MultiControlledUNet):
+        return MultiEvalConditions(cfg, module, datamodule, seed_offset)
+    return EvalConditions(cfg, module, datamodule, seed_offset)

@@ -6,6 +6,9 @@
   the forward process, so that the generated part harmonises with the known part. `jump_n_sample=1` is the plain
   replacement baseline (Song et al. 2021, App. I "imputation" with replacement, no resampling). Reverse steps:
   `ddpm` (ancestral, the paper's) and `ddim` (Song, Meng & Ermon 2021 eq. 12, as diffusers' RePaintScheduler).
+  With `pc` (predictor-corrector, for the score SDEs) it is Song et al. 2021 App. I.2's imputation: the known
+  pixels are replaced by x_known = alpha(t) x_input + sigma(t) z after every predictor and every corrector step,
+  t the time the chain is at (no jumps: `jump_n_sample` must be 1).
 - `SDEdit`: Meng et al. 2022. The input is noised to t0 = `strength` of the schedule's time, x_t0 = alpha(t0) x +
   sigma(t0) z, and any sampler runs its own grid from t0 down (its grid truncated below t0, t0 first). At strength 1
   the input is forgotten: the sampler starts from the prior, i.e. samples from scratch with the same seeds.
@@ -30,7 +33,8 @@ from ddpm_lightning.diffusion.grids import grid, time_range
 from ddpm_lightning.diffusion.samplers.ddpm import ddim, ddim_step, ddpm, eps_and_v, p_mean_log_variance, respaced
 from ddpm_lightning.diffusion.samplers.karras import levels as level_grid
 from ddpm_lightning.diffusion.samplers.report import report
-from ddpm_lightning.diffusion.samplers.score import ald
+from ddpm_lightning.diffusion.samplers.score import ald, pc, pc_steps
+from ddpm_lightning.diffusion.schedules import expand_as
 
 REPAINT_SAMPLERS = {"ddpm": ddpm, "ddim": ddim}
 
@@ -99,7 +103,8 @@ def _check_mask(mask: Tensor, images: Tensor) -> None:
 
 class Inpaint:
     """Inpainting of `images` [N, C, H, W] in [-1, 1] where `mask` is 0 (kept where it is 1), by RePaint's
-    resampling (`jump_length`, `jump_n_sample`; 1 and 1 is replacement) with a `ddpm` or `ddim` sampler."""
+    resampling (`jump_length`, `jump_n_sample`; 1 and 1 is replacement) with a `ddpm` or `ddim` sampler, or by
+    the predictor-corrector imputation of Song et al. 2021 (App. I.2) with `pc` (replacement, jump_n_sample=1)."""
 
     name = "inpaint"
 
@@ -111,10 +116,19 @@ class Inpaint:
         _check_images(self.images, data_shape, n, "edit.images")
         _check_mask(self.mask, self.images)
         func, options = sampler_options(sampler)
+        if func is pc:
+            if self.jump_n_sample != 1:
+                raise ValueError(
+                    f"task=inpaint with sampler=pc replaces the known pixels after every predictor and corrector step "
+                    f"(Song et al. 2021 App. I.2), without RePaint's jumps back: set edit.jump_n_sample=1 (got {self.jump_n_sample})"
+                )
+            pc.check(schedule, **options)
+            return
         if func not in REPAINT_SAMPLERS.values():
             raise ValueError(
                 f"task=inpaint: RePaint runs with sampler=ddpm or sampler=ddim (its reverse step must be undone by the "
-                f"forward process one step at a time); {getattr(func, '__name__', func)} cannot serve it"
+                f"forward process one step at a time), the score SDEs' imputation with sampler=pc; "
+                f"{getattr(func, '__name__', func)} cannot serve it"
             )
         times = self._times(func, options, schedule)
         repaint_levels(len(times), self.jump_length, self.jump_n_sample)
@@ -131,6 +145,8 @@ class Inpaint:
     def __call__(self, sampler, denoiser: Denoiser, noise, shape: Sequence[int], callback=None, **cond) -> Tensor:
         func, options = sampler_options(sampler)
         x = noise.randn_like(self.images.to(torch.float32)) * denoiser.schedule.prior_std()
+        if func is pc:
+            return pc_impute(denoiser, x, noise, self.images.to(x), self.mask.to(x), options, callback, **cond)
         return repaint(denoiser, x, noise, self.images.to(x), self.mask.to(x), func, options, self.jump_length,
                        self.jump_n_sample, callback, **cond)
 
@@ -189,6 +205,39 @@ def repaint(denoiser: Denoiser, x: Tensor, noise, images: Tensor, mask: Tensor, 
             ratio = alphas[there] / alphas[here]
             x = ratio * x + math.sqrt(max(sigmas[there] ** 2 - ratio**2 * sigmas[here] ** 2, 0.0)) * z
     return x
+
+
+class _LastDraw:
+    """The per-sample noise, remembering its last draw (the step's z, reused for the known pixels)."""
+
+    def __init__(self, noise):
+        self.noise, self.last = noise, None
+
+    def randn_like(self, x: Tensor) -> Tensor:
+        self.last = self.noise.randn_like(x)
+        return self.last
+
+
+@torch.no_grad()
+def pc_impute(denoiser: Denoiser, x: Tensor, noise, images: Tensor, mask: Tensor, options: dict, callback=None,
+              **cond) -> Tensor:
+    """Song et al. 2021 App. I.2 (imputation) with the predictor-corrector sampler (`pc`'s options): after every
+    corrector and every predictor step the known pixels are replaced by the input noised to the time t the chain is
+    at, x_known = alpha(t) x_input + sigma(t) z. z is the step's own draw (the mask splits the pixels, so one draw
+    is two independent ones, as in `repaint`), so an empty mask gives `pc`'s samples exactly. With `denoise` the
+    unknown pixels end at Tweedie's x_0; the known ones end as the input."""
+    schedule = denoiser.schedule
+    ts = grid(schedule, options["steps"], options["spacing"]) if options.get("ts") is None else list(options["ts"])
+    drawn = _LastDraw(noise)
+
+    def replace(x: Tensor, t: Tensor) -> Tensor:
+        known = expand_as(schedule.alpha(t), x) * images + expand_as(schedule.sigma(t), x) * drawn.last
+        return mask * known.to(x.dtype) + (1 - mask) * x
+
+    x, t = pc_steps(denoiser, x, drawn, ts, options["predictor"], options["corrector"], options["snr"],
+                    options["n_corrector"], after=replace, callback=callback, **cond)
+    x = denoiser.x0(x, t, **cond) if options["denoise"] else x
+    return mask * images + (1 - mask) * x
 
 
 # ---------------------------------------------------------------------------------------------------------

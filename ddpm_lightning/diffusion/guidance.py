@@ -70,7 +70,10 @@ def check_labels(y: Tensor, num_classes: int | None) -> None:
 
 
 def _double(v):
-    """A per-example conditioning tensor repeated for the second half of a doubled batch."""
+    """A per-example conditioning tensor (or a list of them: the conditions of several ControlNets) repeated for
+    the second half of a doubled batch."""
+    if isinstance(v, (list, tuple)):
+        return type(v)(_double(e) for e in v)
     return torch.cat([v, v]) if isinstance(v, Tensor) and v.ndim > 0 else v
 
 

@@ -133,3 +133,68 @@ class ControlledUNet(nn.Module):
         """Parameters of the locked base and of the trainable control branch (the seed's "doubling")."""
         return {"base": sum(p.numel() for p in self.base.parameters()), "control": sum(p.numel() for p in self.control.parameters())}
 
+
+
+class MultiControlledUNet(nn.Module):
+    """Several ControlNets over one locked base (Zhang et al. 2023 Sec. 3.5, "multiple conditions"):
+    `forward(x, t, y=None, hint=[h_1, ..., h_N], conditioning_scale=None)` adds sum_i s_i r_i(x, t, h_i) to the
+    base's skips and middle block, r_i the residuals of branch i (`ControlNet`) and s_i its conditioning scale.
+
+    `controls` and `conditions` are the branches and their condition operators, in order; `scales` the default
+    s_i (`conditioning_scale=None`); a list given to `forward` replaces them, a number scales every branch alike.
+    A branch at scale 0 is skipped, so with one branch left the output is, bitwise, that of its `ControlledUNet`
+    at its scale, and with all at 0 the base's. The branches must have been trained on this base (the loader,
+    `loading.load_controlnets`, checks the recorded `base_sha256`)."""
+
+    def __init__(self, base: UNet, controls: Sequence[ControlNet], conditions: Sequence[Any],
+                 scales: Sequence[float] | None = None, base_sha256: str | None = None):
+        super().__init__()
+        if len(controls) != len(conditions) or not controls:
+            raise ValueError("MultiControlledUNet: give one condition operator per ControlNet branch (at least one)")
+        self.base: UNet = base
+        self.controls = nn.ModuleList(controls)
+        self.conditions = list(conditions)
+        self.scales = self._scales(1.0 if scales is None else scales)
+        self.base_sha256 = base_sha256
+        self.image_size, self.in_channels, self.num_classes = base.image_size, base.in_channels, base.num_classes
+        self.hint_shapes = [(op.hint_channels(self.in_channels), self.image_size, self.image_size) for op in self.conditions]
+        self.requires_grad_(False)
+        self.eval()
+
+    def _scales(self, scales: Any) -> list[float]:
+        if isinstance(scales, (int, float)) and not isinstance(scales, bool):
+            return [float(scales)] * len(self.controls)
+        scales = [float(s) for s in scales]
+        if len(scales) != len(self.controls):
+            raise ValueError(f"control.scale: {len(scales)} conditioning scales for {len(self.controls)} ControlNets; "
+                             "give one per ControlNet (or one number for all)")
+        return scales
+
+    def check_hint(self, hint: Any, x: Tensor) -> None:
+        """Reject anything but one condition of the right shape per branch, naming what was expected."""
+        expected = ", ".join(f"[{x.shape[0]}, {', '.join(map(str, s))}]" for s in self.hint_shapes)
+        if not isinstance(hint, (list, tuple)) or len(hint) != len(self.controls):
+            raise ValueError(f"{len(self.controls)} ControlNets need a list of {len(self.controls)} conditions: "
+                             f"sample(..., hint=[...]) of shapes {expected}")
+        for h, shape in zip(hint, self.hint_shapes):
+            if not isinstance(h, Tensor) or tuple(h.shape[1:]) != shape or h.shape[0] != x.shape[0]:
+                raise ValueError(f"conditions (hint) of shapes {[tuple(getattr(h, 'shape', ())) for h in hint]}: "
+                                 f"these ControlNets expect {expected}")
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, hint: Sequence[Tensor] | None = None,
+                conditioning_scale: float | Sequence[float] | None = None) -> Tensor:
+        self.check_hint(hint, x)
+        scales = self.scales if conditioning_scale is None else self._scales(conditioning_scale)
+        control = None
+        for branch, h, s in zip(self.controls, hint, scales):
+            if s == 0:
+                continue
+            residuals = branch(x, t, h, y)
+            if s != 1:
+                residuals = [r * s for r in residuals]
+            control = residuals if control is None else [a + b for a, b in zip(control, residuals)]
+        return self.base(x, t, y) if control is None else self.base(x, t, y, control=control)
+
+    def train(self, mode: bool = True) -> MultiControlledUNet:
+        """For sampling only: every part stays in eval mode (dropout off) whatever the mode asked for."""
+        return super().train(False)

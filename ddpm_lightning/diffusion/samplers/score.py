@@ -171,8 +171,18 @@ def pc(
     schedule, steps, spacing)`, or `ts` handed in."""
     check_pc(denoiser.schedule, steps=steps, predictor=predictor, corrector=corrector, snr=snr, n_corrector=n_corrector,
              spacing=spacing, ts=ts)
+    ts = grid(denoiser.schedule, steps, spacing) if ts is None else list(ts)
+    x, t = pc_steps(denoiser, x, noise, ts, predictor, corrector, snr, n_corrector, callback=callback, **cond)
+    return denoiser.x0(x, t, **cond) if denoise else x
+
+
+def pc_steps(denoiser: Denoiser, x: Tensor, noise: PerSampleNoise, ts: Sequence, predictor: str, corrector: str,
+             snr: float, n_corrector: int, after: Callable[[Tensor, Tensor], Tensor] | None = None,
+             callback: Callable[..., None] | None = None, **cond) -> tuple[Tensor, Tensor]:
+    """The loop of `pc` on the decreasing times `ts`: (x at the last time, that time as a [B] tensor).
+    `after(x, t)`, when given, is applied after every corrector and every predictor step, t the time x is at
+    (the imputation of Song et al. 2021 App. I.2 replaces the known pixels there, ddpm_lightning.diffusion.editing)."""
     schedule = denoiser.schedule
-    ts = grid(schedule, steps, spacing) if ts is None else list(ts)
     for k, t_now in enumerate(ts):
         t = _times(x, t_now)
         s = _times(x, ts[k + 1]) if k + 1 < len(ts) else None
@@ -181,10 +191,12 @@ def pc(
             alpha = _transition(schedule, t, s)[0] ** 2 if s is not None else torch.ones_like(t, dtype=x.dtype)
             for _ in range(n_corrector):
                 x = langevin(denoiser, x, t, snr, alpha, noise, **cond)
+                x = x if after is None else after(x, t)
         if s is not None and predictor != "none":
             x = _PREDICTOR_STEPS[predictor](denoiser, x, t, s, noise, **cond)
+            x = x if after is None else after(x, s)
         report(callback, k, x)
-    return denoiser.x0(x, t, **cond) if denoise else x
+    return x, t
 
 
 def check_pc(schedule, steps: int = 1000, predictor: str = "reverse_diffusion", corrector: str = "langevin",
