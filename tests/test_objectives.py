@@ -320,3 +320,13 @@ def test_edm_cifar10_has_the_papers_settings():
     assert abs(cfg.callbacks.ema.decay - 0.5 ** (512 / 500_000)) < 1e-5  # half-life 0.5 Mimg in steps of 512
     assert cfg.module.warmup_steps == round(10e6 / 512) and cfg.trainer.max_steps == round(200e6 / 512)
     assert cfg.sampler._target_.endswith(".heun") and 2 * cfg.sampler.steps - 1 == 35
+
+
+@pytest.mark.parametrize("objective", [["schedule=edm", "module.parameterization=edm"],
+                                       ["schedule=rectified_flow", "module.parameterization=flow"]], ids=["edm", "flow"])
+def test_the_new_objectives_train_the_mlp_on_points(objective, tmp_path):
+    """Every network: the toy MLP on 2-D points trains under EDM and flow matching and samples finite points."""
+    train(compose_cfg(["experiment=toy2d", *objective, "sampler=heun", "sampler.steps=5", "trainer.max_steps=20",
+                       "logger=none", "callbacks.samples.every_n_steps=0"], tmp_path, tiny=False))
+    x = load_model(tmp_path / "checkpoints" / "last.ckpt").sample(range(50))
+    assert x.shape == (50, 2) and torch.isfinite(x).all() and x.std() > 0.05
