@@ -9,6 +9,11 @@ import torch
 from PIL import Image
 
 from helpers.config import eval_cfg
+from ddpm_lightning.control.module import ControlNetModule
+from ddpm_lightning.diffusion.editing import Inpaint
+from ddpm_lightning.edits import make_mask, read_images
+from ddpm_lightning.images import to_model_range
+from ddpm_lightning.interop.parity import randomize
 from ddpm_lightning.tasks import evaluate
 from ddpm_lightning.training.module import DiffusionModule
 
@@ -82,3 +87,34 @@ def test_inpaint_command_with_the_predictor_corrector_sampler(setup):
         assert (np.asarray(Image.open(src))[:4] == np.asarray(Image.open(dst))[:4]).all()  # the upper half is kept
     with pytest.raises(ValueError, match="edit.jump_n_sample=1"):
         evaluate(eval_cfg(ckpt, root / "bad_pc", "task=inpaint", f"edit.images={images}", "sampler=pc"))
+
+
+def test_edits_take_classifier_free_guidance_and_controlnet_conditions(setup):
+    """Inpainting under classifier-free guidance (w = 0 is the conditional model, w = 3 moves the inpainted pixels
+    only) and with a ControlNet (another condition moves the inpainted pixels only); random weights everywhere."""
+    root, ckpt, images = setup
+    x = to_model_range(read_images(images))
+    mask = make_mask("lower", None, (8, 8))
+    edit = Inpaint(x, mask, jump_length=2, jump_n_sample=2)
+    parts = dict(schedule={"_target_": "ddpm_lightning.diffusion.schedules.linear", "T": 10},
+                 sampler={"_target_": "ddpm_lightning.diffusion.samplers.ddpm", "_partial_": True},
+                 optimizer={"_target_": "torch.optim.Adam", "_partial_": True}, image_size=8, channels=1)
+    cond = DiffusionModule(net={**UNET, "num_classes": 3}, **parts)
+    randomize(cond.net, 1)
+    cfg = {"_target_": "ddpm_lightning.diffusion.guidance.ClassifierFree", "_partial_": True, "w": 0.0}
+    plain = cond.sample(range(3), labels=[0, 1, 2], edit=edit)
+    w0 = cond.sample(range(3), labels=[0, 1, 2], edit=edit, guidance=cfg)
+    w3 = cond.sample(range(3), labels=[0, 1, 2], edit=edit, guidance={**cfg, "w": 3.0})
+    torch.testing.assert_close(w0, plain)  # one doubled batch: equal up to rounding
+    assert not torch.allclose(plain, w3, atol=1e-3)
+    known = mask.expand_as(x).bool()
+    assert torch.allclose(w3[known], x[known], atol=1e-6) and torch.allclose(plain[known], x[known], atol=1e-6)
+
+    control = ControlNetModule(base_ckpt=str(ckpt), condition={"_target_": "ddpm_lightning.control.conditions.LowRes", "factor": 2},
+                               optimizer=parts["optimizer"], image_size=8, channels=1, sampler=parts["sampler"])
+    randomize(control.net, 2)  # the base too: its last convolution starts at zero
+    hint = control.net.condition(x, None)
+    a = control.sample(range(3), hint=hint, edit=edit)
+    b = control.sample(range(3), hint=-hint, edit=edit)
+    assert torch.allclose(a[known], x[known], atol=1e-6) and torch.allclose(b[known], x[known], atol=1e-6)
+    assert not torch.allclose(a[~known], b[~known], atol=1e-3)
