@@ -196,13 +196,13 @@ def test_missing_file_wrong_shapes_and_unsupported_blocks_fail_before_any_weight
     config = json.loads(config_file.read_text())
     # Unsupported configurations are refused from the JSON alone, every difference listed.
     monkeypatch.setattr(io, "read_state", lambda *_: pytest.fail("weights read before the config was checked"))
-    config_file.write_text(json.dumps({**config, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "AttnDownBlock2D"], "attention_head_dim": 8}))
+    config_file.write_text(json.dumps({**config, "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "AttnDownBlock2D"], "attention_head_dim": 24}))
     with pytest.raises(io.UnsupportedConfig) as e:
         io.load_module(folder)
     assert "'CrossAttnDownBlock2D' is not one of ['DownBlock2D', 'AttnDownBlock2D']" in str(e.value)
-    assert "attention_head_dim=8: multi-head attention" in str(e.value)
-    config_file.write_text(json.dumps({**config, "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], "freq_shift": 0}))
-    with pytest.raises(io.UnsupportedConfig, match=r"(?s)freq_shift=0: our U-Net supports only 1.*down_block_types\[2\]=.AttnDownBlock2D. but up_block_types\[0\]=.UpBlock2D."):
+    assert "attention_head_dim=24: must divide the channels of every attention block" in str(e.value)
+    config_file.write_text(json.dumps({**config, "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], "time_embedding_type": "fourier"}))
+    with pytest.raises(io.UnsupportedConfig, match=r"(?s)time_embedding_type='fourier': our U-Net supports only 'positional'.*down_block_types\[2\]=.AttnDownBlock2D. but up_block_types\[0\]=.UpBlock2D."):
         io.load_module(folder)
     sched = folder / "scheduler" / "scheduler_config.json"
     sched.write_text(json.dumps({**GOOGLE_SCHEDULER, "variance_type": "learned_range", "beta_schedule": "sigmoid"}))
@@ -235,7 +235,7 @@ def test_hub_id_offline_names_the_folder_to_pass(monkeypatch):
 
 def test_export_refuses_what_diffusers_cannot_express(tmp_path):
     our_checkpoint(tmp_path / "ve.ckpt", ["schedule=ncsn", "sampler=ald"])
-    with pytest.raises(io.UnsupportedConfig, match="NCSN and score-SDE schedules have no equivalent"):
+    with pytest.raises(io.UnsupportedConfig, match="NCSN, score-SDE, EDM and rectified-flow schedules have no equivalent"):
         io.export(tmp_path / "ve.ckpt", tmp_path / "out")
     our_checkpoint(tmp_path / "cos.ckpt", ["schedule=cosine", "schedule.s=0.01"])
     with pytest.raises(io.UnsupportedConfig, match="squaredcos_cap_v2 fixes 0.008 and 0.999"):

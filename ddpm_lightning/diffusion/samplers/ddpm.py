@@ -151,7 +151,7 @@ def ddim(
     ts = grid(denoiser.schedule, steps, spacing) if ts is None else list(ts)
     for k, t_now in enumerate(ts):
         t_next = ts[k + 1] if k + 1 < len(ts) else None
-        x, x0 = ddim_step(denoiser, x, t_now, t_next, eta, clip_denoised, noise.randn_like, **cond)
+        x, x0 = ddim_step(denoiser, x, t_now, t_next, eta, clip_denoised, None if noise is None else noise.randn_like, **cond)
         report(callback, k, x, x0)
     return x
 
