@@ -1,4 +1,4 @@
-"""The Denoiser's eps / x0 / v parameterisations on every schedule: a network that outputs the exact target of its
+"""The Denoiser's parameterisations (eps, x0, v, EDM, flow) on every schedule: a network that outputs the exact target of its
 parameterisation (eps, x_0, or v = alpha eps - sigma x_0, Salimans & Ho 2022) must give back eps, x_0 and the
 score exactly, and a zero loss; VE, NCSN and sub-VP have alpha^2 + sigma^2 != 1."""
 
@@ -45,11 +45,13 @@ def test_round_trip(name, parameterization):
     alpha, sigma = (f(t).view(-1, 1, 1, 1) for f in (schedule.alpha, schedule.sigma))
     x_t = schedule.q_sample(x0, t, eps)
     net = Oracle()
-    net.target = {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0}[parameterization]
+    net.target = {"eps": eps, "x0": x0, "v": alpha * eps - sigma * x0}.get(parameterization)
+    if net.target is None:  # EDM's and flow matching's targets, as their preconditionings state them
+        net.target = PARAMETERIZATIONS[parameterization].target(x0, eps, alpha, sigma)
     d = Denoiser(net, schedule, parameterization)
     # Rounding: eps = (x_t - alpha x_0) / sigma magnifies float32's by 1 / sigma (x0 networks at t near 0, compared
     # as sigma eps), x_0 = (x_t - sigma eps) / alpha by sigma / alpha (VE / NCSN at the largest noise).
-    w = sigma if parameterization == "x0" else torch.ones_like(sigma)
+    w = sigma if parameterization in ("x0", "edm") else torch.ones_like(sigma)
     scale = float(sigma.max() / alpha.min())
     torch.testing.assert_close(w * d.eps(x_t, t), w * eps, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(d.x0(x_t, t), x0, atol=2e-5 * max(1.0, scale), rtol=1e-4)
