@@ -1,5 +1,7 @@
-"""Training objectives at equal steps on the embedded digits: the quickstart (eps, L_simple) against eps + min-SNR,
-v + min-SNR, EDM and flow matching, on the same network, data, batch and seed.
+"""Training objectives at equal steps on the embedded digits: eps, eps / v + min-SNR, EDM and flow matching.
+
+The quickstart (eps, L_simple) against eps + min-SNR, v + min-SNR, EDM and flow matching, on the same network,
+data, batch and seed.
 
     python benchmarks/objectives.py [--steps 400 800 1600] [--samples 500] [--only edm flow]
 

@@ -1,5 +1,6 @@
-"""Sampler claims across training seeds: DPM-Solver++(2M) at 10 and 20 network evaluations against DDIM-50 on the
-quickstart (experiment=digits, 1600 steps) trained with several seeds.
+"""Sampler claims across training seeds: DPM-Solver++(2M) at 10 and 20 NFE against DDIM-50 on the quickstart.
+
+The quickstart (experiment=digits, 1600 steps) is trained with several seeds.
 
     python benchmarks/sampler_seeds.py [--seeds 0 1 2] [--samples 2000] [--steps 1600]
 
