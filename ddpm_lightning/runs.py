@@ -224,11 +224,9 @@ class RunRecord:
 
     def accept(self, out: Path) -> None:
         """Write `.hydra/` (under Hydra) and start `<job name>.log` in `out` with the records held so far."""
-        name = "train"
-        if HydraConfig.initialized():
-            hydra_cfg = HydraConfig.get()
-            name = hydra_cfg.job.name
-        if HydraConfig.initialized() and hydra_cfg.output_subdir is None:  # else Hydra wrote it (a DDP rank > 0's)
+        hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+        name = "train" if hydra_cfg is None else hydra_cfg.job.name
+        if hydra_cfg is not None and hydra_cfg.output_subdir is None:  # else Hydra wrote it (a DDP rank > 0's)
             record = out / ".hydra"
             record.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(self.cfg, record / "config.yaml")
