@@ -108,6 +108,7 @@ def main() -> None:
     torch.manual_seed(0)
     x_train, y_train, x_val = digits()
     judge = DigitJudge(x_train, y_train)
+    floor = judge.frechet(x_train[: args.samples], x_val)
     for name in args.only:
         out = Path(tempfile.mkdtemp(prefix=f"objectives_{name}_"))
         try:
@@ -121,7 +122,7 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
         result = {"objective": name, "overrides": ["experiment=digits", *OBJECTIVES[name]], "samples": args.samples,
                   "train_seconds": run["seconds"], "train_images_per_s": run["images_per_s"], "rows": rows,
-                  "fd_digits_real_train_vs_val": judge.frechet(x_train[: args.samples], x_val), "machine": common.machine()}
+                  "fd_digits_real_train_vs_val": floor, "machine": common.machine()}
         (RESULTS / f"objectives_{name}.json").write_text(json.dumps(result, indent=2))
         print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1), flush=True)
     plot({name: json.loads(f.read_text()) for name in OBJECTIVES if (f := RESULTS / f"objectives_{name}.json").exists()})

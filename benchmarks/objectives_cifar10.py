@@ -1,9 +1,9 @@
 """Training objectives at equal CPU time on real CIFAR-10 photos (32x32), against diffusers' recipe.
 
 eps (DDPM), eps + min-SNR, v + min-SNR, EDM and flow matching on our U-Net at half the width of Ho et al.'s
-CIFAR-10 model (ch 64, 8,952,067 parameters), and diffusers' train_unconditional recipe (UNet2DModel of the same architecture, DDPMScheduler, AdamW 1e-4 with
-betas (0.95, 0.999) and weight decay 1e-6, `--warmup` warm-up steps, EMAModel with inv_gamma 1 and power 3/4) as the
-peer row.
+CIFAR-10 model (ch 64, 8,952,067 parameters), and diffusers' train_unconditional recipe (UNet2DModel of the same
+architecture, DDPMScheduler, AdamW 1e-4 with betas (0.95, 0.999) and weight decay 1e-6, `--warmup` warm-up steps,
+EMAModel with inv_gamma 1 and power 3/4) as the peer row.
 
     python benchmarks/objectives_cifar10.py --images <CIFAR-10-images>/train --test <CIFAR-10-images>/test
         [--minutes 15] [--samples 2000] [--batch 32] [--samplers dpmpp_2m_10 heun_18] [--only eps edm ...]
