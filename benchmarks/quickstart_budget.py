@@ -1,0 +1,93 @@
+"""What could shorten the quickstart: variants of experiment=digits judged against its own quality.
+
+    python benchmarks/quickstart_budget.py [--only flow_seed1 eps_seed1 ...] [--samples 500]
+
+Each variant trains the quickstart's run (experiment=digits: same network, data and seed unless the variant changes
+them) once, judges the EMA weights at its steps with FD-digits (as in time_to_quality.py, lower is better; 500
+samples, seeds 0, 1, ...) for DPM-Solver++(2M) with 10 steps and DDIM-50 (the sampler of the README's quickstart row),
+and, for the variants that list widths, the post-hoc EMA of each width at the last step (Karras et al. 2024; the
+run keeps snapshots every 50 steps). The quickstart would train half as long with a variant that reaches its
+1600-step quality in 800 steps (docs/objectives.md#measured). One JSON per variant,
+benchmarks/results/quickstart_budget_<variant>.json, written as each finishes; OMP_NUM_THREADS=1 makes the
+seconds one core's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from objectives import RESULTS, SAMPLERS, judge_checkpoint  # noqa: E402
+from time_to_quality import DigitJudge, digits  # noqa: E402
+
+FLOW = ["schedule=rectified_flow", "module.parameterization=flow"]
+WIDTHS = [0.05, 0.08, 0.12, 0.17, 0.25]
+VARIANTS = {  # name: (overrides of experiment=digits, steps judged, post-hoc EMA widths at the last step)
+    "eps_seed1": (["seed=1"], [1600], []),  # the quickstart with other seeds: its spread
+    "eps_seed2": (["seed=2"], [1600], []),
+    "eps_posthoc": ([], [800], WIDTHS),  # a longer or shorter average at 800 steps
+    "flow_seed0": (FLOW, [800], WIDTHS),  # the best objective at 800 steps (objectives.py), three seeds
+    "flow_seed1": ([*FLOW, "seed=1"], [800], WIDTHS),
+    "flow_seed2": ([*FLOW, "seed=2"], [800], WIDTHS),
+    "batch64": (["data.batch_size=64"], [800, 1200, 1600], []),  # fewer images per step
+    "batch32": (["data.batch_size=32"], [800, 1200, 1600], []),
+    "ch_mult_122": (["model.ch_mult=[1,2,2]"], [800, 1200, 1600], []),  # a cheaper network
+    "ch_mult_12": (["model.ch_mult=[1,2]"], [800, 1200, 1600], []),
+}
+
+
+def train_run(overrides: list[str], steps: list[int], out: Path) -> dict:
+    """Train experiment=digits with `overrides` to max(steps), checkpoints at `steps`, post-hoc EMA snapshots."""
+    from ddpm_lightning.tasks import train
+
+    every = functools.reduce(math.gcd, steps)
+    cfg = common.compose_train(["experiment=digits", "callbacks=posthoc_ema", "callbacks.posthoc_ema.every_n_steps=50",
+                                *overrides, f"trainer.max_steps={max(steps)}", "logger=none",
+                                f"callbacks.checkpoint.every_n_train_steps={every}", "callbacks.checkpoint.save_top_k=-1",
+                                "callbacks.samples.every_n_steps=0", f"trainer.val_check_interval={max(steps)}"], out)
+    t0 = time.perf_counter()
+    train(cfg)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "images_per_s": max(steps) * cfg.data.batch_size / seconds}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--samples", type=int, default=500)
+    args = p.parse_args()
+    from ddpm_lightning.training.posthoc_ema import write_checkpoint
+
+    SAMPLERS.pop("heun_18")
+    torch.manual_seed(0)
+    x_train, y_train, x_val = digits()
+    judge = DigitJudge(x_train, y_train)
+    floor = judge.frechet(x_train[: args.samples], x_val)
+    for name in args.only:
+        overrides, steps, widths = VARIANTS[name]
+        with tempfile.TemporaryDirectory(prefix=f"quickstart_budget_{name}_") as tmp:
+            out = Path(tmp)
+            run = train_run(overrides, steps, out)
+            checkpoints = [(s, "run", out / "checkpoints" / f"step_{s:07d}.ckpt") for s in steps]
+            checkpoints += [(max(steps), f"posthoc {w}", write_checkpoint(out, sigma_rel=w)) for w in widths]
+            rows = [{"steps": s, "ema": ema, "sampler": label, "nfe": r["nfe"], "fd_digits": r["fd_digits"]}
+                    for s, ema, ckpt in checkpoints for label, r in judge_checkpoint(ckpt, judge, x_val, args.samples).items()]
+        result = {"variant": name, "overrides": ["experiment=digits", *overrides], "samples": args.samples,
+                  "train_seconds": run["seconds"], "train_images_per_s": run["images_per_s"], "rows": rows,
+                  "fd_digits_real_train_vs_val": floor, "machine": common.machine()}
+        (RESULTS / f"quickstart_budget_{name}.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
