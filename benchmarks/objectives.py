@@ -17,11 +17,14 @@ would switch to an objective that reaches eps's FD-digits at 1600 steps in 800 (
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -52,7 +55,7 @@ def train_run(overrides: list[str], steps: list[int], out: Path) -> dict:
     """Train the quickstart run with `overrides` (e.g. an objective's); the seconds and the checkpoints at `steps`."""
     from ddpm_lightning.tasks import train
 
-    every = min(steps)
+    every = functools.reduce(math.gcd, steps)  # a checkpoint interval that lands on every step asked for
     cfg = common.compose_train(["experiment=digits", *overrides, f"trainer.max_steps={max(steps)}", "logger=none",
                                 f"callbacks.checkpoint.every_n_train_steps={every}", "callbacks.checkpoint.save_top_k=-1",
                                 "callbacks.samples.every_n_steps=0", f"trainer.val_check_interval={max(steps)}"], out)
@@ -63,12 +66,22 @@ def train_run(overrides: list[str], steps: list[int], out: Path) -> dict:
             "checkpoints": {s: out / "checkpoints" / f"step_{s:07d}.ckpt" for s in steps}}
 
 
-def judge_checkpoint(ckpt: Path, judge: DigitJudge, x_val: torch.Tensor, samples: int) -> dict:
+def digits_judge(samples: int) -> tuple[DigitJudge, torch.Tensor, float]:
+    """The judge (trained on the training digits, seed 0), the validation digits and the real-data floor: FD-digits of
+    `samples` training digits against them."""
+    torch.manual_seed(0)
+    x_train, y_train, x_val = digits()
+    judge = DigitJudge(x_train, y_train)
+    return judge, x_val, judge.frechet(x_train[:samples], x_val)
+
+
+def judge_checkpoint(ckpt: Path, judge: DigitJudge, x_val: torch.Tensor, samples: int, samplers: Iterable[str] = SAMPLERS) -> dict:
     from ddpm_lightning.loading import load_model
 
     model = load_model(ckpt)
     row = {}
-    for label, (nfe, sampler) in SAMPLERS.items():
+    for label in samplers:
+        nfe, sampler = SAMPLERS[label]
         t0 = time.perf_counter()
         images = torch.cat([model.sample(range(a, min(a + 250, samples)), sampler=sampler) for a in range(0, samples, 250)])
         row[label] = {"nfe": nfe, "fd_digits": judge.frechet(images, x_val), "sampling_s": time.perf_counter() - t0}
@@ -105,10 +118,7 @@ def main() -> None:
     p.add_argument("--only", nargs="+", choices=sorted(OBJECTIVES), default=list(OBJECTIVES))
     p.add_argument("--keep", type=Path, help="folder to keep each run's last checkpoint in, as <objective>.ckpt")
     args = p.parse_args()
-    torch.manual_seed(0)
-    x_train, y_train, x_val = digits()
-    judge = DigitJudge(x_train, y_train)
-    floor = judge.frechet(x_train[: args.samples], x_val)
+    judge, x_val, floor = digits_judge(args.samples)
     for name in args.only:
         out = Path(tempfile.mkdtemp(prefix=f"objectives_{name}_"))
         try:

@@ -15,23 +15,20 @@ seconds one core's.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import math
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from objectives import RESULTS, SAMPLERS, judge_checkpoint  # noqa: E402
-from time_to_quality import DigitJudge, digits  # noqa: E402
+from objectives import RESULTS, digits_judge, judge_checkpoint, train_run  # noqa: E402
 
 FLOW = ["schedule=rectified_flow", "module.parameterization=flow"]
 WIDTHS = [0.05, 0.08, 0.12, 0.17, 0.25]
+SAMPLERS = ["dpmpp_2m_10", "ddim_50"]  # of objectives.SAMPLERS
+# every run keeps post-hoc EMA snapshots, for the variants that list widths
+POSTHOC = ["callbacks=posthoc_ema", "callbacks.posthoc_ema.every_n_steps=50"]
 VARIANTS = {  # name: (overrides of experiment=digits, steps judged, post-hoc EMA widths at the last step)
     "eps_seed1": (["seed=1"], [1600], []),  # the quickstart with other seeds: its spread
     "eps_seed2": (["seed=2"], [1600], []),
@@ -46,21 +43,6 @@ VARIANTS = {  # name: (overrides of experiment=digits, steps judged, post-hoc EM
 }
 
 
-def train_run(overrides: list[str], steps: list[int], out: Path) -> dict:
-    """Train experiment=digits with `overrides` to max(steps), checkpoints at `steps`, post-hoc EMA snapshots."""
-    from ddpm_lightning.tasks import train
-
-    every = functools.reduce(math.gcd, steps)
-    cfg = common.compose_train(["experiment=digits", "callbacks=posthoc_ema", "callbacks.posthoc_ema.every_n_steps=50",
-                                *overrides, f"trainer.max_steps={max(steps)}", "logger=none",
-                                f"callbacks.checkpoint.every_n_train_steps={every}", "callbacks.checkpoint.save_top_k=-1",
-                                "callbacks.samples.every_n_steps=0", f"trainer.val_check_interval={max(steps)}"], out)
-    t0 = time.perf_counter()
-    train(cfg)
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "images_per_s": max(steps) * cfg.data.batch_size / seconds}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
@@ -68,20 +50,16 @@ def main() -> None:
     args = p.parse_args()
     from ddpm_lightning.training.posthoc_ema import write_checkpoint
 
-    SAMPLERS.pop("heun_18")
-    torch.manual_seed(0)
-    x_train, y_train, x_val = digits()
-    judge = DigitJudge(x_train, y_train)
-    floor = judge.frechet(x_train[: args.samples], x_val)
+    judge, x_val, floor = digits_judge(args.samples)
     for name in args.only:
         overrides, steps, widths = VARIANTS[name]
         with tempfile.TemporaryDirectory(prefix=f"quickstart_budget_{name}_") as tmp:
             out = Path(tmp)
-            run = train_run(overrides, steps, out)
-            checkpoints = [(s, "run", out / "checkpoints" / f"step_{s:07d}.ckpt") for s in steps]
+            run = train_run([*POSTHOC, *overrides], steps, out)
+            checkpoints = [(s, "run", ckpt) for s, ckpt in run["checkpoints"].items()]
             checkpoints += [(max(steps), f"posthoc {w}", write_checkpoint(out, sigma_rel=w)) for w in widths]
             rows = [{"steps": s, "ema": ema, "sampler": label, "nfe": r["nfe"], "fd_digits": r["fd_digits"]}
-                    for s, ema, ckpt in checkpoints for label, r in judge_checkpoint(ckpt, judge, x_val, args.samples).items()]
+                    for s, ema, ckpt in checkpoints for label, r in judge_checkpoint(ckpt, judge, x_val, args.samples, SAMPLERS).items()]
         result = {"variant": name, "overrides": ["experiment=digits", *overrides], "samples": args.samples,
                   "train_seconds": run["seconds"], "train_images_per_s": run["images_per_s"], "rows": rows,
                   "fd_digits_real_train_vs_val": floor, "machine": common.machine()}
