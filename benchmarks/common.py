@@ -124,10 +124,14 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def machine() -> dict:
+def machine(run: DictConfig | None = None) -> dict:
+    """The machine and the process's speed settings; with `run`, a config that `tasks.train` ran, its `kernels` and
+    `retain_freed_memory` (the plug-in's process defaults are not what such a run used)."""
     from ddpm_lightning.cpu import autotune
 
     cpu = autotune.machine()
+    speed = {"kernels": autotune.mode(), **_ALLOCATOR} if run is None else {
+        "kernels": run.get("kernels") or "off", "retain_freed_memory": bool(run.get("retain_freed_memory"))}
     return {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu["cpu"],
         "cpu": cpu["cpu"],
@@ -139,9 +143,8 @@ def machine() -> dict:
         "date": datetime.date.today().isoformat(),  # benchmarks/README.md names it for every result
         "amx": getattr(torch.cpu, "_is_amx_tile_supported", lambda: None)(),
         "load_avg_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "kernels": autotune.mode(),
         "routes": autotune.decisions(),  # (layer, input) -> the route it took, measured or from the route cache
-        **_ALLOCATOR,
+        **speed,
     }
 
 

@@ -52,7 +52,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def train_run(overrides: list[str], steps: list[int], out: Path) -> dict:
-    """Train the quickstart run with `overrides` (e.g. an objective's); the seconds and the checkpoints at `steps`."""
+    """Train the quickstart run with `overrides` (e.g. an objective's); its config, seconds and checkpoints at `steps`."""
     from ddpm_lightning.tasks import train
 
     every = functools.reduce(math.gcd, steps)  # a checkpoint interval that lands on every step asked for
@@ -62,7 +62,7 @@ def train_run(overrides: list[str], steps: list[int], out: Path) -> dict:
     t0 = time.perf_counter()
     train(cfg)
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "images_per_s": max(steps) * cfg.data.batch_size / seconds,
+    return {"config": cfg, "seconds": seconds, "images_per_s": max(steps) * cfg.data.batch_size / seconds,
             "checkpoints": {s: out / "checkpoints" / f"step_{s:07d}.ckpt" for s in steps}}
 
 
@@ -132,7 +132,7 @@ def main() -> None:
             shutil.rmtree(out, ignore_errors=True)
         result = {"objective": name, "overrides": ["experiment=digits", *OBJECTIVES[name]], "samples": args.samples,
                   "train_seconds": run["seconds"], "train_images_per_s": run["images_per_s"], "rows": rows,
-                  "fd_digits_real_train_vs_val": floor, "machine": common.machine()}
+                  "fd_digits_real_train_vs_val": floor, "machine": common.machine(run["config"])}
         (RESULTS / f"objectives_{name}.json").write_text(json.dumps(result, indent=2))
         print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1), flush=True)
     plot({name: json.loads(f.read_text()) for name in OBJECTIVES if (f := RESULTS / f"objectives_{name}.json").exists()})

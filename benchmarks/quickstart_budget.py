@@ -62,7 +62,7 @@ def main() -> None:
                     for s, ema, ckpt in checkpoints for label, r in judge_checkpoint(ckpt, judge, x_val, args.samples, SAMPLERS).items()]
         result = {"variant": name, "overrides": ["experiment=digits", *overrides], "samples": args.samples,
                   "train_seconds": run["seconds"], "train_images_per_s": run["images_per_s"], "rows": rows,
-                  "fd_digits_real_train_vs_val": floor, "machine": common.machine()}
+                  "fd_digits_real_train_vs_val": floor, "machine": common.machine(run["config"])}
         (RESULTS / f"quickstart_budget_{name}.json").write_text(json.dumps(result, indent=2))
         print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1), flush=True)
 
