@@ -156,7 +156,7 @@ def sample_and_judge(model, judge: Judge, x_test: torch.Tensor, samples: int, sa
 
 def trained(name: str, args, out: Path, x_train: torch.Tensor) -> dict:
     """Train objective `name` (or diffusers' recipe) into `out`, or take the run kept there with the same settings;
-    its record (settings, seconds, steps, machine) is out/run.json."""
+    its record (settings, weights: the file or folder under `out` to load, seconds, steps, machine) is out/run.json."""
     settings = {"minutes": args.minutes, "batch": args.batch, "warmup_steps": args.warmup}
     record = out / "run.json"
     if record.exists() and (run := json.loads(record.read_text()))["settings"] == settings:
@@ -165,11 +165,11 @@ def trained(name: str, args, out: Path, x_train: torch.Tensor) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     if name == "diffusers":
-        _, seconds, steps = train_diffusers(x_train, args.minutes, args.batch, args.warmup, out)
+        weights, seconds, steps = train_diffusers(x_train, args.minutes, args.batch, args.warmup, out)
         used = common.machine()
     else:
-        _, seconds, steps, used = train_ours(name, args.images, args.minutes, args.batch, args.warmup, out)
-    run = {"settings": settings, "train_seconds": seconds, "steps": steps, "machine": used}
+        weights, seconds, steps, used = train_ours(name, args.images, args.minutes, args.batch, args.warmup, out)
+    run = {"settings": settings, "weights": str(weights.relative_to(out)), "train_seconds": seconds, "steps": steps, "machine": used}
     record.write_text(json.dumps(run, indent=2))
     return run
 
@@ -203,7 +203,8 @@ def main() -> None:
         out = args.keep / name if args.keep else Path(tempfile.mkdtemp(prefix=f"objectives_cifar10_{name}_"))
         try:
             run = trained(name, args, out, x_train)
-            model = load_module(out / "pipe", None).eval() if name == "diffusers" else load_model(out / "checkpoints" / "last.ckpt")
+            weights = out / run["weights"]
+            model = load_module(weights, None).eval() if name == "diffusers" else load_model(weights)
             rows = sample_and_judge(model, judge, x_test, args.samples, args.samplers)
         finally:
             if not args.keep:
