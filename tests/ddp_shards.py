@@ -10,6 +10,7 @@ import lightning as L
 import torch
 
 from ddpm_lightning.data import CIFAR10DataModule
+from ddpm_lightning.tasks import process_group_closed_at_end
 
 
 class RecordIds(L.LightningModule):
@@ -38,4 +39,5 @@ if __name__ == "__main__":
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
     )
-    trainer.fit(RecordIds(out), datamodule=dm)
+    with process_group_closed_at_end():  # a gloo group left to interpreter shutdown can abort the process
+        trainer.fit(RecordIds(out), datamodule=dm)
