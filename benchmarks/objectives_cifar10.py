@@ -15,9 +15,10 @@ few hundred steps, and more small steps beat fewer large ones there), `--warmup`
 random flips, then draws `--samples` images from its EMA weights at 10 network evaluations (DPM-Solver++(2M)) and
 35 (Heun, 18 Karras levels), or only those of `--samplers`; the diffusers run is imported (its DDPMPipeline folder)
 and sampled with the same samplers, so only training differs; both train on PyTorch's operators (kernels=off) under
-train.py's allocator setting, and both sample on the CPU plug-in's measured routes (`--sample-kernels auto`, the
-same images to 1e-5 and about 1.4x faster on one core; `off`: PyTorch's operators). OMP_NUM_THREADS=1 makes the time CPU-core time. With `--keep DIR` the trained runs stay in DIR and a
-later call with the same settings samples them without training again, adding its samplers' rows to the JSON.
+train.py's allocator setting, and both sample on the CPU plug-in's measured routes (`--sample-kernels auto`: the
+same images to about 1e-6, 1.4x faster on one core; `off`: PyTorch's operators). OMP_NUM_THREADS=1 makes the time
+CPU-core time. With `--keep DIR` the trained runs stay in DIR and a later call with the same settings samples them
+without training again, adding its samplers' rows to the JSON.
 
 Quality: the Frechet distance in the 256 features of a small CNN classifier trained on the real training photos
 (`--judge-epochs`; benchmark-only, its test accuracy reported), against the test photos, with its real-vs-real
