@@ -1,17 +1,17 @@
 """Training objectives at equal steps on the embedded digits: eps, eps / v + min-SNR, EDM and flow matching.
 
-The quickstart (eps, L_simple) against eps + min-SNR, v + min-SNR, EDM and flow matching, on the same network,
+The digits DDPM (experiment=digits: eps, L_simple) against eps + min-SNR, v + min-SNR, EDM and flow matching, on the same network,
 data, batch and seed.
 
     python benchmarks/objectives.py [--steps 400 800 1600] [--samples 500] [--only edm flow]
 
-Each objective trains the quickstart's run (experiment=digits, 1600 steps) once, keeping checkpoints at --steps;
+Each objective trains the digits DDPM's run (experiment=digits, 1600 steps) once, keeping checkpoints at --steps;
 each checkpoint's EMA weights draw --samples images (seeds 0, 1, ...) at 10 network evaluations (DPM-Solver++(2M),
-10 steps) and 35 (Heun, 18 Karras levels), and with DDIM-50 (the sampler of the README's quickstart row); FD-digits
+10 steps) and 35 (Heun, 18 Karras levels), and with DDIM-50 (the sampler of the README's results); FD-digits
 as in time_to_quality.py (lower is better). Training images/s is measured over the whole run. One JSON per
 objective, benchmarks/results/objectives_<name>.json (written as each finishes), with `--keep DIR` the last
 checkpoint of each, and a plot of FD-digits against steps, benchmarks/results/objectives.png. The quickstart
-would switch to an objective that reaches eps's FD-digits at 1600 steps in 800 (docs/objectives.md#measured).
+was to switch to an objective that reaches eps's FD-digits at 1600 steps in 800 (docs/objectives.md#the-quickstart).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import common  # noqa: E402
 from time_to_quality import DigitJudge, digits  # noqa: E402
 
 OBJECTIVES = {
-    "eps": [],  # the quickstart
+    "eps": [],  # experiment=digits as it is
     "eps_min_snr": ["module.weighting=min_snr"],
     "v_min_snr": ["module.parameterization=v", "module.weighting=min_snr"],
     "edm": ["schedule=edm", "module.parameterization=edm"],
@@ -52,7 +52,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def train_run(overrides: list[str], steps: list[int], out: Path) -> dict:
-    """Train the quickstart run with `overrides` (e.g. an objective's); its config, seconds and checkpoints at `steps`."""
+    """Train the digits DDPM's run (experiment=digits) with `overrides` (e.g. an objective's); its config, seconds and checkpoints at `steps`."""
     from ddpm_lightning.tasks import train
 
     every = functools.reduce(math.gcd, steps)  # a checkpoint interval that lands on every step asked for

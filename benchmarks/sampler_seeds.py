@@ -1,10 +1,10 @@
-"""Sampler claims across training seeds: DPM-Solver++(2M) at 10 and 20 NFE against DDIM-50 on the quickstart.
+"""Sampler claims across training seeds: DPM-Solver++(2M) at 10 and 20 NFE against DDIM-50 on the digits DDPM.
 
-The quickstart (experiment=digits, 1600 steps) is trained with several seeds.
+The digits DDPM (experiment=digits, 1600 steps) is trained with several seeds.
 
     python benchmarks/sampler_seeds.py [--seeds 0 1 2] [--samples 2000] [--steps 1600]
 
-Each seed trains the quickstart once (seed=<s>: its initialisation and training noise); its EMA weights draw
+Each seed trains the digits DDPM once (seed=<s>: its initialisation and training noise); its EMA weights draw
 --samples images (seeds 0, 1, ...) with each sampler; FD-digits as in time_to_quality.py (lower is better). Reports
 every seed's numbers, their mean and spread (min, max), on how many seeds each sampler beats DDIM-50, and the
 real-vs-real floor (training against validation digits, as many images). JSON to benchmarks/results/sampler_seeds.json.
@@ -48,7 +48,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--samples", type=int, default=2000)
-    p.add_argument("--steps", type=int, default=1600, help="training steps (the quickstart's 1600)")
+    p.add_argument("--steps", type=int, default=1600, help="training steps (experiment=digits' 1600)")
     args = p.parse_args()
     torch.manual_seed(0)
     x_train, y_train, x_val = digits()

@@ -55,7 +55,7 @@ def test_the_readme_is_short_and_free_of_measurement_logs():
     for word in ("Xeon", "EPYC", "AMX", "load average", "idle", "min 58 s", "other runs"):
         assert word not in README, f"README.md names {word!r}: machine-specific numbers go to benchmarks/README.md"
     # the two quickstart commands, word for word (CI reads the second one; .ci/run runs it)
-    assert "pip install -e . && python train.py experiment=digits" in README
+    assert "pip install -e . && python train.py experiment=quickstart" in README
     assert 'pip install -q -e ".[dev,slurm]" && python -m pytest -q' in README
     assert 'pip install -q -e ".[dev,slurm]" && python -m pytest -q' in (ROOT / ".ci" / "run").read_text()
 
@@ -90,10 +90,10 @@ def test_a_newcomer_finds_each_topic_in_one_click_from_the_readme(need, target):
 
 def test_the_readme_results_are_the_benchmarks_numbers():
     """The one results table of the README quotes benchmarks/results/digits_quality_*.json, rounded."""
-    for name in ("digits_quickstart", "cfg_digits_800"):
+    for name, command in (("quickstart", "experiment=quickstart`"), ("digits_quickstart", "experiment=digits`"),
+                          ("cfg_digits_800", "experiment=cfg_digits ")):
         r = json.loads((ROOT / "benchmarks" / "results" / f"digits_quality_{name}.json").read_text())
-        row = next(line for line in README.splitlines() if line.startswith("| `python train.py") and (
-            "cfg_digits" in line) == name.startswith("cfg"))
+        row = next(line for line in README.splitlines() if line.startswith("| `python train.py") and command in line)
         cells = [c.strip() for c in row.split("|")[1:-1]]
         assert cells[1] == str(r["global_step"])
         assert cells[2] == f"{r['fd_digits']:.2f}" and cells[3] == f"{r['fd_digits_real_train_vs_val']:.2f}"

@@ -210,6 +210,7 @@ def test_quickstart_and_grids_sample_with_dpmpp_2m_10_steps():
     """The choice of benchmarks/sampler_nfe.py (README): DPM-Solver++(2M), 10 steps, for the quickstart and grids."""
     from helpers.config import compose_cfg
 
-    cfg = compose_cfg(["experiment=digits"], tiny=False)
-    for sampler in (cfg.sampler, cfg.callbacks.samples.sampler):
-        assert sampler._target_ == "ddpm_lightning.diffusion.samplers.dpmpp_2m" and sampler.steps == 10
+    for experiment in ("quickstart", "digits"):
+        cfg = compose_cfg([f"experiment={experiment}"], tiny=False)
+        for sampler in (cfg.sampler, cfg.callbacks.samples.sampler):
+            assert sampler._target_ == "ddpm_lightning.diffusion.samplers.dpmpp_2m" and sampler.steps == 10

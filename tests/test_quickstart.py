@@ -276,7 +276,7 @@ SBATCH_COMMANDS = [c for p in sorted((ROOT / "slurm").glob("*.sbatch")) for c in
 
 def test_the_documented_commands_are_found():
     assert {s for s, _ in README_COMMANDS} == {"train.py", "evaluate.py"}
-    assert ("train.py", ["experiment=digits"]) in README_COMMANDS
+    assert ("train.py", ["experiment=quickstart"]) in README_COMMANDS
     assert {s for s, _ in DOC_COMMANDS} == {"train.py", "evaluate.py"} and len(DOC_COMMANDS) >= 60
     # every guide of the site is read, the generated configuration reference aside
     assert {"training.md", "data.md", "sampling.md", "controlnet.md", "clusters.md"} <= {p.name for p in DOC_FILES}

@@ -1,6 +1,9 @@
 """End to end through train(): checkpoints, sample grids, resume, EMA, and loading for sampling."""
 
 
+import csv
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -11,6 +14,7 @@ from ddpm_lightning.training.callbacks import EMA
 from ddpm_lightning.compose import build
 from ddpm_lightning.loading import load_model
 from ddpm_lightning.tasks import check_resumable, train
+from ddpm_lightning.training.module import lr_factor
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +177,42 @@ def test_train_sets_the_allocator_and_trains_channels_last(trained, tmp_path, mo
     module = load_model(trained[0] / "first" / "checkpoints" / "last.ckpt")
     convs = [m.weight for m in module.net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.in_channels > 1]  # [O, 1, 3, 3] is both layouts
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+
+
+def test_lr_factor_warms_up_then_decays_to_zero_at_the_last_step():
+    assert [lr_factor(s, 4) for s in (0, 3, 4, 10**6)] == [0.25, 1.0, 1.0, 1.0]  # Ho et al.: warm-up, then constant
+    assert [lr_factor(s, 0) for s in (0, 7)] == [1.0, 1.0]
+    # after a warm-up of 100 steps, a cosine (Loshchilov & Hutter eq. 5, eta_min = 0) over the 1500 steps left
+    for step in (100, 475, 850, 1225, 1600):
+        progress = (step - 100) / 1500
+        assert lr_factor(step, 100, "cosine", 1600) == pytest.approx((1 + math.cos(math.pi * progress)) / 2, abs=1e-12)
+        assert lr_factor(step, 100, "linear", 1600) == pytest.approx(1 - progress, abs=1e-12)
+    assert lr_factor(850, 100, "cosine", 1600) == pytest.approx(0.5) and lr_factor(1600, 100, "cosine", 1600) == 0.0
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_a_run_logs_the_decayed_learning_rate_of_every_step(decay, tmp_path, capsys):
+    train(compose_cfg([f"module.lr_decay={decay}", "trainer.max_steps=6", "callbacks.samples.every_n_steps=0"], tmp_path))
+    # the summary's "train further" says that the decay would run on to the new length
+    assert f"trainer.max_steps=12  # module.lr_decay={decay} then ends at the new max_steps" in capsys.readouterr().out
+    rows = [r for r in csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")) if r.get("lr-Adam")]
+    logged = {int(r["step"]): float(r["lr-Adam"]) for r in rows}
+    assert sorted(logged) == list(range(6))
+    lr = compose_cfg().module.optimizer.lr
+    for step, value in logged.items():
+        assert value == pytest.approx(lr * lr_factor(step, 2, decay, 6), rel=1e-6, abs=1e-12)
+    assert logged[1] == pytest.approx(lr) and logged[5] <= lr / 4  # the warm-up's end, then down towards zero
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["module.lr_decay=exponential"], r"module.lr_decay='exponential' must be one of \('constant', 'cosine', 'linear'\)"),
+        (["module.lr_decay=cosine", "trainer.max_steps=-1", "trainer.max_epochs=1"], r"trainer.max_steps, which must be set"),
+        (["module.lr_decay=linear", "module.warmup_steps=4"], r"exceed module.warmup_steps=4 \(trainer.max_steps=4\)"),
+    ],
+)
+def test_a_learning_rate_decay_that_cannot_run_is_refused_before_training(overrides, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        train(compose_cfg(overrides, tmp_path))
+    assert not (tmp_path / "checkpoints").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -34,9 +35,24 @@ def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
 
 
+LR_DECAYS = ("constant", "cosine", "linear")
+
+
+def lr_factor(step: int, warmup: int, decay: str = "constant", total: int | None = None) -> float:
+    """The learning rate at optimiser step `step` as a fraction of the configured one: a linear warm-up over
+    `warmup` steps (Ho et al. 2020, App. B), then constant, or a half cosine (Loshchilov & Hutter 2017, eq. 5 with
+    eta_min = 0 and no restart) or a straight line down to zero at step `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) if decay == "cosine" else 1.0 - progress
+
+
 class ImageModule(L.LightningModule):
     """What the diffusion and classifier modules share: the shape of an example and the optimiser with linear
-    warm-up."""
+    warm-up (and, for the diffusion module, a decay of the learning rate to zero at the last step)."""
 
     @property
     def data_shape(self) -> tuple[int, ...]:
@@ -52,9 +68,12 @@ class ImageModule(L.LightningModule):
     def configure_optimizers(self) -> dict:
         # Only the parameters that train (a ControlNet's locked base is left out).
         optimizer = registry.build(_plain(self.hparams.optimizer), "optimizer")(params=[p for p in self.parameters() if p.requires_grad])
-        warmup = self.hparams.warmup_steps
-        # Ho et al. App. B: linear learning-rate warm-up over the first 5000 steps, then constant.
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        warmup, decay = self.hparams.warmup_steps, self.hparams.get("lr_decay", "constant")
+        total = self.trainer.max_steps if decay != "constant" else None
+        if decay != "constant" and not warmup < total:
+            raise ValueError(f"module.lr_decay={decay} decays to zero at trainer.max_steps, which must be set and exceed "
+                             f"module.warmup_steps={warmup} (trainer.max_steps={total})")
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, decay, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -130,6 +149,7 @@ class DiffusionModule(ImageModule):
         image_size: int | None,
         channels: int | None,
         warmup_steps: int = 5000,
+        lr_decay: str = "constant",
         parameterization: str = "eps",
         channels_last: bool = True,
         compile: bool = False,
@@ -148,7 +168,7 @@ class DiffusionModule(ImageModule):
         super().__init__()
         net, schedule, sampler, optimizer, data_shape = (_plain(c) for c in (net, schedule, sampler, optimizer, data_shape))
         data_shape = _check_data_shape(data_shape, image_size, channels)
-        _check_labels_and_warmup(net, p_uncond, warmup_steps)
+        _check_labels_and_warmup(net, p_uncond, warmup_steps, lr_decay)
         learn_sigma = bool(net.get("learn_sigma", False))
         _check_loss(loss, hybrid_lambda, timestep_sampler, learn_sigma, vlb_variance, weighting, snr_gamma)
         # plain containers in the checkpoint: never modules, never OmegaConf nodes
@@ -335,10 +355,12 @@ class DiffusionModule(ImageModule):
             self.train(was_training)
 
 
-def _check_labels_and_warmup(net: dict, p_uncond: float, warmup_steps: int) -> None:
-    """Refuse a warm-up or label-dropout setting that cannot train, naming the config keys."""
+def _check_labels_and_warmup(net: dict, p_uncond: float, warmup_steps: int, lr_decay: str = "constant") -> None:
+    """Refuse a learning-rate or label-dropout setting that cannot train, naming the config keys."""
     if warmup_steps < 0:
         raise ValueError(f"module.warmup_steps={warmup_steps} must be non-negative")
+    if lr_decay not in LR_DECAYS:
+        raise ValueError(f"module.lr_decay={lr_decay!r} must be one of {LR_DECAYS}")
     if not 0.0 <= p_uncond <= 1.0:
         raise ValueError(f"module.p_uncond={p_uncond} must lie in [0, 1]")
     if net.get("num_classes") and net.get("null_label", True) is False and p_uncond > 0:

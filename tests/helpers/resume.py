@@ -13,8 +13,10 @@ ENV = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "WANDB
 
 # 8 steps, checkpoints every 2, shuffled digits (101 batches an epoch: every kill is mid-epoch), dropout on;
 # kernels=off: the straight and the killed run are separate runs, each timing its own routes (a resumed run takes
-# its checkpoint's: test_resume_edges.py).
-RUN = ["trainer.max_steps=8", "trainer.deterministic=true", "model.dropout=0.1", "callbacks.samples.every_n_steps=0", "kernels=off"]
+# its checkpoint's: test_resume_edges.py); the learning rate decays to zero over the 8 steps, so the resumed run must
+# continue the decay where it stopped.
+RUN = ["trainer.max_steps=8", "trainer.deterministic=true", "model.dropout=0.1", "callbacks.samples.every_n_steps=0", "kernels=off",
+       "module.lr_decay=cosine"]
 
 def states(ckpt: Path) -> dict:
     c = torch.load(ckpt, weights_only=False)
