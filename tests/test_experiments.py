@@ -68,3 +68,18 @@ def test_ddpm_celeba64_setting():
     assert list(cfg.model.ch_mult) == [1, 2, 2, 2, 4] and cfg.model.dropout == 0.1
     assert (cfg.module.optimizer.lr, cfg.module.warmup_steps, cfg.trainer.gradient_clip_val) == (2e-4, 5000, 1.0)
     assert cfg.callbacks.ema.decay == 0.9999 and cfg.data.batch_size == 128
+
+
+def test_the_quickstart_is_the_run_its_numbers_were_measured_on():
+    """experiment=quickstart trains what benchmarks/quickstart_budget.py measured as variant flow_12_1000 (experiment=digits
+    with its overrides, 1000 steps; docs/objectives.md#the-quickstart): change one and the other's numbers go stale."""
+    import sys
+
+    sys.path.insert(0, str(Path(CONF).parent / "benchmarks"))
+    from quickstart_budget import VARIANTS
+
+    overrides, steps, _ = VARIANTS["flow_12_1000"]
+    quickstart = compose_cfg(["experiment=quickstart"], tiny=False)
+    measured = compose_cfg(["experiment=digits", *overrides, f"trainer.max_steps={max(steps)}"], tiny=False)
+    for key in ("model", "schedule", "data", "module", "seed", "trainer.max_steps", "trainer.precision", "callbacks.ema"):
+        assert OmegaConf.select(quickstart, key) == OmegaConf.select(measured, key), key
