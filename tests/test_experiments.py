@@ -70,12 +70,10 @@ def test_ddpm_celeba64_setting():
     assert cfg.callbacks.ema.decay == 0.9999 and cfg.data.batch_size == 128
 
 
-def test_the_quickstart_is_the_run_its_numbers_were_measured_on():
+def test_the_quickstart_is_the_run_its_numbers_were_measured_on(monkeypatch):
     """experiment=quickstart trains what benchmarks/quickstart_budget.py measured as variant flow_12_1000 (experiment=digits
     with its overrides, 1000 steps; docs/objectives.md#the-quickstart): change one and the other's numbers go stale."""
-    import sys
-
-    sys.path.insert(0, str(Path(CONF).parent / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(CONF).parent / "benchmarks"))
     from quickstart_budget import VARIANTS
 
     overrides, steps, _ = VARIANTS["flow_12_1000"]
