@@ -1,7 +1,7 @@
 """Training objectives at equal steps on the embedded digits: eps, eps / v + min-SNR, EDM and flow matching.
 
-The digits DDPM (experiment=digits: eps, L_simple) against eps + min-SNR, v + min-SNR, EDM and flow matching, on the same network,
-data, batch and seed.
+The digits DDPM (experiment=digits: eps, L_simple) against eps + min-SNR, v + min-SNR, EDM and flow matching, on the
+same network, data, batch and seed.
 
     python benchmarks/objectives.py [--steps 400 800 1600] [--samples 500] [--only edm flow]
 
@@ -52,7 +52,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def train_run(overrides: list[str], steps: list[int], out: Path) -> dict:
-    """Train the digits DDPM's run (experiment=digits) with `overrides` (e.g. an objective's); its config, seconds and checkpoints at `steps`."""
+    """Train the digits DDPM's run (experiment=digits) with `overrides` (e.g. an objective's); its config, seconds
+    and checkpoints at `steps`."""
     from ddpm_lightning.tasks import train
 
     every = functools.reduce(math.gcd, steps)  # a checkpoint interval that lands on every step asked for

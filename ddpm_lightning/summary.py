@@ -88,10 +88,11 @@ def train_summary(trainer: L.Trainer, run_dir: Path, metrics: Mapping[str, float
         module = trainer.lightning_module
         is_diffusion = hasattr(module, "sample")
         lines.append("Next:")
-        further = command('train.py', *own, ckpt, f'trainer.max_steps={2 * max(step, 1)}')
+        further = command("train.py", *own, ckpt, f"trainer.max_steps={2 * max(step, 1)}")
         decay = module.hparams.get("lr_decay", "constant")
         # a decayed learning rate is stretched over the new length: it rises again from where it ended
-        lines.append(f"  train further     {further}" + (f"  # module.lr_decay={decay} then ends at the new max_steps" if decay != "constant" else ""))
+        note = f"  # module.lr_decay={decay} then ends at the new max_steps" if decay != "constant" else ""
+        lines.append(f"  train further     {further}{note}")
         if is_diffusion:
             lines.append(f"  evaluate (FID)    {command('evaluate.py', ckpt, 'num_samples=10000', 'metrics=[fid,isc,kid]')}")
             other = other_sampler(module.hparams.get("sampler"), module.schedule)

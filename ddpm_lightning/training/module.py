@@ -69,10 +69,12 @@ class ImageModule(L.LightningModule):
         # Only the parameters that train (a ControlNet's locked base is left out).
         optimizer = registry.build(_plain(self.hparams.optimizer), "optimizer")(params=[p for p in self.parameters() if p.requires_grad])
         warmup, decay = self.hparams.warmup_steps, self.hparams.get("lr_decay", "constant")
-        total = self.trainer.max_steps if decay != "constant" else None
-        if decay != "constant" and not warmup < total:
-            raise ValueError(f"module.lr_decay={decay} decays to zero at trainer.max_steps, which must be set and exceed "
-                             f"module.warmup_steps={warmup} (trainer.max_steps={total})")
+        total = None  # the trainer's, read only for a decay (tests build the optimiser without a trainer)
+        if decay != "constant":
+            total = self.trainer.max_steps
+            if not warmup < total:
+                raise ValueError(f"module.lr_decay={decay} decays to zero at trainer.max_steps, which must be set and "
+                                 f"exceed module.warmup_steps={warmup} (trainer.max_steps={total})")
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, decay, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
